@@ -1,0 +1,394 @@
+"""Dataset readers on tiny on-disk fixtures: layouts, label sources and every error path."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss.data.datasets import (
+    COCODataset,
+    DatasetError,
+    FolderDataset,
+    VOCDataset,
+    WSSSDataset,
+    parse_data_spec,
+)
+from wsss.data.palette import COCO_CLASSES, VOC_CLASSES, save_label_png
+
+H, W = 6, 8
+
+
+def _img(path: Path, h: int = H, w: int = W) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), (100, 150, 200)).save(path)
+
+
+def _mask(path: Path, values: Sequence[int], h: int = H, w: int = W) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros((h, w), np.uint8)
+    for k, v in enumerate(values):
+        m[k % h, k // h] = v
+    save_label_png(path, m)
+
+
+def _voc(root: Path, ids: Sequence[str] = ("a", "b"), split: str = "train", mask_dir: str | None = None) -> Path:
+    for id_ in ids:
+        _img(root / "JPEGImages" / f"{id_}.jpg")
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    if mask_dir:
+        (root / mask_dir).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _onehot(*classes: int, k: int = 20) -> np.ndarray:
+    v = np.zeros(k, np.float32)
+    v[[c - 1 for c in classes]] = 1
+    return v
+
+
+# ------------------------------------------------------------------------------------------------------------- VOC
+
+
+def test_voc_segmentation_class_and_mask_labels(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b", "c"), mask_dir="SegmentationClass")
+    _mask(root / "SegmentationClass" / "a.png", [3, 3, 255])
+    _mask(root / "SegmentationClass" / "b.png", [])
+    ds = VOCDataset(root)
+    assert isinstance(ds, WSSSDataset) and ds.split == "train" and len(ds) == 3
+    assert ds.classes == VOC_CLASSES and ds.num_classes == 21 and ds.num_fg == 20
+    s = ds[0]
+    assert s.id == "a" and s.image.shape == (H, W, 3) and s.image.dtype == np.uint8
+    assert s.mask is not None and s.mask.shape == (H, W) and s.mask[0, 0] == 3 and s.mask[2, 0] == 255
+    np.testing.assert_array_equal(s.labels, _onehot(3))
+    assert s.labels.dtype == np.float32
+    np.testing.assert_array_equal(ds.labels(1), np.zeros(20))  # background-only mask: known, no fg class
+    assert ds.mask_path(2) is None and ds[2].mask is None and ds[2].labels is None
+    assert ds.image_path(1) == root / "JPEGImages" / "b.jpg"
+    assert pickle.loads(pickle.dumps(ds)).labels(0).sum() == 1
+
+
+def test_voc_aug_split_and_folder_preferred(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b"), split="train_aug", mask_dir="SegmentationClassAug")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    _mask(root / "SegmentationClass" / "a.png", [1])
+    _mask(root / "SegmentationClassAug" / "a.png", [2])
+    _mask(root / "SegmentationClassAug" / "b.png", [4, 5])
+    ds = VOCDataset(root)
+    assert ds.split == "train_aug" and ds.ids == ["a", "b"]
+    assert ds.mask_path(0) == root / "SegmentationClassAug" / "a.png"
+    np.testing.assert_array_equal(ds.labels(0), _onehot(2))
+    np.testing.assert_array_equal(ds[1].labels, _onehot(4, 5))
+    assert VOCDataset(root, "train").ids == ["a"]
+
+
+def test_voc_split_lines_with_paths(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a",))
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text(
+        "\n/JPEGImages/a.jpg /SegmentationClassAug/a.png\n\n"
+    )
+    assert VOCDataset(root).ids == ["a"]
+
+
+def test_voc_json_labels_take_precedence(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b"), mask_dir="SegmentationClass")
+    _mask(root / "SegmentationClass" / "a.png", [1])
+    _mask(root / "SegmentationClass" / "b.png", [7])
+    (root / "cls_labels.json").write_text(json.dumps({"a": ["dog", "person"], "zzz": []}))
+    ds = VOCDataset(root)
+    np.testing.assert_array_equal(ds[0].labels, _onehot(12, 15))
+    np.testing.assert_array_equal(ds[1].labels, _onehot(7))  # absent from the json: falls back to the mask
+
+
+def test_voc_npy_labels(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b"))
+    np.save(root / "cls_labels_onehot.npy", {"a": _onehot(1, 20), "b": np.zeros(20, np.float64)})
+    ds = VOCDataset(root)
+    np.testing.assert_array_equal(ds.labels(0), _onehot(1, 20))
+    assert ds.labels(1).dtype == np.float32 and ds.labels(1).sum() == 0
+
+
+def _npy_protocol2(path: Path, obj: object) -> None:
+    """Write an object .npy the way SeCo's file was written (pickle protocol 2: bytes via _codecs.encode)."""
+    holder = np.empty((), dtype=object)
+    holder[()] = obj
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        pickle.dump(holder, f, protocol=2)
+
+
+class _Rot13:
+    def __reduce__(self) -> tuple:
+        return codecs.encode, ("abc", "rot13")
+
+
+def test_voc_npy_protocol2_like_seco(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a",))
+    _npy_protocol2(root / "cls_labels_onehot.npy", {"a": _onehot(2, 19)})
+    np.testing.assert_array_equal(VOCDataset(root).labels(0), _onehot(2, 19))
+    _npy_protocol2(root / "cls_labels_onehot.npy", {"a": _Rot13()})
+    with pytest.raises(DatasetError, match=r"refusing codec call encode\(\.\.\., 'rot13'\)"):
+        VOCDataset(root)
+
+
+def test_voc_npy_refuses_non_array_pickles(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a",))
+    np.save(root / "cls_labels_onehot.npy", {"a": _onehot(1), "evil": print}, allow_pickle=True)
+    with pytest.raises(DatasetError, match=r"cls_labels_onehot\.npy: malformed label \.npy \(refusing to load"):
+        VOCDataset(root)
+    np.save(root / "cls_labels_onehot.npy", np.zeros((3, 20), np.float32))
+    with pytest.raises(DatasetError, match="expected a pickled dict"):
+        VOCDataset(root)
+    (root / "cls_labels_onehot.npy").write_text("garbage")
+    with pytest.raises(DatasetError, match="malformed label .npy"):
+        VOCDataset(root)
+
+
+def test_voc_classes_file_and_count_mismatch(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a",))
+    (root / "classes.txt").write_text("_background_\ncat\n\ndog\n")
+    ds = VOCDataset(root)
+    assert ds.classes == ("background", "cat", "dog") and ds.num_fg == 2
+    np.save(root / "cls_labels_onehot.npy", {"a": _onehot(1)})
+    with pytest.raises(DatasetError, match=r"class count mismatch: entry 'a' has shape \(20,\).*classes\.txt has 2"):
+        VOCDataset(root)
+    (root / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt:1: first class must be the background"):
+        VOCDataset(root)
+    (root / "classes.txt").write_text("background\ncat\ncat\n")
+    with pytest.raises(DatasetError, match=r"classes\.txt:3: duplicate class name 'cat'"):
+        VOCDataset(root)
+
+
+def _xml(names: Sequence[str], prolog: str = "") -> str:
+    objs = "".join(f"<object><name> {n} </name><part><name>hand</name></part></object>" for n in names)
+    return f"{prolog}<annotation><filename>x.jpg</filename>{objs}</annotation>"
+
+
+def test_voc_xml_labels(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b", "c", "d"))
+    (root / "Annotations").mkdir()
+    (root / "Annotations" / "a.xml").write_text(_xml(["cat", "person", "cat"]))
+    (root / "Annotations" / "b.xml").write_text(_xml(["unicorn"]))
+    (root / "Annotations" / "c.xml").write_text(_xml(["cat"], '<!DOCTYPE a [<!ENTITY x "y">]>'))
+    (root / "Annotations" / "d.xml").write_text("<annotation><object>")
+    ds = VOCDataset(root)
+    np.testing.assert_array_equal(ds[0].labels, _onehot(8, 15))
+    with pytest.raises(DatasetError, match=r"b\.xml: 'unicorn' is not a known class \(known: aeroplane"):
+        ds.labels(1)
+    with pytest.raises(DatasetError, match=r"c\.xml: XML with DOCTYPE/ENTITY declarations is refused"):
+        ds.labels(2)
+    with pytest.raises(DatasetError, match=r"d\.xml: malformed XML"):
+        ds.labels(3)
+
+
+def test_voc_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"missing VOC root folder"):
+        VOCDataset(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match=r"JPEGImages: missing JPEGImages folder"):
+        VOCDataset(tmp_path)
+    root = _voc(tmp_path / "v", ("a", "b", "c"))
+    with pytest.raises(DatasetError, match=r"val\.txt: missing split list for split 'val' \(available: train\)"):
+        VOCDataset(root, "val")
+    (root / "JPEGImages" / "b.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"train\.txt: 1 listed image\(s\) missing: line 2: .*b\.jpg"):
+        VOCDataset(root)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match=r"train\.txt: split list is empty"):
+        VOCDataset(root)
+
+
+def test_voc_label_file_errors(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a",))
+    (root / "cls_labels.json").write_text('{"a": ["cat", "dragon"]}')
+    with pytest.raises(DatasetError, match=r"cls_labels\.json: entry 'a': 'dragon' is not a known class"):
+        VOCDataset(root)
+    (root / "cls_labels.json").write_text('{"a": ["background"]}')
+    with pytest.raises(DatasetError, match="'background' is the background, not a foreground class"):
+        VOCDataset(root)
+    (root / "cls_labels.json").write_text('{"a": ["cat",]}')
+    with pytest.raises(DatasetError, match=r"cls_labels\.json: malformed JSON at line 1, column \d+"):
+        VOCDataset(root)
+    (root / "cls_labels.json").write_text('{"a": "cat"}')
+    with pytest.raises(DatasetError, match="entry 'a' must be a list of class names"):
+        VOCDataset(root)
+
+
+def test_voc_bad_masks(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b", "c"), mask_dir="SegmentationClass")
+    _mask(root / "SegmentationClass" / "a.png", [21])
+    _mask(root / "SegmentationClass" / "b.png", [1], h=H + 1)
+    Image.new("RGB", (W, H)).save(root / "SegmentationClass" / "c.png")
+    ds = VOCDataset(root)
+    with pytest.raises(DatasetError, match=r"a\.png: mask value 21 is not a class id \(0\.\.20 or 255\)"):
+        ds[0]
+    with pytest.raises(DatasetError, match=r"b\.png: mask is 8x7 but image .*b\.jpg is 8x6"):
+        ds[1]
+    with pytest.raises(DatasetError, match=r"c\.png: cannot read mask"):
+        ds[2]
+
+
+# ------------------------------------------------------------------------------------------------------------ COCO
+
+TR, VA = "COCO_train2014_000000000009", "COCO_val2014_000000000042"
+
+
+def _coco(root: Path, img_sub: tuple[str, str] = ("train2014", "val2014")) -> Path:
+    _img(root / "JPEGImages" / img_sub[0] / f"{TR}.jpg")
+    _img(root / "JPEGImages" / img_sub[1] / f"{VA}.jpg")
+    _mask(root / "SegmentationClass" / img_sub[0] / "000000000009.png", [1, 80])
+    _mask(root / "SegmentationClass" / img_sub[1] / f"{VA}.png", [3])
+    (root / "train.txt").write_text(f"{TR}\n")
+    (root / "val.txt").write_text(f"{VA}\n")
+    return root
+
+
+def test_coco_seco_layout(tmp_path: Path) -> None:
+    root = _coco(tmp_path)
+    ds = COCODataset(root)
+    assert ds.classes == COCO_CLASSES and ds.num_fg == 80 and ds.ids == [TR]
+    assert ds.image_path(0) == root / "JPEGImages" / "train2014" / f"{TR}.jpg"
+    assert ds.mask_path(0) == root / "SegmentationClass" / "train2014" / "000000000009.png"
+    s = ds[0]
+    assert np.flatnonzero(s.labels).tolist() == [0, 79] and s.mask.shape == (H, W)
+    assert pickle.loads(pickle.dumps(ds)).ids == ds.ids  # DataLoader workers get a copy
+    val = COCODataset(root, "val")  # mask named by the full id is found too
+    assert np.flatnonzero(val.labels(0)).tolist() == [2]
+
+
+def test_coco_short_folder_names_and_npy_in_list_dir(tmp_path: Path) -> None:
+    root = _coco(tmp_path / "coco", ("train", "val"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "val_part.txt").write_text(f"{VA}\n")
+    np.save(lists / "cls_labels_onehot.npy", {VA: _onehot(5, k=80)})
+    ds = COCODataset(root, "val_part", list_dir=lists)
+    assert ds.image_path(0).parent.name == "val"
+    np.testing.assert_array_equal(ds.labels(0), _onehot(5, k=80))
+
+
+def test_coco_unprefixed_ids_and_errors(tmp_path: Path) -> None:
+    root = _coco(tmp_path)
+    _img(root / "JPEGImages" / "val2014" / "plain.jpg")
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "val_x.txt").write_text("plain\n")
+    assert COCODataset(root, "val_x").mask_path(0) is None
+    with pytest.raises(DatasetError, match=r"missing COCO split list for split 'test' \(tried .*test\.txt"):
+        COCODataset(root, "test")
+    (root / "bad.txt").write_text("COCO_test2015_000000000001\n")
+    with pytest.raises(DatasetError, match=r"missing image folder for 'COCO_test2015_\d+' \(expected test2015 or test"):
+        COCODataset(root, "bad")
+    (root / "train.txt").write_text(f"{TR}\nCOCO_train2014_000000000010\n")
+    with pytest.raises(DatasetError, match=r"train\.txt: 1 listed image\(s\) missing: line 2"):
+        COCODataset(root)
+
+
+# ---------------------------------------------------------------------------------------------------------- folder
+
+
+def _folder(d: Path, names: Sequence[str] = ("x.jpg", "y.png", "z.webp")) -> Path:
+    for n in names:
+        _img(d / n)
+    (d / "notes.txt").write_text("not an image")
+    (d / "._x.jpg").write_bytes(b"\x00")  # macOS resource fork: skipped
+    (d / "sub").mkdir()
+    _img(d / "sub" / "deep.jpg")  # not recursive
+    return d
+
+
+def test_folder_csv(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs")
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("image,labels\nx.jpg,dog; cat\ny,bird|cat\n\n")
+    ds = FolderDataset(d, csv_file)
+    assert ds.ids == ["x", "y", "z"] and ds.classes == ("background", "bird", "cat", "dog")
+    np.testing.assert_array_equal(ds[0].labels, [0, 1, 1])
+    np.testing.assert_array_equal(ds.labels(1), [1, 1, 0])
+    s = ds[2]
+    assert s.labels is None and s.mask is None and s.image.shape == (H, W, 3)
+
+
+def test_folder_json_with_given_classes(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs")
+    js = tmp_path / "labels.json"
+    js.write_text(json.dumps({"x.jpg": ["cat"], "z": []}))
+    ds = FolderDataset(d, js, classes=VOC_CLASSES)
+    assert ds.num_fg == 20
+    np.testing.assert_array_equal(ds.labels(0), _onehot(8))
+    assert ds.labels(1) is None and ds.labels(2).sum() == 0
+    js.write_text(json.dumps({"x.jpg": ["cat", "kitten"]}))
+    with pytest.raises(DatasetError, match=r"labels\.json: entry 'x': 'kitten' is not a known class"):
+        FolderDataset(d, js, classes=VOC_CLASSES)
+
+
+def test_folder_without_labels(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs")
+    ds = FolderDataset(d)
+    assert ds.classes == ("background",) and ds.num_fg == 0 and ds[1].labels is None
+    assert FolderDataset(d, classes=("background", "a")).num_classes == 2
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs")
+    with pytest.raises(DatasetError, match=r"nope: missing image folder"):
+        FolderDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no images found \(extensions: \.jpg"):
+        FolderDataset(tmp_path / "empty")
+    f = tmp_path / "l.csv"
+    cases = {
+        "image,labels\nghost.jpg,cat\n": r"l\.csv:line 2: entry for non-existent image 'ghost\.jpg'",
+        "image,labels\nx,cat\nx.jpg,dog\n": r"l\.csv:line 3: duplicate entry for image 'x'",
+        "file,classes\nx,cat\n": r"l\.csv:1: CSV header must be 'image,labels', got 'file,classes'",
+        "image,labels\nx,cat,dog\n": r"l\.csv:2: expected 2 columns \(image,labels\), got 3",
+    }
+    for text, msg in cases.items():
+        f.write_text(text)
+        with pytest.raises(DatasetError, match=msg):
+            FolderDataset(d, f)
+    with pytest.raises(DatasetError, match=r"missing\.csv: labels file not found"):
+        FolderDataset(d, tmp_path / "missing.csv")
+    (tmp_path / "l.txt").write_text("x cat")
+    with pytest.raises(DatasetError, match=r"l\.txt: labels file must be \.csv or \.json, got '\.txt'"):
+        FolderDataset(d, tmp_path / "l.txt")
+    (tmp_path / "l.json").write_text("[1, 2]")
+    with pytest.raises(DatasetError, match=r"l\.json: expected a JSON object"):
+        FolderDataset(d, tmp_path / "l.json")
+    _img(d / "x.png")
+    with pytest.raises(DatasetError, match=r"imgs: duplicate image id 'x' \(x\.jpg and x\.png\)"):
+        FolderDataset(d)
+
+
+# ------------------------------------------------------------------------------------------------------------ spec
+
+
+def test_parse_data_spec(tmp_path: Path) -> None:
+    voc = _voc(tmp_path / "voc", ("a",), split="val")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\n")
+    coco = _coco(tmp_path / "coco")
+    d = _folder(tmp_path / "imgs")
+    (tmp_path / "l.csv").write_text("image,labels\nx,cat\n")
+    assert isinstance(parse_data_spec(f"voc:{voc}"), VOCDataset)
+    assert parse_data_spec(f"voc:{voc}:val").split == "val"
+    assert parse_data_spec(f"VOC:{voc}:val", classes=VOC_CLASSES).num_classes == 21
+    assert parse_data_spec(f"coco:{coco}:val").ids == [VA]
+    assert parse_data_spec(f"coco:{coco}").ids == [TR]
+    ds = parse_data_spec(f"folder:{d}:{tmp_path / 'l.csv'}")
+    assert isinstance(ds, FolderDataset) and ds.classes == ("background", "cat")
+    assert parse_data_spec(f"folder:{d}", classes=("background", "cat", "dog")).num_fg == 2
+    with pytest.raises(DatasetError, match=r"unknown dataset spec 'kitti:/x': expected one of voc:ROOT\[:SPLIT\]"):
+        parse_data_spec("kitti:/x")
+    with pytest.raises(DatasetError, match=r"unknown dataset spec '/just/a/path'.*folder:DIR\[:LABELS_FILE\]"):
+        parse_data_spec("/just/a/path")
+    with pytest.raises(DatasetError, match=r"dataset spec 'voc:' names no path"):
+        parse_data_spec("voc:")
+    with pytest.raises(DatasetError, match=r"has 21 classes .* differ from the 3 requested"):
+        parse_data_spec(f"voc:{voc}", classes=("background", "cat", "dog"))

@@ -1,0 +1,91 @@
+"""The one CAM post-processing path: images -> multi-scale CAMs -> seeds -> optional CRF masks.
+
+Used by training validation, ``wsss cam``, the batch labeler and export checks alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .crf import CRF_PRESETS, crf_from_labels
+from .multiscale import cam_to_label, multi_scale_cam
+
+
+@dataclass(frozen=True)
+class CAMSettings:
+    """How CAMs become seeds.
+
+    Images are resized to ``input_size`` x ``input_size`` (SeCo's validation convention, aspect ignored), CAMs
+    computed at ``scales`` with flips, resized back to the image and thresholded at ``bkg_thresh``. Without
+    image tags, classes with ``sigmoid(logit) > score_thresh`` are used (the top class if none passes).
+    """
+
+    input_size: int = 448
+    scales: tuple[float, ...] = (1.0, 0.5, 0.75, 1.5)
+    flip: bool = True
+    bkg_thresh: float = 0.5
+    score_thresh: float = 0.5
+
+
+@dataclass
+class CAMResult:
+    cam: torch.Tensor  # (K, H, W) float32 in [0, 1), at the image's resolution
+    tags: torch.Tensor  # (K,) the classes used (given or predicted)
+    seed: np.ndarray  # (H, W) uint8: 0 background, 1..K classes
+
+
+def preprocess(images: list[np.ndarray], size: int, device: torch.device | str) -> torch.Tensor:
+    """uint8 HxWx3 images -> one normalised (B, 3, size, size) batch (bilinear, align_corners=False)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for img in images:
+        x = (
+            torch.from_numpy(np.require(img, requirements=("C", "W")))
+            .to(device)
+            .permute(2, 0, 1)[None]
+            .float()
+            .div_(255)
+        )
+        out.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+    return (torch.cat(out) - mean) / std
+
+
+def predicted_tags(logits: torch.Tensor, score_thresh: float) -> torch.Tensor:
+    """Classes the classifier itself sees: ``sigmoid(z) > score_thresh``, at least the top-scoring one."""
+    tags = (logits.sigmoid() > score_thresh).float()
+    top = F.one_hot(logits.argmax(1), logits.shape[1]).float()
+    return torch.maximum(tags, top)
+
+
+@torch.no_grad()
+def predict_cams(
+    model: nn.Module,
+    images: list[np.ndarray],
+    tags: list[np.ndarray | None],
+    settings: CAMSettings,
+    device: torch.device | str = "cpu",
+) -> list[CAMResult]:
+    """CAMs and seeds for a batch of images of any sizes; ``tags[i]`` (K,) multi-hot or None."""
+    x = preprocess(images, settings.input_size, device)
+    cams, logits = multi_scale_cam(model, x, settings.scales, settings.flip)
+    guessed = predicted_tags(logits, settings.score_thresh)
+    results = []
+    for i, img in enumerate(images):
+        y = guessed[i] if tags[i] is None else torch.as_tensor(tags[i], dtype=torch.float32, device=device)
+        cam = F.interpolate(cams[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
+        _, seed = cam_to_label(cam, y[None], settings.bkg_thresh)
+        results.append(CAMResult(cam[0].float().cpu(), y.cpu(), seed[0].to(torch.uint8).cpu().numpy()))
+    return results
+
+
+def refine_seed_crf(image: np.ndarray, seed: np.ndarray, tags: np.ndarray, preset: str = "seed") -> np.ndarray:
+    """Dense-CRF mask from a seed (METHODS 5.3 row C): labels restricted to background + the image's tags."""
+    keys = np.concatenate([[0], np.flatnonzero(tags) + 1]).astype(np.int64)
+    return crf_from_labels(image, seed, keys, CRF_PRESETS[preset])

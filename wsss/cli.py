@@ -1,0 +1,291 @@
+"""Command line: a thin layer over the Python API (``wsss --help``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+DATA_HELP = "Dataset SPEC: voc:ROOT[:SPLIT], coco:ROOT[:SPLIT] or folder:DIR[:LABELS_FILE] (CSV or JSON)."
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 1.0,0.5,1.5, got {text!r}") from None
+
+
+def _dataset(spec: str, classes=None):
+    from .data.datasets import DatasetError, parse_data_spec
+
+    try:
+        return parse_data_spec(spec, classes)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="wsss")
+def cli() -> None:
+    """Weakly supervised semantic segmentation from image-level labels.
+
+    \b
+    Typical session on the embedded synthetic benchmark:
+      wsss data synth data/synth
+      wsss train --config cam-tiny-synth --data voc:data/synth:train --out runs/cam
+      wsss cam --ckpt runs/cam/last.safetensors --data voc:data/synth:train --out runs/cam/seeds --refine crf
+      wsss eval --pred runs/cam/seeds/masks --gt data/synth/SegmentationClass
+    Or all of it at once: wsss demo
+    """
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@cli.group()
+def data() -> None:
+    """Create and inspect datasets."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", default=1000, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=300, show_default=True, help="Validation images.")
+@click.option("--min-size", default=96, show_default=True, help="Smallest image side in pixels.")
+@click.option("--max-size", default=128, show_default=True, help="Largest image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Generator seed; the same seed gives the same files.")
+@click.option("--corpus", type=click.Choice(["demo", "broad"]), default="demo", show_default=True,
+              help="demo: the 8 benchmark classes; broad: 24 random classes for backbone pre-training.")  # fmt: skip
+def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int, seed: int, corpus: str) -> None:
+    """Generate the synthetic co-occurrence benchmark in PASCAL VOC layout.
+
+    \b
+    Boats sit on water, trains on rails and cows on grass most of the time, and people ride horses: the
+    context is never labelled, so CAMs leak onto it. ContextMask/ holds those regions for `wsss eval --context`.
+    Example: wsss data synth data/synth --train 1000 --val 300
+    """
+    from .data.synth import SynthConfig, generate_synth
+
+    stats = generate_synth(out, SynthConfig(n_train, n_val, min_size, max_size, seed, corpus=corpus))
+    click.echo(f"wrote {n_train} train + {n_val} val images to {out}")
+    for name, row in stats["per_class"].items():
+        if "context" in row:
+            click.echo(f"  {name:8s} P({row['context']}|{name}) = {row['p_context_given_class']:.2f}   "
+                       f"P({name}|{row['context']}) = {row['p_class_given_context']:.2f}")  # fmt: skip
+    for pair, p in stats["p_b_given_a"].items():
+        a, b = pair.split("|")
+        click.echo(f"  P({a}|{b}) = {p:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+@cli.command()
+@click.option(
+    "--config", "config_name", required=True, help="Named config <method>-<size>-<data>, e.g. cam-tiny-synth."
+)
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--val", "val_spec", default=None, help="Validation SPEC for periodic seed mIoU (train.eval_every).")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value, e.g. train.iters=500."
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--pretrained", default=None, help="Local backbone weights (.safetensors/.pth); overrides the config's.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors and its optimizer state.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
+@click.option("--list-configs", is_flag=True, is_eager=True, expose_value=False,
+              callback=lambda c, p, v: _list_configs(c, v), help="List the named configs and exit.")  # fmt: skip
+def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device) -> None:
+    """Train a network from image-level labels; leaves OUT/last.safetensors.
+
+    \b
+    Example (CPU, minutes):
+      wsss train --config cam-tiny-synth --data voc:data/synth:train --out runs/cam
+    Example (GPU, VOC with local ImageNet weights; multi-GPU: torchrun --nproc-per-node 4 -m wsss.cli train ...):
+      wsss train --config cam-vitb16-voc --data voc:VOCdevkit/VOC2012:train_aug --val voc:VOCdevkit/VOC2012:val \\
+                 --pretrained jx_vit_base_p16_224-80ecf9dd.pth --out runs/voc
+    Progress goes to OUT/metrics.jsonl; Ctrl-C saves a checkpoint, --resume continues.
+    """
+    from .train.configs import get_config
+    from .train.loop import train as run_training
+
+    try:
+        cfg = get_config(config_name, overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        raise click.BadParameter(str(err).strip("\"'")) from None
+    path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
+                        pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip
+    click.echo(f"checkpoint: {path}")
+
+
+def _list_configs(ctx: click.Context, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .train.configs import CONFIGS
+
+    for name, cfg in sorted(CONFIGS.items()):
+        click.echo(f"{name:20s} {cfg['model']['backbone']['name']}, crop {cfg['data']['crop']}, "
+                   f"{cfg['train']['iters']} iters x batch {cfg['train']['batch_size']}")  # fmt: skip
+    ctx.exit()
+
+
+# ---------------------------------------------------------------------------------------------------- cam
+
+
+@cli.command()
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's config).")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs.")
+@click.option("--bkg-thresh", type=float, default=None, help="Background threshold on the normalised CAM.")
+@click.option("--input-size", type=int, default=None, help="Square inference size (multiple of the patch size).")
+@click.option("--refine", type=click.Choice(["none", "crf"]), default="none", show_default=True,
+              help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks.")  # fmt: skip
+@click.option("--batch", "batch_size", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding and CRF processes.")
+@click.option("--overlays", default=0, show_default=True, help="Write image/seed/mask strips for the first K images.")
+@click.option("--device", default="cpu", show_default=True)
+def cam(ckpt, data_spec, out, scales, flip, bkg_thresh, input_size, refine, batch_size, workers, overlays, device):
+    """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
+
+    \b
+    Example:
+      wsss cam --ckpt runs/cam/last.safetensors --data voc:data/synth:train --out runs/cam/train --refine crf
+    Images without tags (folder:DIR) use the classes the classifier predicts (sigmoid > cam.score_thresh).
+    """
+    from .cam.run import run_cam
+
+    model, meta, settings = _load_for_cam(ckpt, scales, flip, bkg_thresh, input_size)
+    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
+    if tuple(dataset.classes) != tuple(meta["class_names"]):
+        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the checkpoint's "
+                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
+    summary = run_cam(model, dataset, out, settings, refine, batch_size, workers, device, overlays)
+    click.echo(f"{summary['images']} images, CAM {summary['cam_images_per_s']:.1f} img/s -> {out}")
+
+
+def _load_for_cam(ckpt, scales, flip, bkg_thresh, input_size):
+    from .cam.infer import CAMSettings
+    from .models import CheckpointError, load_model
+
+    try:
+        model, meta = load_model(ckpt)
+    except CheckpointError as err:
+        raise click.BadParameter(str(err), param_hint="--ckpt") from None
+    base = meta["config"]["cam"]
+    settings = CAMSettings(
+        input_size=input_size or base["input_size"],
+        scales=_floats(scales) if scales else tuple(base["scales"]),
+        flip=flip,
+        bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
+        score_thresh=base["score_thresh"],
+    )
+    return model, meta, settings
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+
+@cli.command("eval")
+@click.option("--pred", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gt", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Class names, background first (default: GT_DIR/../classes.txt, else VOC).")  # fmt: skip
+@click.option("--context", "context_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Context masks (synthetic benchmark ContextMask/) for the false-activation figure.")  # fmt: skip
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
+@click.option("--allow-missing", is_flag=True, help="Score only images that have a prediction.")
+def eval_cmd(pred, gt, classes_file, context_dir, json_path, allow_missing) -> None:
+    """Score a folder of label PNGs against ground truth: mIoU, per-class IoU, precision, recall.
+
+    \b
+    Example:
+      wsss eval --pred runs/cam/train/masks --gt data/synth/SegmentationClass --context data/synth/ContextMask
+    Only ids present in PRED are scored with --allow-missing; otherwise every GT id needs a prediction.
+    mIoU is the mean over classes present in the ground truth; 255 in the ground truth is ignored.
+    """
+    from .eval.evaluate import evaluate_folders, write_json
+    from .eval.metrics import format_table
+
+    names = _class_names(classes_file, gt)
+    ids = sorted(p.stem for p in pred.glob("*.png")) if allow_missing else None
+    try:
+        result = evaluate_folders(pred, gt, names, context_dir=context_dir, allow_missing=allow_missing, ids=ids)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(format_table(result, names))
+    if "context_false_activation" in result:
+        click.echo(f"context false activation: {100 * result['context_false_activation']['overall']:.1f}%")
+    if json_path:
+        write_json(json_path, result)
+
+
+def _class_names(classes_file: Path | None, gt: Path) -> tuple[str, ...]:
+    from .data.datasets import read_classes_file
+    from .data.palette import VOC_CLASSES
+
+    for candidate in (classes_file, gt.parent / "classes.txt"):
+        if candidate is not None and candidate.is_file():
+            return read_classes_file(candidate)
+    return VOC_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+
+@cli.command()
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--iters", type=int, default=None, help="Training iterations (default: the config's).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config overrides, as for train.")
+@click.option("--train-images", default=1000, show_default=True)
+@click.option("--val-images", default=300, show_default=True)
+def demo(out, iters, overrides, train_images, val_images) -> None:
+    """The main job on the embedded benchmark, one command (about 5 minutes on 2 CPU cores).
+
+    Generates the synthetic set, trains the tiny CAM network from the shipped pre-trained backbone, makes seeds
+    and CRF masks for the training images and seeds for the validation images, then prints the mIoU tables,
+    the context false-activation figure and the CAM throughput. Everything lands in OUT.
+    """
+    from .demo import run_demo
+
+    if iters is not None:
+        overrides = (*overrides, f"train.iters={iters}")
+    run_demo(out, overrides, train_images, val_images)
+
+
+# ---------------------------------------------------------------------------------------------------- later
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def label() -> None:
+    """Batch pseudo-labeling with resume and sharding (planned; use `wsss cam` today)."""
+    raise click.UsageError("`wsss label` is not in this release yet; `wsss cam --refine crf` writes pseudo-labels.")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def export() -> None:
+    """ONNX / TensorRT export (planned)."""
+    raise click.UsageError("`wsss export` is not in this release yet.")
+
+
+def main() -> None:
+    cli(prog_name="wsss")
+
+
+def _sub(name: str):
+    def run() -> None:
+        cli(args=[name, *sys.argv[1:]], prog_name=f"wsss-{name}")
+
+    return run
+
+
+train_main, label_main, export_main = _sub("train"), _sub("label"), _sub("export")
+
+if __name__ == "__main__":
+    main()

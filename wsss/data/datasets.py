@@ -1,0 +1,571 @@
+"""Dataset readers (PASCAL VOC, COCO in SeCo's VOC-style layout, plain folders) behind one interface.
+
+Every reader validates its inputs when constructed (folders, split lists, image files, label files) and raises
+:class:`DatasetError` naming the offending file and line. Per-image sources (masks, VOC XML annotations) are read
+lazily, so their errors surface on first access, still as :class:`DatasetError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsss.data.io import IMAGE_EXTENSIONS, decode_image
+from wsss.data.palette import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, read_label_png
+
+BACKGROUND = "background"
+_BACKGROUND_ALIASES = (BACKGROUND, "_background_", "__background__", "bg")
+_SPEC_FORMS = "voc:ROOT[:SPLIT], coco:ROOT[:SPLIT], folder:DIR[:LABELS_FILE]"
+_Dirs = tuple[Path, Path | None, tuple[str, ...]]  # (image folder, mask folder, candidate mask stems)
+
+
+class DatasetError(ValueError):
+    """A dataset is missing files or has malformed/inconsistent metadata; the message names the file."""
+
+
+@dataclass
+class Sample:
+    """One decoded example."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    labels: np.ndarray | None  # (K,) float32 multi-hot over classes 1..K (index k-1 <-> class k)
+    mask: np.ndarray | None  # (H, W) uint8, 255 = ignore
+
+
+class WSSSDataset:
+    """Base reader: ``ids[i]`` has image ``image_path(i)``, optional mask and optional image-level labels.
+
+    Labels come from a per-dataset table (``_table``) if it has the id, else from :meth:`_derive_labels`.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        ids: list[str],
+        images: list[Path],
+        masks: list[Path | None] | None = None,
+        table: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.classes: tuple[str, ...] = tuple(classes)
+        self.ids: list[str] = ids
+        self._images = images
+        self._masks = masks if masks is not None else [None] * len(ids)
+        self._table = table or {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.classes)
+
+    @property
+    def num_fg(self) -> int:
+        """Number of foreground classes (length of a label vector)."""
+        return len(self.classes) - 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return self._images[i]
+
+    def mask_path(self, i: int) -> Path | None:
+        """Path of the ground-truth mask of image ``i``, or None if there is none."""
+        return self._masks[i]
+
+    def labels(self, i: int) -> np.ndarray | None:
+        """(K,) float32 multi-hot foreground labels of image ``i``, or None if unknown."""
+        vec = self._table.get(self.ids[i])
+        return vec.copy() if vec is not None else self._derive_labels(i)
+
+    def _derive_labels(self, i: int) -> np.ndarray | None:
+        """Fallback label source: the classes present in the mask."""
+        path = self.mask_path(i)
+        return None if path is None else labels_from_mask(self._read_mask(path), self.num_fg, path)
+
+    def _read_mask(self, path: Path) -> np.ndarray:
+        try:
+            return read_label_png(path)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"{path}: cannot read mask ({e})") from e
+
+    def __getitem__(self, i: int) -> Sample:
+        image = decode_image(self.image_path(i))
+        mask_path = self.mask_path(i)
+        mask = None if mask_path is None else self._read_mask(mask_path)
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise DatasetError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {self.image_path(i)} is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
+        if self.ids[i] in self._table or mask is None:
+            labels = self.labels(i)
+        else:  # reuse the decoded mask rather than reading it twice
+            labels = labels_from_mask(mask, self.num_fg, mask_path)
+        return Sample(id=self.ids[i], image=image, labels=labels, mask=mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_fg} foreground classes)"
+
+
+# ----------------------------------------------------------------------------------------------------- label helpers
+
+
+def labels_from_mask(mask: np.ndarray, num_fg: int, where: str | Path = "mask") -> np.ndarray:
+    """Multi-hot (num_fg,) float32 vector of the classes present in a mask (0 and 255 excluded)."""
+    values = np.unique(mask)
+    values = values[(values != 0) & (values != IGNORE_INDEX)]
+    if values.size and values.max() > num_fg:
+        raise DatasetError(f"{where}: mask value {int(values.max())} is not a class id (0..{num_fg} or 255)")
+    vec = np.zeros(num_fg, dtype=np.float32)
+    vec[values.astype(np.int64) - 1] = 1.0
+    return vec
+
+
+def names_to_labels(names: Iterable[str], classes: Sequence[str], where: str) -> np.ndarray:
+    """Multi-hot vector from foreground class names; unknown names raise :class:`DatasetError`."""
+    index = {c: k for k, c in enumerate(classes)}
+    vec = np.zeros(len(classes) - 1, dtype=np.float32)
+    for name in names:
+        k = index.get(name, 0)
+        if k == 0:
+            reason = "is the background, not a foreground class" if name in index else "is not a known class"
+            raise DatasetError(f"{where}: {name!r} {reason} (known: {_describe(classes)})")
+        vec[k - 1] = 1.0
+    return vec
+
+
+def _describe(classes: Sequence[str]) -> str:
+    fg = list(classes[1:])
+    return ", ".join(fg) if len(fg) <= 25 else ", ".join(fg[:25]) + f", ... ({len(fg)} in all)"
+
+
+# ------------------------------------------------------------------------------------------------------ file readers
+
+
+def read_classes_file(path: Path) -> tuple[str, ...]:
+    """Class names, one per line, background first (blank lines skipped)."""
+    names: list[str] = []
+    for lineno, raw in enumerate(_read_text(path).splitlines(), 1):
+        name = raw.strip()
+        if not name:
+            continue
+        if name in names:
+            raise DatasetError(f"{path}:{lineno}: duplicate class name {name!r}")
+        names.append(name)
+    if len(names) < 2:
+        raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} name(s)")
+    if names[0] not in _BACKGROUND_ALIASES:
+        raise DatasetError(f"{path}:1: first class must be the background (e.g. 'background'), got {names[0]!r}")
+    return (BACKGROUND, *names[1:])
+
+
+def read_split_file(path: Path) -> list[tuple[int, str]]:
+    """(line number, id) pairs of a split list; a line's first token is the id, or a path whose stem is the id."""
+    entries = []
+    for lineno, raw in enumerate(_read_text(path).splitlines(), 1):
+        tokens = raw.split()
+        if tokens:
+            token = tokens[0]
+            entries.append((lineno, Path(token).stem if "/" in token else token))
+    if not entries:
+        raise DatasetError(f"{path}: split list is empty")
+    return entries
+
+
+def read_json_labels(path: Path, classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{key: [class names]}`` JSON -> {key: multi-hot vector}."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object {{image: [class names]}}, got {type(data).__name__}")
+    table = {}
+    for key, names in data.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{path}: entry {key!r} must be a list of class names, got {names!r}")
+        table[key] = names_to_labels(names, classes, f"{path}: entry {key!r}")
+    return table
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """The one use of ``_codecs.encode`` that array pickles need (no other codec is reachable)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing codec call encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays and dtypes (plus builtin containers)."""
+
+    _RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+    _SCALAR = np.float32(0).__reduce__()[0]
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy.core.multiarray", "scalar"): _SCALAR,
+        ("numpy._core.multiarray", "scalar"): _SCALAR,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,  # protocol-2 pickles (e.g. SeCo's) store bytes as encode(str, "latin1")
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self._ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return found
+
+
+def read_npy_labels(path: Path, num_fg: int, class_source: str) -> dict[str, np.ndarray]:
+    """SeCo's ``cls_labels_onehot.npy``: a pickled dict {id: float32 (K,) vector}.
+
+    The official format is a pickle, which can run arbitrary code when loaded with ``np.load(allow_pickle=True)``.
+    It is therefore decoded with an unpickler that can only build numpy arrays; anything else is rejected.
+    """
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(f)
+            obj = _ArrayOnlyUnpickler(f).load() if dtype.hasobject and shape == () else None
+        if isinstance(obj, np.ndarray) and obj.shape == ():  # np.save pickles the 0-d object array holding the dict
+            obj = obj.item()
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise DatasetError(f"{path}: malformed label .npy ({e})") from e
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: expected a pickled dict {{id: label vector}} (as saved by np.save)")
+    table = {}
+    for key, vec in obj.items():
+        if not isinstance(key, str) or not isinstance(vec, np.ndarray) or vec.dtype.kind not in "biuf":
+            raise DatasetError(f"{path}: entry {key!r} is not a numeric array keyed by an image id")
+        if vec.shape != (num_fg,):
+            raise DatasetError(
+                f"{path}: class count mismatch: entry {key!r} has shape {vec.shape}, but {class_source} "
+                f"has {num_fg} foreground classes"
+            )
+        table[key] = vec.astype(np.float32)
+    return table
+
+
+_UNSAFE_XML = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def read_voc_xml_names(path: Path) -> list[str]:
+    """Object class names of a VOC annotation XML; DTDs/entities are refused (entity-expansion attacks)."""
+    data = path.read_bytes()
+    if _UNSAFE_XML.search(data):
+        raise DatasetError(f"{path}: XML with DOCTYPE/ENTITY declarations is refused")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: malformed XML ({e})") from e
+    return [(obj.findtext("name") or "").strip() for obj in root.iter("object")]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f"{path}: missing {what} folder")
+    return path
+
+
+def _list_dir(path: Path) -> set[str]:
+    """File names in a folder (one syscall batch instead of one stat per image)."""
+    with os.scandir(path) as it:
+        return {e.name for e in it}
+
+
+def _check_listed(missing: list[str], split_file: Path) -> None:
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatasetError(f"{split_file}: {len(missing)} listed image(s) missing: " + "; ".join(missing[:5]) + more)
+
+
+def _label_table(root: Path, classes: Sequence[str], class_source: str) -> dict[str, np.ndarray]:
+    """Image-level labels from ``cls_labels.json`` or else ``cls_labels_onehot.npy`` in ``root`` ({} if neither)."""
+    if (root / "cls_labels.json").is_file():
+        return read_json_labels(root / "cls_labels.json", classes)
+    if (root / "cls_labels_onehot.npy").is_file():
+        return read_npy_labels(root / "cls_labels_onehot.npy", len(classes) - 1, class_source)
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------------------ VOC
+
+
+class VOCDataset(WSSSDataset):
+    """PASCAL VOC 2012 (optionally with SBD's ``SegmentationClassAug``).
+
+    Layout: ``JPEGImages/ID.jpg``, masks in ``SegmentationClassAug/`` if present else ``SegmentationClass/``,
+    ids in ``ImageSets/Segmentation/SPLIT.txt`` (default ``train_aug`` if listed, else ``train``).
+    Classes from ``classes.txt`` if present, else the 21 VOC classes. Labels: ``cls_labels.json`` ({id: [names]}),
+    else ``cls_labels_onehot.npy`` (SeCo); ids absent there fall back to the mask, then ``Annotations/ID.xml``.
+    """
+
+    def __init__(self, root: str | Path, split: str | None = None) -> None:
+        root = _require_dir(Path(root).expanduser(), "VOC root")
+        img_dir = _require_dir(root / "JPEGImages", "JPEGImages")
+        split_file = _voc_split_file(root, split)
+        class_file = root / "classes.txt"
+        classes = read_classes_file(class_file) if class_file.is_file() else VOC_CLASSES
+        source = str(class_file) if class_file.is_file() else "the built-in VOC class list"
+        mask_dir = next((d for d in (root / "SegmentationClassAug", root / "SegmentationClass") if d.is_dir()), None)
+        ids, images, masks = _resolve(read_split_file(split_file), split_file, lambda id_: (img_dir, mask_dir, (id_,)))
+        super().__init__(classes, ids, images, masks, _label_table(root, classes, source))
+        self.root, self.split = root, split_file.stem
+        self._xml_dir = root / "Annotations"
+
+    def _derive_labels(self, i: int) -> np.ndarray | None:
+        vec = super()._derive_labels(i)
+        xml = self._xml_dir / f"{self.ids[i]}.xml"
+        if vec is None and xml.is_file():
+            vec = names_to_labels(read_voc_xml_names(xml), self.classes, str(xml))
+        return vec
+
+
+def _voc_split_file(root: Path, split: str | None) -> Path:
+    sets = _require_dir(root / "ImageSets" / "Segmentation", "ImageSets/Segmentation")
+    if split is None:
+        split = "train_aug" if (sets / "train_aug.txt").is_file() else "train"
+    path = sets / f"{split}.txt"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in sets.glob("*.txt"))) or "none"
+        raise DatasetError(f"{path}: missing split list for split {split!r} (available: {known})")
+    return path
+
+
+def _resolve(
+    entries: list[tuple[int, str]], split_file: Path, dirs_for: Callable[[str], _Dirs]
+) -> tuple[list[str], list[Path], list[Path | None]]:
+    """Check each listed id has ``ID.jpg``; find its mask (first existing ``STEM.png`` of the candidate stems)."""
+    listings: dict[Path, set[str]] = {}
+
+    def has(folder: Path, name: str) -> bool:
+        if folder not in listings:
+            listings[folder] = _list_dir(folder)
+        return name in listings[folder]
+
+    ids, images, masks, missing = [], [], [], []
+    for lineno, id_ in entries:
+        img_dir, mask_dir, stems = dirs_for(id_)
+        if not has(img_dir, f"{id_}.jpg"):
+            missing.append(f"line {lineno}: {img_dir / f'{id_}.jpg'}")
+            continue
+        ids.append(id_)
+        images.append(img_dir / f"{id_}.jpg")
+        names = [f"{s}.png" for s in stems] if mask_dir is not None else []
+        masks.append(next((mask_dir / n for n in names if has(mask_dir, n)), None))
+    _check_listed(missing, split_file)
+    return ids, images, masks
+
+
+# ----------------------------------------------------------------------------------------------------------- COCO
+
+_COCO_ID = re.compile(r"^COCO_([a-z]+)(\d{4})_(\w+)$")
+
+
+class COCODataset(WSSSDataset):
+    """COCO 2014 in the VOC-style layout of the official SeCo code.
+
+    Layout: ``JPEGImages/{train2014,val2014}/COCO_train2014_000000000009.jpg`` (folders named ``train``/``val``
+    work too), masks ``SegmentationClass/{train2014,val2014}/000000000009.png`` (the id without its
+    ``COCO_<set><year>_`` prefix, as SeCo strips it; a mask named by the full id is accepted too).
+    Id list ``SPLIT.txt`` in ``list_dir`` (default: ``root``, else ``root/ImageSets``), e.g. SeCo's
+    ``datasets/coco/{train,val,val_part}.txt``. Labels: ``cls_labels.json`` or ``cls_labels_onehot.npy`` in the
+    list folder or root, else the mask. Ids without the prefix use the split name to pick the folder.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", list_dir: str | Path | None = None) -> None:
+        root = _require_dir(Path(root).expanduser(), "COCO root")
+        img_root = _require_dir(root / "JPEGImages", "JPEGImages")
+        split_file = _coco_split_file(root, split, list_dir)
+        dirs_for = _coco_folders(img_root, root / "SegmentationClass", "val" if split.startswith("val") else "train")
+        ids, images, masks = _resolve(read_split_file(split_file), split_file, dirs_for)
+        label_root = split_file.parent if _has_label_file(split_file.parent) else root
+        super().__init__(COCO_CLASSES, ids, images, masks, _label_table(label_root, COCO_CLASSES, "COCO_CLASSES"))
+        self.root, self.split = root, split
+
+
+def _coco_split_file(root: Path, split: str, list_dir: str | Path | None) -> Path:
+    dirs = [Path(list_dir).expanduser()] if list_dir is not None else [root, root / "ImageSets"]
+    found = next((d / f"{split}.txt" for d in dirs if (d / f"{split}.txt").is_file()), None)
+    if found is None:
+        tried = ", ".join(str(d / f"{split}.txt") for d in dirs)
+        raise DatasetError(f"missing COCO split list for split {split!r} (tried {tried})")
+    return found
+
+
+def _coco_folders(img_root: Path, mask_root: Path, default_subset: str) -> Callable[[str], _Dirs]:
+    """id -> (image folder, mask folder, mask stems); the folder comes from the id's ``COCO_<set><year>_`` prefix."""
+    cache: dict[str, tuple[Path, Path | None]] = {}
+
+    def dirs_for(id_: str) -> _Dirs:
+        m = _COCO_ID.match(id_)
+        subset, year, stem = m.groups() if m else (default_subset, "2014", id_)
+        names = (subset + year, subset)
+        if names[0] not in cache:
+            img_dir = _first_dir(img_root, names)
+            if img_dir is None:
+                raise DatasetError(f"{img_root}: missing image folder for {id_!r} (expected {' or '.join(names)})")
+            cache[names[0]] = img_dir, _first_dir(mask_root, names)
+        return (*cache[names[0]], (stem, id_))
+
+    return dirs_for
+
+
+def _first_dir(parent: Path, names: Sequence[str]) -> Path | None:
+    return next((parent / n for n in names if (parent / n).is_dir()), None)
+
+
+def _has_label_file(folder: Path) -> bool:
+    return (folder / "cls_labels.json").is_file() or (folder / "cls_labels_onehot.npy").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------- folder
+
+
+class FolderDataset(WSSSDataset):
+    """A flat folder of images (sorted, non-recursive, dotfiles skipped; id = file stem) with optional labels.
+
+    ``labels_file`` is CSV (header ``image,labels``; names separated by ``;`` or ``|``) or JSON
+    (``{image: [names]}``); ``image`` is a file name or a stem. Images without an entry get labels None.
+    Without ``classes``, the classes are background + the sorted union of names in the labels file.
+    """
+
+    def __init__(
+        self, dir: str | Path, labels_file: str | Path | None = None, classes: Sequence[str] | None = None
+    ) -> None:
+        folder = _require_dir(Path(dir).expanduser(), "image")
+        images = _scan_images(folder)
+        ids = [p.stem for p in images]
+        raw: dict[str, list[str]] = {}
+        if labels_file is not None:
+            raw = _read_folder_labels(Path(labels_file).expanduser(), images)
+        if classes is None:
+            classes = (BACKGROUND, *sorted({n for names in raw.values() for n in names} - {BACKGROUND}))
+        elif not classes:
+            raise DatasetError("classes must include the background at index 0")
+        table = {id_: names_to_labels(names, classes, f"{labels_file}: entry {id_!r}") for id_, names in raw.items()}
+        super().__init__(classes, ids, images, None, table)
+        self.root = folder
+
+    def _derive_labels(self, i: int) -> np.ndarray | None:
+        return None
+
+
+def _scan_images(folder: Path) -> list[Path]:
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not images:
+        raise DatasetError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    seen: dict[str, Path] = {}
+    for p in images:
+        if p.stem in seen:
+            raise DatasetError(f"{folder}: duplicate image id {p.stem!r} ({seen[p.stem].name} and {p.name})")
+        seen[p.stem] = p
+    return images
+
+
+def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, list[str]]:
+    """{id: [names]} from a CSV or JSON labels file, checking each entry names an existing image."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: labels file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _read_csv_labels(path)
+    elif suffix == ".json":
+        rows = _read_json_rows(path)
+    else:
+        raise DatasetError(f"{path}: labels file must be .csv or .json, got {suffix or 'no extension'!r}")
+    by_name = {p.name: p.stem for p in images}
+    stems = set(by_name.values())
+    out: dict[str, list[str]] = {}
+    for where, key, names in rows:
+        id_ = by_name.get(key, key if key in stems else None)
+        if id_ is None:
+            raise DatasetError(f"{path}:{where}: entry for non-existent image {key!r}")
+        if id_ in out:
+            raise DatasetError(f"{path}:{where}: duplicate entry for image {id_!r}")
+        out[id_] = names
+    return out
+
+
+def _read_csv_labels(path: Path) -> list[tuple[str, str, list[str]]]:
+    rows = list(csv.reader(_read_text(path).splitlines()))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if header != ["image", "labels"]:
+        raise DatasetError(f"{path}:1: CSV header must be 'image,labels', got {','.join(rows[0]) if rows else ''!r}")
+    out = []
+    for lineno, row in enumerate(rows[1:], 2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2:
+            raise DatasetError(f"{path}:{lineno}: expected 2 columns (image,labels), got {len(row)}")
+        names = [n.strip() for n in re.split(r"[;|]", row[1]) if n.strip()]
+        out.append((f"line {lineno}", row[0].strip(), names))
+    return out
+
+
+def _read_json_rows(path: Path) -> list[tuple[str, str, list[str]]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object {{image: [class names]}}, got {type(data).__name__}")
+    out = []
+    for key, names in data.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{path}: entry {key!r} must be a list of class names, got {names!r}")
+        out.append((f"entry {key!r}", key, [n.strip() for n in names]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- spec
+
+
+def parse_data_spec(spec: str, classes: Sequence[str] | None = None) -> WSSSDataset:
+    """Build a dataset from ``voc:ROOT[:SPLIT]``, ``coco:ROOT[:SPLIT]`` or ``folder:DIR[:LABELS_FILE]``.
+
+    ``classes`` (incl. background) sets a folder dataset's classes; for VOC/COCO it must match the dataset's.
+    """
+    kind, *rest = spec.split(":", 2)
+    kind = kind.strip().lower()
+    path = rest[0] if rest else ""
+    extra = rest[1] if len(rest) > 1 and rest[1] else None
+    if kind not in ("voc", "coco", "folder"):
+        raise DatasetError(f"unknown dataset spec {spec!r}: expected one of {_SPEC_FORMS}")
+    if not path:
+        raise DatasetError(f"dataset spec {spec!r} names no path: expected one of {_SPEC_FORMS}")
+    if kind == "folder":
+        return FolderDataset(path, extra, classes)
+    ds = VOCDataset(path, extra) if kind == "voc" else COCODataset(path, extra or "train")
+    if classes is not None and tuple(classes) != ds.classes:
+        raise DatasetError(
+            f"dataset {spec!r} has {ds.num_classes} classes ({_describe(ds.classes)}), which differ from the "
+            f"{len(classes)} requested ({_describe(classes)})"
+        )
+    return ds

@@ -1,0 +1,88 @@
+"""Training augmentation (METHODS 3.3 / 1.6) and normalisation, in OpenCV and torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The SeCo/ToCo global-view recipe: random rescale, flip, colour jitter, crop onto a black canvas."""
+
+    crop: int = 448
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: float = 0.5
+    jitter: float = 0.8  # probability of ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1)
+
+
+def random_rescale(img: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float]) -> np.ndarray:
+    r = rng.uniform(*scale_range)
+    h, w = img.shape[:2]
+    return cv2.resize(img, (max(int(r * w), 1), max(int(r * h), 1)), interpolation=cv2.INTER_LINEAR)
+
+
+def color_jitter(
+    img: np.ndarray, rng: np.random.Generator, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1
+) -> np.ndarray:
+    """torchvision-style ColorJitter on a uint8 RGB image; the four operations in random order."""
+    out = img.astype(np.float32)
+    for op in rng.permutation(4):
+        if op == 0:
+            out = out * rng.uniform(1 - brightness, 1 + brightness)
+        elif op == 1:
+            grey = (out @ np.array([0.299, 0.587, 0.114], np.float32)).mean()
+            out = (out - grey) * rng.uniform(1 - contrast, 1 + contrast) + grey
+        elif op == 2:
+            grey = (out @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+            out = (out - grey) * rng.uniform(1 - saturation, 1 + saturation) + grey
+        else:
+            hsv = cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.uniform(-hue, hue) * 256)) % 256
+            out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+        out = np.clip(out, 0, 255)
+    return out.astype(np.uint8)
+
+
+def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Place ``img`` on a black canvas of at least ``crop`` x ``crop`` and cut a random crop (METHODS 1.6).
+
+    Returns the crop and ``img_box = (top, bottom, left, right)``, the half-open region of real pixels.
+    """
+    h, w = img.shape[:2]
+    ch, cw = max(crop, h), max(crop, w)
+    hpad, wpad = int(rng.integers(0, ch - h + 1)), int(rng.integers(0, cw - w + 1))
+    canvas = np.zeros((ch, cw, 3), np.uint8)
+    canvas[hpad : hpad + h, wpad : wpad + w] = img
+    hs, ws = int(rng.integers(0, ch - crop + 1)), int(rng.integers(0, cw - crop + 1))
+    box = np.array([max(hpad - hs, 0), min(crop, h + hpad - hs), max(wpad - ws, 0), min(crop, w + wpad - ws)], np.int16)
+    return canvas[hs : hs + crop, ws : ws + crop], box
+
+
+def augment(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One training view: (crop uint8 HxWx3, img_box)."""
+    img = random_rescale(img, rng, cfg.scale_range)
+    if rng.random() < cfg.flip:
+        img = img[:, ::-1]
+    if rng.random() < cfg.jitter:
+        img = color_jitter(img, rng)
+    return random_crop(np.ascontiguousarray(img), cfg.crop, rng)
+
+
+def to_tensor(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> normalised float32 3xHxW."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Normalised (..., 3, H, W) -> RGB in [0, 1]."""
+    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return (x * s + m).clamp(0, 1)

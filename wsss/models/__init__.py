@@ -1,0 +1,41 @@
+"""Networks and their checkpoints. Models know nothing of training."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .backbone import BackboneConfig, load_backbone_weights
+from .cam_net import CAMNet
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+METHODS = ("cam",)
+
+
+def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
+    """The network of ``method`` from a plain-dict model config (as stored in checkpoint metadata)."""
+    backbone = BackboneConfig(**model_cfg["backbone"])
+    if method == "cam":
+        return CAMNet(backbone, num_fg, pooling=model_cfg.get("pooling", "gmp"))
+    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+
+
+def load_model(path) -> tuple[nn.Module, dict]:
+    """A network and its metadata from one of our checkpoints, in eval mode on the CPU."""
+    state, meta = load_checkpoint(path)
+    for key in ("method", "model", "class_names"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: metadata lacks '{key}'")
+    model = build_model(meta["method"], meta["model"], len(meta["class_names"]) - 1)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: weights do not fit the {meta['method']} network: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.eval(), meta
+
+
+__all__ = [
+    "BackboneConfig", "CAMNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
+    "load_checkpoint", "save_checkpoint",
+]  # fmt: skip

@@ -1,0 +1,98 @@
+"""timm ViT backbones: construction from a config and weights from a local file (never from the network)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .checkpoint import read_state_dict
+
+# Prefixes under which a backbone's tensors may sit in a foreign checkpoint (DDP, our CAM nets, SeCo's student).
+_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+
+
+@dataclass
+class BackboneConfig:
+    """A timm ViT: a registered architecture name plus optional overrides (empty overrides = the named model)."""
+
+    name: str = "vit_base_patch16_224"
+    img_size: int = 224  # size the position embeddings are stored at; any multiple of the patch size runs
+    overrides: dict = field(default_factory=dict)  # e.g. {"patch_size": 8, "embed_dim": 192, "depth": 4}
+
+
+def create_vit(cfg: BackboneConfig) -> nn.Module:
+    """A headless timm ViT that accepts any input size (position embeddings resampled on the fly)."""
+    return timm.create_model(
+        cfg.name, pretrained=False, num_classes=0, global_pool="", img_size=cfg.img_size,
+        dynamic_img_size=True, **cfg.overrides,
+    )  # fmt: skip
+
+
+def patch_size(vit: nn.Module) -> int:
+    return int(vit.patch_embed.patch_size[0])
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    resized: list[str]
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {len(self.loaded)} tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}"
+            + (f", resampled {', '.join(self.resized)}" if self.resized else "")
+            + (f"\n  missing: {', '.join(self.missing[:8])}" if self.missing else "")
+            + (f"\n  unexpected: {', '.join(self.unexpected[:8])}" if self.unexpected else "")
+        )
+
+
+def load_backbone_weights(vit: nn.Module, path: str | Path) -> LoadReport:
+    """Load a local timm/torchvision-style state dict (.safetensors, .pth, .bin) into ``vit``.
+
+    Common wrappers (``module.``, ``backbone.``, ``encoder.``, ``model.``) are stripped, classifier heads dropped,
+    and position embeddings resampled to the model's grid. Tensors whose shapes still differ are reported as
+    missing. Raises ValueError if nothing matches: a wrong file should not pass silently.
+    """
+    source = {_strip(k): v for k, v in read_state_dict(path).items()}
+    target = vit.state_dict()
+    loaded, resized, unexpected = {}, [], []
+    for key, tensor in source.items():
+        if key.startswith(("head.", "fc_norm.", "head_drop.")) and key not in target:
+            continue
+        if key not in target:
+            unexpected.append(key)
+            continue
+        if key == "pos_embed" and tensor.shape != target[key].shape:
+            tensor = _resample_pos_embed(vit, tensor)
+            resized.append(key)
+        if tensor.shape != target[key].shape:
+            unexpected.append(f"{key} {tuple(tensor.shape)} != {tuple(target[key].shape)}")
+            continue
+        loaded[key] = tensor.to(target[key].dtype)
+    if not loaded:
+        raise ValueError(f"{path}: no tensor matches the backbone {type(vit).__name__}; is this the right file?")
+    vit.load_state_dict(loaded, strict=False)
+    missing = [k for k in target if k not in loaded]
+    return LoadReport(sorted(loaded), missing, unexpected, resized)
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _resample_pos_embed(vit: nn.Module, pos: torch.Tensor) -> torch.Tensor:
+    n_prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+    return resample_abs_pos_embed(pos, new_size=vit.patch_embed.grid_size, num_prefix_tokens=n_prefix)

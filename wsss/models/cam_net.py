@@ -1,0 +1,55 @@
+"""Plain CAM network (Zhou et al. 2016) on a ViT: patch tokens -> 1x1 classifier -> CAMs, pooled for logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BackboneConfig, create_vit, patch_size
+
+
+class CAMNet(nn.Module):
+    """ViT features ``F`` (B, D, h, w) with a bias-free 1x1 classifier ``W`` (K x D).
+
+    Logits (METHODS 1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``.
+    ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM.
+    """
+
+    def __init__(self, backbone: BackboneConfig, num_fg: int, pooling: str = "gmp"):
+        super().__init__()
+        if pooling not in ("gmp", "gap"):
+            raise ValueError(f"pooling must be 'gmp' or 'gap', got {pooling!r}")
+        self.backbone = create_vit(backbone)
+        self.patch_size = patch_size(self.backbone)
+        self.pooling = pooling
+        self.classifier = nn.Conv2d(self.backbone.embed_dim, num_fg, 1, bias=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm-ed patch tokens as a (B, D, h, w) map (prefix tokens dropped)."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]
+        return tokens.transpose(1, 2).unflatten(2, (h, w))
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        pooled = feats.amax(dim=(2, 3), keepdim=True) if self.pooling == "gmp" else feats.mean((2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits (B, K) and raw CAMs (B, K, h, w)."""
+        feats = self.features(x)
+        return self.pool(feats), self.classifier(feats)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, head parameters): heads train at 10x the base learning rate (METHODS 3.14)."""
+        return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+
+def check_input_size(x: torch.Tensor, patch: int) -> None:
+    if x.shape[-1] % patch or x.shape[-2] % patch:
+        raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {patch}")
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with ``align_corners=False`` (the convention of METHODS 1.3)."""
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)

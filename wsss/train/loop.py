@@ -1,0 +1,236 @@
+"""The training loop shared by every method: data, schedule, AMP, torchrun, resume, JSONL metrics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..cam.infer import CAMSettings, predict_cams
+from ..data.datasets import WSSSDataset
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, to_tensor
+from ..eval.metrics import ConfusionMatrix
+from ..models import build_model, load_backbone_weights, load_checkpoint, save_checkpoint
+from .optim import PolyWarmupAdamW, param_groups
+
+BUILTIN_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+CHECKPOINT = "last.safetensors"
+RESUME_STATE = "last.state.pt"
+
+
+class TrainSet(Dataset):
+    """Augmented training views with image-level tags and the valid-pixel box (METHODS 3.3 / 1.6)."""
+
+    def __init__(self, data: WSSSDataset, aug: AugmentConfig, seed: int, cache: bool, progress: bool = False):
+        missing = [data.ids[i] for i in range(len(data)) if data.labels(i) is None]
+        if missing:
+            raise ValueError(f"{len(missing)} training images have no image-level labels, e.g. {missing[:3]}")
+        self.data, self.aug, self.seed = data, aug, seed
+        indices = tqdm(range(len(data)), desc="cache images", leave=False, disable=not progress)
+        self.cache = [data[i].image for i in indices] if cache else None
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = self.cache[i] if self.cache is not None else self.data[i].image
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        crop, box = augment(img, self.aug, rng)
+        return {"image": to_tensor(crop), "labels": torch.from_numpy(self.data.labels(i)), "img_box": box}
+
+
+def cam_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain CAM (1.2): ``L_cls = MLSM(z, y)`` on globally max-pooled patch features."""
+    logits, _ = model(batch["image"])
+    loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
+    return {"loss": loss, "cls": loss.detach()}
+
+
+OBJECTIVES = {"cam": cam_objective}
+
+
+def resolve_pretrained(spec: str | None) -> Path | None:
+    """``builtin:NAME`` names a file shipped in ``wsss/models/weights``; anything else is a local path."""
+    if spec is None:
+        return None
+    if spec.startswith("builtin:"):
+        path = BUILTIN_WEIGHTS / f"{spec.split(':', 1)[1]}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"built-in weights {spec!r} not found at {path}")
+        return path
+    return Path(spec)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(
+    cfg: dict[str, Any],
+    data: WSSSDataset,
+    out: str | Path,
+    val: WSSSDataset | None = None,
+    pretrained: str | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train ``cfg['method']`` on ``data``; leaves ``out/last.safetensors`` and returns its path.
+
+    Interrupting (Ctrl-C, SIGTERM) saves a checkpoint first; ``resume=True`` continues from it.
+    """
+    out = Path(out)
+    rank, world = _distributed()
+    if world > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed + rank)
+    tcfg, ocfg = cfg["train"], cfg["optim"]
+
+    model = build_model(cfg["method"], cfg["model"], data.num_fg)
+    weights = resolve_pretrained(pretrained or cfg.get("pretrained"))
+    if weights and not resume:
+        report = load_backbone_weights(model.backbone, weights)
+        if rank == 0:
+            tqdm.write(f"pretrained {weights.name}: {report}")
+    model.to(device)
+    backbone, heads = model.param_groups()
+    groups = param_groups(backbone, heads, ocfg["lr"], ocfg["head_lr"])
+    optim = PolyWarmupAdamW(groups, tcfg["iters"], ocfg["warmup"], ocfg["warmup_ratio"], ocfg["power"],
+                            weight_decay=ocfg["weight_decay"])  # fmt: skip
+    step = _resume(out, model, optim, device) if resume else 0
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    dcfg = cfg["data"]
+    aug = AugmentConfig(dcfg["crop"], tuple(dcfg["scale_range"]), dcfg["flip"], dcfg["jitter"])
+    trainset = TrainSet(data, aug, seed, dcfg.get("cache_images", False), progress and rank == 0)
+    batches = _batches(trainset, tcfg, seed, rank, world, step)
+    objective = OBJECTIVES[cfg["method"]]
+    amp = tcfg["amp"] and device.type == "cuda"
+    meta = _metadata(cfg, data, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "metrics.jsonl").open("a") if rank == 0 else None
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    bar = tqdm(total=tcfg["iters"], initial=step, desc=f"train {cfg.get('name', cfg['method'])}",
+               disable=not progress or rank != 0, dynamic_ncols=True)  # fmt: skip
+    running, t0 = None, time.perf_counter()
+    try:
+        while step < tcfg["iters"] and stop["signal"] is None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            net.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                losses = objective(net, batch)
+            optim.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optim.step()
+            step += 1
+            detached = {k: v.detach().float() for k, v in losses.items()}
+            running = detached if running is None else {k: running[k] + v for k, v in detached.items()}
+            bar.update(1)
+            if step % tcfg["log_every"] == 0 or step == tcfg["iters"]:
+                _log(log, bar, step, running, tcfg["log_every"], optim, t0)
+                running = None
+            if rank == 0 and val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
+                _write(log, {"step": step, **validate(model, val, cfg, device, tcfg["eval_images"])})
+            if rank == 0 and (step % tcfg["ckpt_every"] == 0 or step == tcfg["iters"]):
+                _save(out, model, optim, meta, step)
+    except KeyboardInterrupt:
+        stop["signal"] = signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        if rank == 0 and step > 0:
+            _save(out, model, optim, meta, step)
+        if log:
+            log.close()
+    if stop["signal"] is not None:
+        raise KeyboardInterrupt(f"training interrupted at step {step}; checkpoint saved, rerun with --resume")
+    return out / CHECKPOINT
+
+
+def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, start: int):
+    """Endless shuffled batches; each rank reads its own slice of every epoch's permutation."""
+    epoch = start * tcfg["batch_size"] * world // max(len(trainset), 1)
+    while True:
+        trainset.epoch = epoch
+        order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        loader = DataLoader(trainset, batch_size=tcfg["batch_size"], sampler=order[rank::world].tolist(),
+                            num_workers=tcfg["workers"], drop_last=True, persistent_workers=False)  # fmt: skip
+        yield from loader
+        epoch += 1
+
+
+def _log(log, bar, step: int, running: dict, every: int, optim, t0: float) -> None:
+    """Average the on-device loss sums (the only host sync, once per ``every`` steps) and write them."""
+    n = step % every or every
+    record = {"step": step, **{k: round(float(v) / n, 5) for k, v in running.items()}}
+    record["lr"] = optim.param_groups[0]["lr"]
+    record["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    _write(log, record)
+
+
+def _write(log, record: dict) -> None:
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
+    return {
+        "method": cfg["method"], "config_name": cfg.get("name"), "model": cfg["model"], "config": cfg,
+        "class_names": list(data.classes), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "seed": seed,
+    }  # fmt: skip
+
+
+def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, meta: dict, step: int) -> None:
+    save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
+    state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state()}
+    tmp = out / (RESUME_STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / RESUME_STATE)
+
+
+def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, device: torch.device) -> int:
+    state_dict, meta = load_checkpoint(out / CHECKPOINT)
+    model.load_state_dict(state_dict)
+    state = torch.load(out / RESUME_STATE, map_location=device, weights_only=True)
+    optim.load_state_dict(state["optimizer"])
+    optim.global_step = int(state["step"])
+    torch.set_rng_state(state["rng"])
+    if int(state["step"]) != meta["step"]:
+        raise ValueError(f"{out}: checkpoint step {meta['step']} != optimizer state step {int(state['step'])}")
+    return int(state["step"])
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val: WSSSDataset, cfg: dict, device, max_images: int) -> dict[str, float]:
+    """Seed mIoU of the current CAMs on up to ``max_images`` validation images (SeCo's "CAM" column)."""
+    settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
+    model.eval()
+    cm = ConfusionMatrix(val.num_classes)
+    for start in range(0, min(len(val), max_images), 16):
+        samples = [val[i] for i in range(start, min(start + 16, len(val), max_images))]
+        results = predict_cams(model, [s.image for s in samples], [s.labels for s in samples], settings, device)
+        for s, r in zip(samples, results, strict=True):
+            cm.update(r.seed, s.mask)
+    return {"val_seed_miou": round(cm.compute()["miou"], 5)}

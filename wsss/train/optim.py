@@ -1,0 +1,39 @@
+"""PolyWarmupAdamW (METHODS 3.14): AdamW with linear warm-up by ratio, then polynomial decay."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def poly_warmup_factor(step: int, total: int, warmup: int, warmup_ratio: float, power: float) -> float:
+    """(3.23) ``1 - (1 - t/T_w)(1 - r)`` for ``t < T_w``; (3.24) ``(1 - t/T)^power`` after (not shifted)."""
+    if step < warmup:
+        return 1 - (1 - step / warmup) * (1 - warmup_ratio)
+    return max(1 - step / total, 0.0) ** power
+
+
+class PolyWarmupAdamW(torch.optim.AdamW):
+    """AdamW over parameter groups whose base learning rates follow ``poly_warmup_factor``."""
+
+    def __init__(self, groups: list[dict], total: int, warmup: int, warmup_ratio: float, power: float, **kw):
+        super().__init__(groups, betas=(0.9, 0.999), eps=1e-8, **kw)
+        self.schedule = (total, warmup, warmup_ratio, power)
+        for g in self.param_groups:
+            g.setdefault("base_lr", g["lr"])
+        self.global_step = 0
+
+    def step(self, closure=None):
+        factor = poly_warmup_factor(self.global_step, *self.schedule)
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        self.global_step += 1
+        return super().step(closure)
+
+
+def param_groups(backbone: list[nn.Parameter], heads: list[nn.Parameter], lr: float, head_lr: float) -> list[dict]:
+    """SeCo's groups: backbone weights, backbone norms at ``lr``; heads at ``head_lr * lr`` (frozen ones dropped)."""
+    return [
+        {"params": [p for p in backbone if p.requires_grad], "lr": lr},
+        {"params": [p for p in heads if p.requires_grad], "lr": lr * head_lr},
+    ]
