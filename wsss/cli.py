@@ -251,6 +251,11 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
     Generates the synthetic set, trains the tiny CAM network from the shipped pre-trained backbone, makes seeds
     and CRF masks for the training images and seeds for the validation images, then prints the mIoU tables,
     the context false-activation figure and the CAM throughput. Everything lands in OUT.
+
+    \b
+    Example:
+      wsss demo --out demo_out                # the README's `make demo`
+      wsss demo --iters 100 --out quick_demo  # shorter training
     """
     from .demo import run_demo
 

@@ -14,8 +14,8 @@ NORM_EPS = 1e-5
 
 
 def scaled_size(size: tuple[int, int], scale: float, multiple: int) -> tuple[int, int]:
-    """``floor(s * H)`` rounded to the nearest multiple of the patch size (exact for VOC's 448 x 0.5/0.75/1.5)."""
-    return tuple(max(multiple, round(int(scale * n) / multiple) * multiple) for n in size)
+    """``floor(s * H)`` rounded half-up to a multiple of the patch size (exact for VOC's 448 x 0.5/0.75/1.5)."""
+    return tuple(max(multiple, (int(scale * n) + multiple // 2) // multiple * multiple) for n in size)
 
 
 @torch.no_grad()

@@ -91,10 +91,12 @@ def train(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    max_steps: int | None = None,
 ) -> Path:
     """Train ``cfg['method']`` on ``data``; leaves ``out/last.safetensors`` and returns its path.
 
-    Interrupting (Ctrl-C, SIGTERM) saves a checkpoint first; ``resume=True`` continues from it.
+    Interrupting (Ctrl-C, SIGTERM) saves a checkpoint first; ``resume=True`` continues from it and reproduces
+    the uninterrupted run. ``max_steps`` stops early (at that global step) without changing the LR schedule.
     """
     out = Path(out)
     rank, world = _distributed()
@@ -134,7 +136,7 @@ def train(
                disable=not progress or rank != 0, dynamic_ncols=True)  # fmt: skip
     running, t0 = None, time.perf_counter()
     try:
-        while step < tcfg["iters"] and stop["signal"] is None:
+        while step < min(tcfg["iters"], max_steps or tcfg["iters"]) and stop["signal"] is None:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -168,15 +170,22 @@ def train(
 
 
 def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, start: int):
-    """Endless shuffled batches; each rank reads its own slice of every epoch's permutation."""
-    epoch = start * tcfg["batch_size"] * world // max(len(trainset), 1)
+    """Endless shuffled batches from step ``start`` on; each rank reads its own slice of every epoch's order.
+
+    Orders and augmentations depend only on (seed, epoch, index), so a resumed run sees the batches an
+    uninterrupted one would have seen.
+    """
+    size = tcfg["batch_size"]
+    per_epoch = len(trainset) // world // size
+    if per_epoch == 0:
+        raise ValueError(f"{len(trainset)} training images are fewer than one batch of {size} x {world} ranks")
+    epoch, skip = divmod(start, per_epoch)
     while True:
         trainset.epoch = epoch
         order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        loader = DataLoader(trainset, batch_size=tcfg["batch_size"], sampler=order[rank::world].tolist(),
-                            num_workers=tcfg["workers"], drop_last=True, persistent_workers=False)  # fmt: skip
-        yield from loader
-        epoch += 1
+        indices = order[rank::world][skip * size : per_epoch * size].tolist()
+        yield from DataLoader(trainset, batch_size=size, sampler=indices, num_workers=tcfg["workers"])
+        epoch, skip = epoch + 1, 0
 
 
 def _log(log, bar, step: int, running: dict, every: int, optim, t0: float) -> None:
