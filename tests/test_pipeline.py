@@ -111,3 +111,25 @@ def test_help_teaches_with_an_example(command):
     assert "Usage:" in text
     if command:
         assert "Example" in text
+
+
+def test_interrupt_saves_last_finished_step(synth, tmp_path, monkeypatch):
+    import wsss.train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.OBJECTIVES["cam"]
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # Ctrl-C during the 4th step
+        return real(model, batch)
+
+    monkeypatch.setitem(loop.OBJECTIVES, "cam", flaky)
+    cfg = get_config("cam-tiny-synth", [*TINY, "train.iters=6", "train.ckpt_every=100"])
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        train(cfg, VOCDataset(synth, "train"), tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["step"] == 3
+    monkeypatch.setitem(loop.OBJECTIVES, "cam", real)
+    train(cfg, VOCDataset(synth, "train"), tmp_path / "run", resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors")[1]["step"] == 6

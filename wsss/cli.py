@@ -118,8 +118,12 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
         cfg = get_config(config_name, overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise click.BadParameter(str(err).strip("\"'")) from None
-    path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
-                        pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip
+    try:
+        path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
+                            pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip
+    except KeyboardInterrupt as stop:
+        click.echo(f"\n{stop}", err=True)
+        sys.exit(130)
     click.echo(f"checkpoint: {path}")
 
 

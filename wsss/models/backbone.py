@@ -7,7 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch import nn
 
 from .checkpoint import read_state_dict
@@ -23,13 +23,37 @@ class BackboneConfig:
     name: str = "vit_base_patch16_224"
     img_size: int = 224  # size the position embeddings are stored at; any multiple of the patch size runs
     overrides: dict = field(default_factory=dict)  # e.g. {"patch_size": 8, "embed_dim": 192, "depth": 4}
+    stem: str = "patch"  # "patch": one strided conv (standard ViT); "conv": stacked 3x3 convs (Xiao et al. 2021)
+
+
+class ConvStemEmbed(PatchEmbed):
+    """Patch embedding by stride-2 3x3 conv-BN-ReLU blocks (log2(patch) of them) and a 1x1 projection.
+
+    "Early convolutions help transformers see better" (Xiao et al., NeurIPS 2021): same token grid and interface
+    as ``PatchEmbed``, with an inductive bias that speeds up training from scratch on small data.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patch, dim = self.patch_size[0], self.proj.out_channels
+        if patch & (patch - 1):
+            raise ValueError(f"conv stem needs a power-of-two patch size, got {patch}")
+        layers, channels = [], self.proj.in_channels
+        for i in range(patch.bit_length() - 1):
+            width = dim // 2 ** (patch.bit_length() - 2 - i) // 2
+            layers += [nn.Conv2d(channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
+        self.proj = nn.Sequential(*layers, nn.Conv2d(channels, dim, 1))
 
 
 def create_vit(cfg: BackboneConfig) -> nn.Module:
     """A headless timm ViT that accepts any input size (position embeddings resampled on the fly)."""
+    if cfg.stem not in ("patch", "conv"):
+        raise ValueError(f"stem must be 'patch' or 'conv', got {cfg.stem!r}")
+    extra = {"embed_layer": ConvStemEmbed} if cfg.stem == "conv" else {}
     return timm.create_model(
         cfg.name, pretrained=False, num_classes=0, global_pool="", img_size=cfg.img_size,
-        dynamic_img_size=True, **cfg.overrides,
+        dynamic_img_size=True, **cfg.overrides, **extra,
     )  # fmt: skip
 
 

@@ -107,6 +107,7 @@ def train(
     tcfg, ocfg = cfg["train"], cfg["optim"]
 
     model = build_model(cfg["method"], cfg["model"], data.num_fg)
+    resume = resume and (out / CHECKPOINT).is_file()  # --resume on a fresh folder simply starts
     weights = resolve_pretrained(pretrained or cfg.get("pretrained"))
     if weights and not resume:
         report = load_backbone_weights(model.backbone, weights)
@@ -134,7 +135,7 @@ def train(
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     bar = tqdm(total=tcfg["iters"], initial=step, desc=f"train {cfg.get('name', cfg['method'])}",
                disable=not progress or rank != 0, dynamic_ncols=True)  # fmt: skip
-    running, t0 = None, time.perf_counter()
+    running, saved, t0 = None, step, time.perf_counter()
     try:
         while step < min(tcfg["iters"], max_steps or tcfg["iters"]) and stop["signal"] is None:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -153,14 +154,14 @@ def train(
                 running = None
             if rank == 0 and val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
                 _write(log, {"step": step, **validate(model, val, cfg, device, tcfg["eval_images"])})
-            if rank == 0 and (step % tcfg["ckpt_every"] == 0 or step == tcfg["iters"]):
-                _save(out, model, optim, meta, step)
+            if rank == 0 and step % tcfg["ckpt_every"] == 0:
+                saved = _save(out, model, optim, meta, step)
     except KeyboardInterrupt:
         stop["signal"] = signal.SIGINT
-    finally:
+    finally:  # whatever ended the loop, the last finished step is kept
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        if rank == 0 and step > 0:
+        if rank == 0 and step > saved:
             _save(out, model, optim, meta, step)
         if log:
             log.close()
@@ -211,12 +212,13 @@ def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
     }  # fmt: skip
 
 
-def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, meta: dict, step: int) -> None:
+def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, meta: dict, step: int) -> int:
     save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
     state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state()}
     tmp = out / (RESUME_STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / RESUME_STATE)
+    return step
 
 
 def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, device: torch.device) -> int:
