@@ -259,8 +259,9 @@ def make_scene(specs: tuple[ClassSpec, ...], cfg: SynthConfig, rng: Rng) -> Scen
     for i, k in enumerate(chosen):
         _draw_object(img, label, specs[k], k + 1, anchors.get(i), rng)
     context[label > 0] = 0
-    present = sorted(set(np.unique(label[label > 0]).tolist()))
-    return Scene(np.clip(img, 0, 255).astype(np.uint8), _ignore_band(label, rng), context, present)
+    label = _ignore_band(label, rng)
+    present = sorted(set(np.unique(label[(label > 0) & (label != IGNORE_INDEX)]).tolist()))  # slivers drop out
+    return Scene(np.clip(img, 0, 255).astype(np.uint8), label, context, present)
 
 
 def _draw_context(img: np.ndarray, context: np.ndarray, kind: str, class_id: int, rng: Rng) -> int:

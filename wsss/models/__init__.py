@@ -26,7 +26,10 @@ def load_model(path) -> tuple[nn.Module, dict]:
         if key not in meta:
             raise CheckpointError(f"{path}: metadata lacks '{key}'")
     model = build_model(meta["method"], meta["model"], len(meta["class_names"]) - 1)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{path}: weights do not fit the {meta['method']} network: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path}: weights do not fit the {meta['method']} network: "

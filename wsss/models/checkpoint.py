@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 
 META_KEY = "wsss"
+_WRAPPERS = ("state_dict", "model", "network", "module")  # containers training scripts save weights under
 
 
 class CheckpointError(ValueError):
@@ -68,14 +69,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path}: refused to load: the file holds Python objects beyond tensors (weights_only=True). "
-            "Convert it to safetensors in a trusted environment."
+            f"{path}: refused to load: not a plain tensor file (it is corrupt, or holds Python objects beyond "
+            f"tensors, which weights_only=True forbids; convert it to safetensors in a trusted environment): {err}"
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable torch file (truncated or corrupt?): {err}") from err
-    for key in ("state_dict", "model", "network", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    while isinstance(obj, dict) and (key := next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)):
+        obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj

@@ -1,0 +1,249 @@
+"""ViT backbones from local weight files, and the CAM network on top of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+
+from wsss.models.backbone import BackboneConfig, LoadReport, create_vit, load_backbone_weights, patch_size
+from wsss.models.cam_net import CAMNet, check_input_size, upsample
+
+OVERRIDES = {"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
+TINY = BackboneConfig("vit_tiny_patch16_224", 32, OVERRIDES)
+
+
+def _vit(img_size: int = 32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_vit(BackboneConfig("vit_tiny_patch16_224", img_size, OVERRIDES)).eval()
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        if k not in skip:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+# ------------------------------------------------------------------------------------------------------ create_vit
+
+
+def test_create_vit_is_headless_with_the_requested_shape() -> None:
+    vit = _vit()
+    assert patch_size(vit) == 8 and vit.embed_dim == 48 and len(vit.blocks) == 1
+    assert tuple(vit.patch_embed.grid_size) == (4, 4)
+    assert vit.pos_embed.shape == (1, 17, 48) and vit.num_prefix_tokens == 1
+    assert not any(k.startswith("head.") for k in vit.state_dict())
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (48, 64), (16, 40)])
+def test_dynamic_input_sizes(h: int, w: int) -> None:
+    vit = _vit()
+    with torch.no_grad():
+        tokens = vit.forward_features(torch.randn(2, 3, h, w))
+    assert tokens.shape == (2, 1 + (h // 8) * (w // 8), 48)
+    assert torch.isfinite(tokens).all()
+
+
+# ----------------------------------------------------------------------------------------------- load_backbone_weights
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix"),
+    [
+        ("", ".safetensors"),
+        ("module.", ".pth"),
+        ("backbone.", ".safetensors"),
+        ("encoder.", ".bin"),
+        ("model.", ".pth"),
+        ("module.backbone.", ".pth"),
+    ],
+)
+def test_prefixes_are_stripped(tmp_path: Path, prefix: str, suffix: str) -> None:
+    source, target = _vit(seed=1), _vit(seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    path = _save({prefix + k: v for k, v in source.state_dict().items()}, tmp_path / f"w{suffix}")
+    report = load_backbone_weights(target, path)
+    assert isinstance(report, LoadReport)
+    assert report.loaded == sorted(source.state_dict())
+    assert report.missing == [] and report.unexpected == [] and report.resized == []
+    _assert_same_weights(source, target)
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], target.state_dict()["blocks.0.attn.qkv.weight"])
+    assert str(report).startswith(f"loaded {len(report.loaded)} tensors, missing 0, unexpected 0")
+
+
+def test_classifier_heads_are_dropped(tmp_path: Path) -> None:
+    source, target = _vit(seed=1), _vit(seed=2)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state.update({
+        "module.head.weight": torch.randn(10, 48),
+        "module.head.bias": torch.zeros(10),
+        "fc_norm.weight": torch.ones(48),
+        "fc_norm.bias": torch.zeros(48),
+    })  # fmt: skip
+    report = load_backbone_weights(target, _save(state, tmp_path / "with_head.pth"))
+    assert report.unexpected == [] and report.missing == []
+    assert not any(k.startswith(("head", "fc_norm")) for k in report.loaded)
+    _assert_same_weights(source, target)
+
+
+def test_unknown_keys_are_reported_not_fatal(tmp_path: Path) -> None:
+    source, target = _vit(seed=1), _vit(seed=2)
+    state = dict(source.state_dict())
+    state["decoder.conv.weight"] = torch.zeros(3, 3)
+    del state["norm.weight"]
+    report = load_backbone_weights(target, _save(state, tmp_path / "w.safetensors"))
+    assert report.unexpected == ["decoder.conv.weight"]
+    assert report.missing == ["norm.weight"]
+    assert "norm.weight" not in report.loaded
+    assert "missing: norm.weight" in str(report) and "unexpected: decoder.conv.weight" in str(report)
+
+
+def test_shape_mismatches_are_reported_and_not_loaded(tmp_path: Path) -> None:
+    source, target = _vit(seed=1), _vit(seed=2)
+    before = target.state_dict()["blocks.0.mlp.fc1.weight"].clone()
+    state = dict(source.state_dict())
+    state["blocks.0.mlp.fc1.weight"] = torch.randn(96, 48)
+    report = load_backbone_weights(target, _save(state, tmp_path / "w.pth"))
+    assert report.unexpected == ["blocks.0.mlp.fc1.weight (96, 48) != (192, 48)"]
+    assert report.missing == ["blocks.0.mlp.fc1.weight"]
+    assert torch.equal(target.state_dict()["blocks.0.mlp.fc1.weight"], before)
+    _assert_same_weights(source, target, skip=("blocks.0.mlp.fc1.weight",))
+
+
+def test_unrelated_file_raises(tmp_path: Path) -> None:
+    path = _save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.bias": torch.zeros(4)}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="no tensor matches"):
+        load_backbone_weights(_vit(), path)
+    heads_only = _save({"head.weight": torch.zeros(10, 48)}, tmp_path / "head.safetensors")
+    with pytest.raises(ValueError, match="right file"):
+        load_backbone_weights(_vit(), heads_only)
+
+
+def test_pos_embed_is_resampled_from_another_img_size(tmp_path: Path) -> None:
+    source, target = _vit(img_size=64, seed=1), _vit(img_size=32, seed=2)
+    assert source.pos_embed.shape == (1, 65, 48)
+    init = target.pos_embed.detach().clone()
+    report = load_backbone_weights(target, _save(source.state_dict(), tmp_path / "w64.safetensors"))
+    assert report.resized == ["pos_embed"] and "pos_embed" in report.loaded
+    assert report.missing == [] and report.unexpected == []
+    assert "resampled pos_embed" in str(report)
+    got = target.pos_embed.detach()
+    assert got.shape == (1, 17, 48) and not torch.allclose(got, init)
+    torch.testing.assert_close(got[:, :1], source.pos_embed.detach()[:, :1], rtol=0, atol=0)  # class token kept
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(got, expected)
+    _assert_same_weights(source, target, skip=("pos_embed",))
+
+
+def test_constant_pos_embed_stays_constant_when_resampled(tmp_path: Path) -> None:
+    """Independent oracle: interpolating a constant grid gives the same constant; the class slot is not mixed in."""
+    source, target = _vit(img_size=48, seed=1), _vit(img_size=32, seed=2)
+    cls_vec, grid_vec = torch.randn(48), torch.randn(48)
+    state = dict(source.state_dict())
+    pos = torch.empty(1, 1 + 36, 48)
+    pos[0, 0], pos[0, 1:] = cls_vec, grid_vec
+    state["pos_embed"] = pos
+    load_backbone_weights(target, _save(state, tmp_path / "w.pth"))
+    got = target.pos_embed.detach()[0]
+    torch.testing.assert_close(got[0], cls_vec)
+    torch.testing.assert_close(got[1:], grid_vec.expand(16, 48), atol=1e-5, rtol=1e-5)
+
+
+def test_resampled_model_still_runs(tmp_path: Path) -> None:
+    source, target = _vit(img_size=64, seed=1), _vit(img_size=32, seed=2)
+    load_backbone_weights(target, _save(source.state_dict(), tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        out = target.forward_features(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 17, 48) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------------- CAMNet
+
+
+def _cam(pooling: str, num_fg: int = 3) -> CAMNet:
+    torch.manual_seed(0)
+    return CAMNet(TINY, num_fg, pooling=pooling).eval()
+
+
+@pytest.mark.parametrize("pooling", ["gmp", "gap"])
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (24, 48)])
+def test_cam_net_shapes(pooling: str, h: int, w: int) -> None:
+    net = _cam(pooling, num_fg=5)
+    assert net.patch_size == 8
+    assert net.classifier.weight.shape == (5, 48, 1, 1) and net.classifier.bias is None
+    with torch.no_grad():
+        logits, cams = net(torch.randn(2, 3, h, w))
+    assert logits.shape == (2, 5) and cams.shape == (2, 5, h // 8, w // 8)
+
+
+def test_gap_logits_equal_the_mean_of_the_cam() -> None:
+    net = _cam("gap").double()
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cams = net(x)
+    torch.testing.assert_close(logits, cams.mean(dim=(2, 3)), rtol=0, atol=1e-12)
+
+
+def test_gmp_logits_are_the_classifier_on_max_pooled_features() -> None:
+    net = _cam("gmp").double()
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, cams = net(x)
+        feats = net.features(x)
+    assert feats.shape == (2, 48, 4, 5)
+    weight = net.classifier.weight[:, :, 0, 0]
+    torch.testing.assert_close(logits, feats.amax(dim=(2, 3)) @ weight.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cams, torch.einsum("bdhw,kd->bkhw", feats, weight), rtol=0, atol=1e-12)
+    # GMP of features is not the mean of the CAM
+    assert not torch.allclose(logits, cams.mean(dim=(2, 3)))
+
+
+def test_features_follow_the_token_order() -> None:
+    """Patch token (row r, column c) becomes feature map position [r, c] (row-major unflatten)."""
+    net = _cam("gap")
+    x = torch.randn(1, 3, 16, 24)
+    with torch.no_grad():
+        tokens = net.backbone.forward_features(x)[:, 1:]
+        feats = net.features(x)
+    assert feats.shape == (1, 48, 2, 3)
+    torch.testing.assert_close(feats[0, :, 1, 2], tokens[0, 5])
+    torch.testing.assert_close(feats[0, :, 0, 1], tokens[0, 1])
+
+
+def test_invalid_pooling_raises() -> None:
+    with pytest.raises(ValueError, match="pooling must be 'gmp' or 'gap'"):
+        CAMNet(TINY, 3, pooling="max")
+
+
+def test_param_groups_split_backbone_and_head() -> None:
+    net = _cam("gmp")
+    backbone, head = net.param_groups()
+    assert len(head) == 1 and head[0] is net.classifier.weight
+    assert len(backbone) == len(list(net.backbone.parameters()))
+    assert {id(p) for p in backbone} | {id(p) for p in head} == {id(p) for p in net.parameters()}
+
+
+def test_input_size_check_and_upsample() -> None:
+    check_input_size(torch.zeros(1, 3, 32, 40), 8)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
+        check_input_size(torch.zeros(1, 3, 32, 41), 8)
+    maps = torch.arange(4.0).view(1, 1, 2, 2)
+    up = upsample(maps, (4, 4))
+    assert up.shape == (1, 1, 4, 4)
+    # align_corners=False: the corner pixels equal the corner values, the centre is the mean
+    assert up[0, 0, 0, 0] == 0 and up[0, 0, 3, 3] == 3
+    torch.testing.assert_close(up[0, 0, 1:3, 1:3].mean(), torch.tensor(1.5))
+    torch.testing.assert_close(up[0, 0, 0, 1], torch.tensor(0.25))
