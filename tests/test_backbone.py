@@ -6,11 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from wsss.models.backbone import BackboneConfig, LoadReport, create_vit, load_backbone_weights, patch_size
-from wsss.models.cam_net import CAMNet, check_input_size, upsample
+from wsss.models.backbone import (
+    BackboneConfig,
+    LoadReport,
+    create_vit,
+    forward_tokens,
+    load_backbone_weights,
+    patch_size,
+)
+from wsss.models.cam_net import CAMNet
 
 OVERRIDES = {"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY = BackboneConfig("vit_tiny_patch16_224", 32, OVERRIDES)
@@ -50,11 +58,28 @@ def test_create_vit_is_headless_with_the_requested_shape() -> None:
 
 @pytest.mark.parametrize(("h", "w"), [(32, 32), (48, 64), (16, 40)])
 def test_dynamic_input_sizes(h: int, w: int) -> None:
-    vit = _vit()
+    vit = _vit().eval()
     with torch.no_grad():
-        tokens = vit.forward_features(torch.randn(2, 3, h, w))
-    assert tokens.shape == (2, 1 + (h // 8) * (w // 8), 48)
+        tokens, aux = forward_tokens(vit, torch.randn(2, 3, h, w), aux_index=0)
+    assert tokens.shape == aux.shape == (2, 1 + (h // 8) * (w // 8), 48)
     assert torch.isfinite(tokens).all()
+
+
+def test_forward_tokens_matches_timm_at_native_size_and_resizes_bicubically() -> None:
+    vit = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_tokens(vit, x)[0], vit.forward_features(x), rtol=0, atol=0)
+        # at another size the patch grid of pos_embed is resized with plain bicubic (METHODS 1.1)
+        grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(6, 2), mode="bicubic", align_corners=False)
+        want = torch.cat([vit.pos_embed[:, :1], resized.flatten(2).transpose(1, 2)], 1)
+        vit.blocks = torch.nn.Sequential()  # isolate the embedding: tokens = norm(patches + pos)
+        vit.norm = torch.nn.Identity()
+        y = torch.randn(1, 3, 48, 16)
+        patches = vit.patch_embed(y)
+        tokens, _ = forward_tokens(vit, y)
+        torch.testing.assert_close(tokens[:, 1:], patches + want[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------- load_backbone_weights
@@ -216,7 +241,7 @@ def test_features_follow_the_token_order() -> None:
     net = _cam("gap")
     x = torch.randn(1, 3, 16, 24)
     with torch.no_grad():
-        tokens = net.backbone.forward_features(x)[:, 1:]
+        tokens = forward_tokens(net.backbone, x)[0][:, 1:]
         feats = net.features(x)
     assert feats.shape == (1, 48, 2, 3)
     torch.testing.assert_close(feats[0, :, 1, 2], tokens[0, 5])
@@ -236,14 +261,8 @@ def test_param_groups_split_backbone_and_head() -> None:
     assert {id(p) for p in backbone} | {id(p) for p in head} == {id(p) for p in net.parameters()}
 
 
-def test_input_size_check_and_upsample() -> None:
-    check_input_size(torch.zeros(1, 3, 32, 40), 8)
+def test_input_size_must_be_a_patch_multiple() -> None:
+    net = _cam("gmp")
+    net(torch.zeros(1, 3, 32, 40))
     with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
-        check_input_size(torch.zeros(1, 3, 32, 41), 8)
-    maps = torch.arange(4.0).view(1, 1, 2, 2)
-    up = upsample(maps, (4, 4))
-    assert up.shape == (1, 1, 4, 4)
-    # align_corners=False: the corner pixels equal the corner values, the centre is the mean
-    assert up[0, 0, 0, 0] == 0 and up[0, 0, 3, 3] == 3
-    torch.testing.assert_close(up[0, 0, 1:3, 1:3].mean(), torch.tensor(1.5))
-    torch.testing.assert_close(up[0, 0, 0, 1], torch.tensor(0.25))
+        net(torch.zeros(1, 3, 32, 41))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch import nn
 
@@ -47,14 +48,44 @@ class ConvStemEmbed(PatchEmbed):
 
 
 def create_vit(cfg: BackboneConfig) -> nn.Module:
-    """A headless timm ViT that accepts any input size (position embeddings resampled on the fly)."""
+    """A headless timm ViT; run it with ``forward_tokens`` to accept any input size."""
     if cfg.stem not in ("patch", "conv"):
         raise ValueError(f"stem must be 'patch' or 'conv', got {cfg.stem!r}")
     extra = {"embed_layer": ConvStemEmbed} if cfg.stem == "conv" else {}
-    return timm.create_model(
-        cfg.name, pretrained=False, num_classes=0, global_pool="", img_size=cfg.img_size,
-        dynamic_img_size=True, **cfg.overrides, **extra,
-    )  # fmt: skip
+    vit = timm.create_model(
+        cfg.name, pretrained=False, num_classes=0, global_pool="", img_size=cfg.img_size, **cfg.overrides, **extra
+    )
+    if vit.no_embed_class or vit.cls_token is None:
+        raise ValueError(f"{cfg.name}: ViTs without a class token or with unembedded prefix tokens are not supported")
+    vit.patch_embed.strict_img_size = False
+    return vit
+
+
+def forward_tokens(vit: nn.Module, x: torch.Tensor, aux_index: int | None = None):
+    """Tokens of a timm ViT at any input size, as SeCo's encoder computes them (METHODS 1.1).
+
+    The learned patch position grid is resized with bicubic interpolation (``align_corners=False``, no
+    antialiasing: exportable to ONNX and TensorRT) at every call; the class-token position is kept.
+    Returns the final LayerNorm-ed tokens (B, T, D) and, with ``aux_index``, the output of block ``aux_index``
+    before the final norm (SeCo's ``F_aux`` for ``aux_layer=-3`` is ``aux_index=depth-3``), else None.
+    """
+    h, w = x.shape[-2] // patch_size(vit), x.shape[-1] // patch_size(vit)
+    tokens = vit.patch_embed(x)
+    n_prefix = vit.num_prefix_tokens
+    grid = vit.patch_embed.grid_size
+    pos = vit.pos_embed[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    if (h, w) != tuple(grid):
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    pos = torch.cat([vit.pos_embed[:, :n_prefix], pos.flatten(2).transpose(1, 2)], dim=1)
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    tokens = vit.pos_drop(torch.cat([*prefix, tokens], dim=1) + pos)
+    tokens = vit.norm_pre(tokens)
+    aux = None
+    for i, block in enumerate(vit.blocks):
+        tokens = block(tokens)
+        if i == aux_index:
+            aux = tokens
+    return vit.norm(tokens), aux
 
 
 def patch_size(vit: nn.Module) -> int:

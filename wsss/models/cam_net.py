@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BackboneConfig, create_vit, patch_size
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
 
 
 class CAMNet(nn.Module):
@@ -27,9 +26,11 @@ class CAMNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm-ed patch tokens as a (B, D, h, w) map (prefix tokens dropped)."""
+        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]
-        return tokens.transpose(1, 2).unflatten(2, (h, w))
+        tokens, _ = forward_tokens(self.backbone, x)
+        return tokens[:, self.backbone.num_prefix_tokens :].transpose(1, 2).unflatten(2, (h, w))
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         pooled = feats.amax(dim=(2, 3), keepdim=True) if self.pooling == "gmp" else feats.mean((2, 3), keepdim=True)
@@ -43,13 +44,3 @@ class CAMNet(nn.Module):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, head parameters): heads train at 10x the base learning rate (METHODS 3.14)."""
         return list(self.backbone.parameters()), list(self.classifier.parameters())
-
-
-def check_input_size(x: torch.Tensor, patch: int) -> None:
-    if x.shape[-1] % patch or x.shape[-2] % patch:
-        raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {patch}")
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize with ``align_corners=False`` (the convention of METHODS 1.3)."""
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
