@@ -277,10 +277,70 @@ def label() -> None:
     raise click.UsageError("`wsss label` is not in this release yet; `wsss cam --refine crf` writes pseudo-labels.")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def export() -> None:
-    """ONNX / TensorRT export (planned)."""
-    raise click.UsageError("`wsss export` is not in this release yet.")
+@cli.command()
+@click.option(
+    "--ckpt",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Our .safetensors checkpoint or an official SeCo .pth state dict.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "cam", "seco", "cobra"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint layout; auto detects it from the keys.",
+)
+@click.option(
+    "--what",
+    type=click.Choice(["cam", "seg", "both"]),
+    default="cam",
+    show_default=True,
+    help="cam: image -> logits, CAMs; seg: image -> segmentation logits (SeCo).",
+)
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output file (default: next to the checkpoint, NAME.cam.onnx / NAME.seg.onnx).",
+)
+@click.option(
+    "--trt",
+    "trt_path",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[OUT.engine]",
+    help="Also build a TensorRT engine (needs a GPU and pip install 'wsss[gpu]').",
+)
+@click.option("--fp16", is_flag=True, help="fp16 TensorRT engine.")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (the dynamo exporter emits 18 or newer).")
+@click.option("--dynamic/--static", default=True, show_default=True, help="Dynamic batch and image size.")
+@click.option("--normalize", is_flag=True, help="Add ReLU + per-class max normalised CAMs as output 'cams_norm'.")
+@click.option("--min-shape", default="1x3x224x224", show_default=True, help="TensorRT profile minimum.")
+@click.option("--opt-shape", default="4x3x448x448", show_default=True, help="TensorRT profile optimum.")
+@click.option("--max-shape", default="8x3x672x672", show_default=True, help="TensorRT profile maximum.")
+@click.option("--verify", is_flag=True, help="Compare ONNX Runtime (and the engine) with PyTorch at three sizes.")
+@click.option("--simplify", is_flag=True, help="Run onnxslim on the exported graph.")
+def export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape, opt_shape,
+           max_shape, verify, simplify) -> None:  # fmt: skip
+    """Export a CAM or segmentation network to ONNX (and TensorRT), with metadata inside.
+
+    \b
+    Examples:
+      wsss-export --ckpt runs/cam/last.safetensors --verify
+      wsss-export --ckpt seco_voc.pth --what both --trt --fp16      # official SeCo weights, on a GPU
+    The ONNX input is 'image' (B,3,H,W, ImageNet-normalised, H and W multiples of the patch size); outputs are
+    'logits' (B,K) and 'cams' (B,K,H/p,W/p), or 'seg' (B,C,H/p,W/p). Class names, mean/std, patch size, method,
+    version and the source checkpoint's SHA-256 are stored in the file's metadata.
+    """
+    from .export.run import run_export
+
+    try:
+        run_export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize,
+                   (min_shape, opt_shape, max_shape), verify, simplify, echo=click.echo)  # fmt: skip
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 def main() -> None:

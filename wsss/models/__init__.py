@@ -7,8 +7,9 @@ from torch import nn
 from .backbone import BackboneConfig, load_backbone_weights
 from .cam_net import CAMNet
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .seco import SeCoNet
 
-METHODS = ("cam",)
+METHODS = ("cam", "seco")
 
 
 def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
@@ -16,6 +17,8 @@ def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
     backbone = BackboneConfig(**model_cfg["backbone"])
     if method == "cam":
         return CAMNet(backbone, num_fg, pooling=model_cfg.get("pooling", "gmp"))
+    if method == "seco":
+        return SeCoNet(backbone, num_fg, aux_layer=model_cfg.get("aux_layer", -3))
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 
@@ -39,6 +42,6 @@ def load_model(path) -> tuple[nn.Module, dict]:
 
 
 __all__ = [
-    "BackboneConfig", "CAMNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
+    "BackboneConfig", "CAMNet", "SeCoNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
     "load_checkpoint", "save_checkpoint",
 ]  # fmt: skip

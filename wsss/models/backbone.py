@@ -74,8 +74,8 @@ def forward_tokens(vit: nn.Module, x: torch.Tensor, aux_index: int | None = None
     n_prefix = vit.num_prefix_tokens
     grid = vit.patch_embed.grid_size
     pos = vit.pos_embed[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-    if (h, w) != tuple(grid):
-        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    # Always resample (identity at the native grid): a size test would freeze one branch into exported graphs.
+    pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
     pos = torch.cat([vit.pos_embed[:, :n_prefix], pos.flatten(2).transpose(1, 2)], dim=1)
     prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
     tokens = vit.pos_drop(torch.cat([*prefix, tokens], dim=1) + pos)

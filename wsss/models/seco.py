@@ -1,0 +1,70 @@
+"""SeCo's student network at inference: ViT encoder, CAM and auxiliary-CAM classifiers, ASPP decoder.
+
+METHODS 1.1-1.2 and 3.5. The training-only parts (key encoder, projection heads, prototype bank, queue) are not
+needed to produce CAMs or segmentations and are not part of this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2 head: parallel 3x3 convolutions at dilations (6, 12, 18, 24), summed; C outputs incl. background."""
+
+    def __init__(self, in_dim: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)):
+        super().__init__()
+        for i, rate in enumerate(rates):
+            self.add_module(f"c{i}", nn.Conv2d(in_dim, num_classes, 3, padding=rate, dilation=rate, bias=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.children())
+
+
+class SeCoNet(nn.Module):
+    """Student of SeCo: ``z = W . GMP(F)``, ``z_aux = W_aux . GMP(F_aux)``, CAMs ``W . F``, segmentation ASPP(F).
+
+    ``F`` is the final LayerNorm-ed patch-token map and ``F_aux`` the output of block ``depth + aux_layer``
+    (``aux_layer = -3``: the 10th of 12 blocks) without the final norm.
+    """
+
+    def __init__(self, backbone: BackboneConfig, num_fg: int, aux_layer: int = -3):
+        super().__init__()
+        self.backbone = create_vit(backbone)
+        self.patch_size = patch_size(self.backbone)
+        self.aux_index = len(self.backbone.blocks) + aux_layer
+        dim = self.backbone.embed_dim
+        self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
+        self.aux_classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
+        self.decoder = ASPP(dim, num_fg + 1)
+
+    def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F`` and ``F_aux`` as (B, D, h, w) maps."""
+        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        final, aux = forward_tokens(self.backbone, x, self.aux_index)
+        n = self.backbone.num_prefix_tokens
+        return tuple(t[:, n:].transpose(1, 2).unflatten(2, (h, w)) for t in (final, aux))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits (B, K) and CAMs (B, K, h, w) of the main classifier: the CAM-network interface."""
+        feats, _ = self.feature_maps(x)
+        return self.classifier(feats.amax(dim=(2, 3), keepdim=True)).flatten(1), self.classifier(feats)
+
+    def aux_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Auxiliary logits and CAMs from ``F_aux``."""
+        _, aux = self.feature_maps(x)
+        return self.aux_classifier(aux.amax(dim=(2, 3), keepdim=True)).flatten(1), self.aux_classifier(aux)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits (B, C, h, w) at feature resolution, background in channel 0."""
+        feats, _ = self.feature_maps(x)
+        return self.decoder(feats)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        heads = [*self.classifier.parameters(), *self.aux_classifier.parameters(), *self.decoder.parameters()]
+        return list(self.backbone.parameters()), heads
