@@ -77,15 +77,26 @@ def map_keys(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]]
     return mapped, skipped, unexpected
 
 
-def import_seco(state: dict[str, torch.Tensor], source: str = "") -> tuple[SeCoNet, dict, ImportReport]:
-    """An official SeCo state dict as a SeCoNet (ViT-B/16) with metadata; strict about what it loads."""
+SECO_BACKBONE = {"name": "vit_base_patch16_224", "overrides": {}}
+
+
+def import_seco(
+    state: dict[str, torch.Tensor], source: str = "", backbone: dict | None = None
+) -> tuple[SeCoNet, dict, ImportReport]:
+    """An official SeCo state dict as a SeCoNet with metadata; strict about what it loads.
+
+    ``backbone`` (name and overrides) defaults to SeCo's ViT-B/16; the position grid is read from the weights.
+    """
     mapped, skipped, unexpected = map_keys(state, SECO_KEYS)
     if "classifier.weight" not in mapped:
         raise CheckpointError(f"{source}: no classifier.weight: not a SeCo network state dict")
     num_fg = mapped["classifier.weight"].shape[0]
     classes = VOC_CLASSES if num_fg == 20 else COCO_CLASSES if num_fg == 80 else _generic(num_fg)
+    if "backbone.pos_embed" not in mapped or "backbone.patch_embed.proj.weight" not in mapped:
+        raise CheckpointError(f"{source}: SeCo checkpoint lacks the encoder's position or patch embedding")
     grid = int(round((mapped["backbone.pos_embed"].shape[1] - 1) ** 0.5))
-    backbone = {"name": "vit_base_patch16_224", "img_size": 16 * grid, "overrides": {}}
+    patch = mapped["backbone.patch_embed.proj.weight"].shape[-1]
+    backbone = {**SECO_BACKBONE, **(backbone or {}), "img_size": patch * grid}
     model = SeCoNet(BackboneConfig(**backbone), num_fg)
     report = ImportReport("seco", skipped=skipped, unexpected=unexpected)
     target = model.state_dict()

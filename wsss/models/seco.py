@@ -36,6 +36,8 @@ class SeCoNet(nn.Module):
         self.backbone = create_vit(backbone)
         self.patch_size = patch_size(self.backbone)
         self.aux_index = len(self.backbone.blocks) + aux_layer
+        if not 0 <= self.aux_index < len(self.backbone.blocks):
+            raise ValueError(f"aux_layer {aux_layer} is outside a {len(self.backbone.blocks)}-block encoder")
         dim = self.backbone.embed_dim
         self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
