@@ -1,0 +1,68 @@
+"""PAR (METHODS 2) against the Appendix B oracles and a per-pixel transcription."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from wsss.cam.par import DILATIONS, OFFSETS, par, par_kernel, position_logits, refine_labels
+
+
+def test_position_term_oracles():
+    dist = torch.tensor([d * math.hypot(dy, dx) for d in DILATIONS for dy, dx in OFFSETS], dtype=torch.float64)
+    assert abs(dist.std().item() - 9.90030) < 1e-5
+    weights = position_logits().softmax(0)
+    assert abs(weights[0].item() - 0.0683) < 1e-4 and abs(weights[1].item() - 0.0765) < 1e-4  # diagonal, axial
+    mass = weights.view(6, 8).sum(1)
+    torch.testing.assert_close(mass[:4], torch.tensor([0.5789, 0.3560, 0.0649, 0.0002], dtype=torch.float64),
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_kernel_rows_sum_to_1_01():
+    kappa = par_kernel(torch.rand(2, 3, 9, 11))
+    torch.testing.assert_close(kappa.sum(1), torch.full((2, 9, 11), 1.01))
+
+
+def reference_kernel(img: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
+    """One pixel of (2.1)-(2.4), written out with explicit clamped coordinates."""
+    _, h, w = img.shape
+    y, x = p
+    values, dists = [], []
+    for d in DILATIONS:
+        for dy, dx in OFFSETS:
+            qy, qx = min(max(y + dy * d, 0), h - 1), min(max(x + dx * d, 0), w - 1)
+            values.append(img[:, qy, qx])
+            dists.append(d * math.hypot(dy, dx))
+    nb = torch.stack(values, 1)  # (3, 48)
+    sigma = nb.std(1, keepdim=True)
+    a_rgb = -(((nb - img[:, y, x, None]).abs() / ((sigma + 1e-8) * 0.3)) ** 2).mean(0)
+    dist = torch.tensor(dists, dtype=img.dtype)
+    a_pos = -((dist / ((dist.std() + 1e-8) * 0.3)) ** 2)
+    return a_rgb.softmax(0) + 0.01 * a_pos.softmax(0)
+
+
+def test_kernel_matches_per_pixel_transcription():
+    torch.manual_seed(0)
+    img = torch.rand(1, 3, 7, 30, dtype=torch.float64)
+    kappa = par_kernel(img)
+    for p in [(0, 0), (3, 14), (6, 29), (2, 25)]:
+        torch.testing.assert_close(kappa[0, :, p[0], p[1]], reference_kernel(img[0], p))
+
+
+def test_par_smooths_within_colour_regions():
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., 8:] = 1.0  # two flat halves
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[..., :8] = 1.0
+    maps[..., 2, 2] = 0.0  # a hole inside the left region is filled from its neighbours
+    out = par(img, maps, iterations=10)
+    assert out[0, 0, 2, 2] > 0.9 and out[0, 0, :, 12:].max() < 0.05
+
+
+def test_refine_labels_restricts_to_tags():
+    img = torch.rand(2, 3, 16, 16)
+    cams = torch.rand(2, 3, 16, 16)
+    tags = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = refine_labels(img, cams, tags, bkg_score=0.5)
+    assert set(labels[0].unique().tolist()) <= {0, 1} and set(labels[1].unique().tolist()) <= {0, 3}

@@ -1,0 +1,77 @@
+"""PAR: pixel-adaptive refinement (METHODS 2; AFA/ToCo/SeCo), batched on the device.
+
+Each pixel mixes its 48 dilated neighbours (dilations 1, 2, 4, 8, 12, 24; replicate padding; centre excluded)
+with weights ``kappa = softmax(a_rgb) + w2 * softmax(a_pos)`` computed once, then propagates ``T`` times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DILATIONS = (1, 2, 4, 8, 12, 24)
+# 3x3 stencil in row-major order without its centre (2.2)
+OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def neighbours(x: torch.Tensor, dilations: tuple[int, ...] = DILATIONS) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 8 * len(dilations), H, W): dilated neighbours with replicate padding."""
+    h, w = x.shape[-2:]
+    out = []
+    for d in dilations:
+        padded = F.pad(x, (d, d, d, d), mode="replicate")
+        for dy, dx in OFFSETS:
+            out.append(padded[..., d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w])
+    return torch.stack(out, dim=2)
+
+
+def position_logits(dilations: tuple[int, ...] = DILATIONS, w1: float = 0.3) -> torch.Tensor:
+    """(2.3) ``a_pos(q) = -(dist(q) / ((sigma_pos + 1e-8) * w1))^2`` with ``sigma_pos`` the unbiased std of dist."""
+    dist = torch.tensor([d * math.hypot(dy, dx) for d in dilations for dy, dx in OFFSETS], dtype=torch.float64)
+    return -((dist / ((dist.std() + 1e-8) * w1)) ** 2)
+
+
+def par_kernel(image: torch.Tensor, dilations=DILATIONS, w1: float = 0.3, w2: float = 0.01) -> torch.Tensor:
+    """(2.1)-(2.4) affinity ``kappa`` (B, 48, H, W) from the image (B, 3, H, W) in [0, 1]; rows sum to 1 + w2."""
+    nb = neighbours(image, dilations)  # (B, 3, N, H, W)
+    sigma = nb.std(dim=2, keepdim=True)  # unbiased, over the 48 neighbours only (Q2.3)
+    diff = (nb - image.unsqueeze(2)).abs() / ((sigma + 1e-8) * w1)
+    a_rgb = -(diff**2).mean(dim=1)  # squared before the mean over channels
+    a_pos = position_logits(dilations, w1).to(image).view(1, -1, 1, 1)
+    return a_rgb.softmax(dim=1) + w2 * a_pos.softmax(dim=1)
+
+
+def par(image: torch.Tensor, maps: torch.Tensor, iterations: int = 10, dilations=DILATIONS) -> torch.Tensor:
+    """(2.5) Refine ``maps`` (B, L, h', w') guided by ``image`` (B, 3, H, W); output at (H, W).
+
+    ``maps`` are first resized bilinearly with ``align_corners=True``; channels are independent.
+    """
+    kappa = par_kernel(image, dilations).unsqueeze(1)  # (B, 1, 48, H, W)
+    m = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=True)
+    for _ in range(iterations):
+        m = (neighbours(m, dilations) * kappa).sum(dim=2)
+    return m
+
+
+def refine_labels(
+    image: torch.Tensor, cams: torch.Tensor, tags: torch.Tensor, bkg_score: float, down_scale: int = 2
+) -> torch.Tensor:
+    """Label maps from PAR-refined CAMs, batched (quirk Q2.1 fixed; one pass of ``refine_cams_with_bkg_v2``).
+
+    ``[bkg_score, cams]`` is restricted to background + each image's tags (absent classes get -inf before the
+    softmax, so they take no probability), refined by PAR at ``1/down_scale`` resolution and arg-maxed at full
+    resolution. ``image`` (B, 3, H, W) in [0, 1], ``cams`` (B, K, H, W) normalised, ``tags`` (B, K) multi-hot.
+    Returns (B, H, W) int64 labels in 0..K.
+    """
+    h, w = image.shape[-2:]
+    small = (h // down_scale, w // down_scale)
+    img = F.interpolate(image, size=small, mode="bilinear", align_corners=False)
+    scores = torch.cat([torch.full_like(cams[:, :1], bkg_score), cams], dim=1)
+    scores = F.interpolate(scores, size=small, mode="bilinear", align_corners=False)
+    keep = torch.cat([torch.ones_like(tags[:, :1]), tags], dim=1).bool()[:, :, None, None]
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=1)
+    refined = par(img, probs)
+    refined = F.interpolate(refined, size=(h, w), mode="bilinear", align_corners=False)
+    return refined.masked_fill(~keep, float("-inf")).argmax(dim=1)
