@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY
 
 from wsss.cli import cli
 from wsss.data.datasets import VOCDataset
@@ -16,21 +17,9 @@ from wsss.models import load_checkpoint
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
-TINY = [
-    'model.backbone.overrides={"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}',
-    "model.backbone.img_size=48",
-    "pretrained=null",
-    "data.crop=48",
-    "train.batch_size=4",
-    "train.log_every=2",
-    "train.ckpt_every=2",
-    "cam.input_size=48",
-    "cam.scales=[1.0,0.5]",
-]
-
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def cli_synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     result = CliRunner().invoke(cli, ["data", "synth", str(root), "--train", "16", "--val", "6",
                                       "--min-size", "48", "--max-size", "64"])  # fmt: skip
@@ -45,7 +34,8 @@ def _invoke(args):
     return result.output
 
 
-def test_train_cam_eval(synth, tmp_path):
+def test_train_cam_eval(cli_synth, tmp_path):
+    synth = cli_synth
     run = tmp_path / "run"
     sets = [x for item in [*TINY, "train.iters=4"] for x in ("--set", item)]
     _invoke(["train", "--config", "cam-tiny-synth", "--data", f"voc:{synth}:train", "--out", run, *sets])

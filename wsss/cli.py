@@ -149,8 +149,8 @@ def _list_configs(ctx: click.Context, value: bool) -> None:
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs.")
 @click.option("--bkg-thresh", type=float, default=None, help="Background threshold on the normalised CAM.")
 @click.option("--input-size", type=int, default=None, help="Square inference size (multiple of the patch size).")
-@click.option("--refine", type=click.Choice(["none", "crf"]), default="none", show_default=True,
-              help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks.")  # fmt: skip
+@click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
+              help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @click.option("--batch", "batch_size", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Decoding and CRF processes.")
 @click.option("--overlays", default=0, show_default=True, help="Write image/seed/mask strips for the first K images.")
@@ -161,36 +161,22 @@ def cam(ckpt, data_spec, out, scales, flip, bkg_thresh, input_size, refine, batc
     \b
     Example:
       wsss cam --ckpt runs/cam/last.safetensors --data voc:data/synth:train --out runs/cam/train --refine crf
-    Images without tags (folder:DIR) use the classes the classifier predicts (sigmoid > cam.score_thresh).
+    The same pipeline as `wsss label`, keeping the seeds too. Images without tags (folder:DIR) use the classes
+    the classifier predicts (sigmoid > cam.score_thresh).
     """
-    from .cam.run import run_cam
+    from .runtime.labeler import LabelConfig, label_dataset
 
-    model, meta, settings = _load_for_cam(ckpt, scales, flip, bkg_thresh, input_size)
+    runner, meta = _open_backend(ckpt, None, "torch", device, False)
+    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
     dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
-    if tuple(dataset.classes) != tuple(meta["class_names"]):
-        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the checkpoint's "
-                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
-    summary = run_cam(model, dataset, out, settings, refine, batch_size, workers, device, overlays)
-    click.echo(f"{summary['images']} images, CAM {summary['cam_images_per_s']:.1f} img/s -> {out}")
-
-
-def _load_for_cam(ckpt, scales, flip, bkg_thresh, input_size):
-    from .cam.infer import CAMSettings
-    from .models import CheckpointError, load_model
-
+    _check_classes(dataset, meta)
+    cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch_size, workers,
+                      overlays=overlays, quiet=False)  # fmt: skip
     try:
-        model, meta = load_model(ckpt)
-    except CheckpointError as err:
-        raise click.BadParameter(str(err), param_hint="--ckpt") from None
-    base = meta["config"]["cam"]
-    settings = CAMSettings(
-        input_size=input_size or base["input_size"],
-        scales=_floats(scales) if scales else tuple(base["scales"]),
-        flip=flip,
-        bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
-        score_thresh=base["score_thresh"],
-    )
-    return model, meta, settings
+        summary = label_dataset(runner, meta, dataset, out, cfg)
+    except FileExistsError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{summary['ok']} images ({summary['failed']} failed), {summary['images_per_s']} images/s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -271,10 +257,167 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
 # ---------------------------------------------------------------------------------------------------- later
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def label() -> None:
-    """Batch pseudo-labeling with resume and sharding (planned; use `wsss cam` today)."""
-    raise click.UsageError("`wsss label` is not in this release yet; `wsss cam --refine crf` writes pseudo-labels.")
+@cli.group(invoke_without_command=True)
+@click.option("--ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Checkpoint (PyTorch).")
+@click.option(
+    "--engine",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Exported .onnx (ONNX Runtime) or .engine (TensorRT) file.",
+)
+@click.option("--data", "data_spec", help=DATA_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx", "trt"]),
+    default=None,
+    help="Default: torch for --ckpt, by file suffix for --engine.",
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network (torch backend).")
+@click.option(
+    "--source",
+    type=click.Choice(["cam"]),
+    default="cam",
+    show_default=True,
+    help="Label source (segmentation-decoder labels arrive with SeCo training).",
+)
+@click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's).")
+@click.option("--flip/--no-flip", default=True, show_default=True)
+@click.option("--input-size", type=int, default=None, help="Square inference size (default: the checkpoint's).")
+@click.option(
+    "--refine",
+    type=click.Choice(["none", "crf", "par"]),
+    default="crf",
+    show_default=True,
+    help="crf: dense CRF in a process pool; par: pixel-adaptive refinement on the device.",
+)
+@click.option("--bkg-thresh", type=float, default=None, help="Background threshold (default: the checkpoint's).")
+@click.option("--batch", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size.")
+@click.option("--shard", default=None, metavar="I/N", help="Take shard I of N (automatic under torchrun).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT (finished items are skipped).")
+@click.option("--save-cams", is_flag=True, help="Also write float16 CAMs to OUT/cams/ID.npz.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "coco-rle"]),
+    default="png",
+    show_default=True,
+    help="coco-rle: also write OUT/pseudo_labels_coco.json.",
+)
+@click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images.")
+@click.option("--fail-on-error", is_flag=True, help="Exit non-zero if any image failed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def label(
+    ctx,
+    ckpt,
+    engine,
+    data_spec,
+    out,
+    backend,
+    device,
+    use_compile,
+    source,
+    scales,
+    flip,
+    input_size,
+    refine,
+    bkg_thresh,
+    batch,
+    workers,
+    shard,
+    resume,
+    save_cams,
+    fmt,
+    overlays,
+    fail_on_error,
+    quiet,
+) -> None:
+    """Pseudo-label a dataset in batch: resumable, sharded, every core busy.
+
+    \b
+    Examples:
+      wsss label --ckpt runs/cam/last.safetensors --data folder:photos:tags.csv --out labels --refine crf
+      wsss label --engine cam.onnx --data voc:VOC2012:train_aug --out labels --shard 0/4   # one of 4 machines
+      wsss label ... --resume            # after a crash or kill: finishes the job, redoing nothing twice
+      wsss label merge labels            # one summary.json from all shards
+    Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
+    reasons, seconds per stage, configuration, checkpoint hash). Bad images are recorded, never fatal.
+    Without image tags the classifier's own predictions pick the classes (sigmoid > 0.5, at least the top one).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .runtime.labeler import LabelConfig, label_dataset, shard_from_env
+
+    if data_spec is None or out is None:
+        raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
+    runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
+    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
+    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
+    _check_classes(dataset, meta)
+    shard = _parse_shard(shard) or shard_from_env() or (0, 1)
+    cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
+                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet)  # fmt: skip
+    try:
+        summary = label_dataset(runner, meta, dataset, out, cfg)
+    except FileExistsError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary['images_per_s']} images/s -> {out}")
+    if fail_on_error and summary["failed"]:
+        sys.exit(1)
+
+
+@label.command("merge")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def label_merge(out: Path) -> None:
+    """Merge the shard summaries of OUT into OUT/summary.json. Example: wsss label merge labels"""
+    from .runtime.labeler import merge_shards
+
+    merged = merge_shards(out)
+    click.echo(f"{merged['shards']} shards: {merged['ok']} labelled, {merged['failed']} failed"
+               + (f"; missing shards {merged['missing_shards']}" if merged["missing_shards"] else ""))  # fmt: skip
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N like 0/4, got {text!r}", param_hint="--shard") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"need 0 <= I < N, got {text}", param_hint="--shard")
+    return index, count
+
+
+def _open_backend(ckpt, engine, backend, device, use_compile):
+    from .models import CheckpointError
+    from .runtime.backends import open_backend
+
+    try:
+        return open_backend(ckpt, engine, backend, device, use_compile)
+    except (CheckpointError, ValueError) as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _settings(meta, scales, flip, bkg_thresh, input_size):
+    from .cam.infer import CAMSettings
+
+    base = meta["config"]["cam"]
+    return CAMSettings(
+        input_size=input_size or base["input_size"],
+        scales=_floats(scales) if scales else tuple(base["scales"]),
+        flip=flip,
+        bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
+        score_thresh=base["score_thresh"],
+    )
+
+
+def _check_classes(dataset, meta) -> None:
+    if tuple(dataset.classes) != tuple(meta["class_names"]):
+        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the network's "
+                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
 
 
 @cli.command()

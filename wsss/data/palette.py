@@ -51,7 +51,7 @@ def save_label_png(path: str | Path, label: np.ndarray) -> None:
         raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
     img = Image.fromarray(label.astype(np.uint8), mode="P")
     img.putpalette(PALETTE.ravel().tolist())
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

@@ -1,0 +1,318 @@
+"""The batch pseudo-labeler: resumable, sharded, with overlapping stages.
+
+Stages: decoding in a loader pool -> multi-scale + flip CAMs on the backend (``wsss.cam.infer.predict_cams``,
+the one CAM post-processing path) -> refinement (PAR batched on the device, or dense CRF in a process pool) ->
+writers in a thread pool. Outputs are written under temporary names and renamed; an item enters the journal
+only after all its files exist. Work is cut into fixed chunks of ``batch`` items of the shard, and an unfinished
+chunk is redone whole, so a resumed run computes every batch exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import __version__
+from ..cam.infer import CAMResult, CAMSettings, predict_cams, refine_seed_crf
+from ..cam.overlay import save_overlay
+from ..cam.par import refine_labels
+from ..data.datasets import Sample, WSSSDataset
+from ..data.palette import save_label_png
+from .rle import encode_label_map
+
+JOURNAL = "journal"
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """How ``wsss label`` runs; see its ``--help``."""
+
+    settings: CAMSettings = field(default_factory=CAMSettings)
+    refine: str = "none"  # none | crf | par
+    label_dir: str | None = "labels"  # refined labels (None: seeds only, refine must be "none")
+    seed_dir: str | None = None  # also keep the unrefined seeds here
+    batch: int = 16
+    workers: int = 2
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    save_cams: bool = False
+    format: str = "png"  # png | coco-rle
+    overlays: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class Failure:
+    id: str
+    reason: str
+
+
+class SafeDataset(Dataset):
+    """Decodes items of a dataset; a bad input becomes a ``Failure`` instead of an exception."""
+
+    def __init__(self, data: WSSSDataset, indices: list[int]):
+        self.data, self.indices = data, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample | Failure:
+        index = self.indices[i]
+        try:
+            return self.data[index]
+        except Exception as err:  # noqa: BLE001 - any bad input is recorded, never fatal
+            return Failure(self.data.ids[index], f"{type(err).__name__}: {err}")
+
+
+def _as_list(items):
+    return items
+
+
+def shard_indices(n: int, shard: tuple[int, int]) -> list[int]:
+    """Deterministic split: item ``i`` belongs to shard ``i mod N``."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
+    return list(range(index, n, count))
+
+
+def shard_from_env() -> tuple[int, int] | None:
+    """Under torchrun each rank takes its own shard."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+class Journal:
+    """Append-only JSONL of finished items; a torn last line (a kill mid-write) is ignored."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            if not resume:
+                raise FileExistsError(f"{path.parent.parent} holds a previous run: pass --resume, or a new --out")
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    self.done[record["id"]] = record
+                except (json.JSONDecodeError, KeyError):
+                    continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("a")
+
+    def add(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done[record["id"]] = record
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a temporary name
+        np.savez_compressed(f, **arrays)
+
+
+def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg: LabelConfig, class_names) -> dict:
+    """All outputs of one item (temporary name + rename each); returns its journal record."""
+    if cfg.seed_dir:
+        _atomic(out / cfg.seed_dir / f"{sample.id}.png", lambda p: save_label_png(p, res.seed))
+    if cfg.label_dir:
+        _atomic(out / cfg.label_dir / f"{sample.id}.png", lambda p: save_label_png(p, label))
+    if cfg.save_cams:
+        cams = res.cam.numpy().astype(np.float16)
+        _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, cams=cams, tags=res.tags.numpy()))
+    if cfg.format == "coco-rle":
+        record = {"id": sample.id, "height": label.shape[0], "width": label.shape[1],
+                  "segments": encode_label_map(label, class_names)}  # fmt: skip
+        _atomic(out / "rle" / f"{sample.id}.json", lambda p: p.write_text(json.dumps(record)))
+    classes = sorted(int(c) for c in np.unique(label) if 0 < c < 255)
+    return {"id": sample.id, "status": "ok", "classes": classes, "tags_given": sample.labels is not None}
+
+
+def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSettings, device) -> list[np.ndarray]:
+    """PAR on the device at each image's resolution (METHODS 2.5 with the whole image as its box)."""
+    labels = []
+    for sample, res in zip(samples, results, strict=True):
+        image = torch.from_numpy(sample.image).to(device).permute(2, 0, 1)[None].float() / 255
+        lab = refine_labels(image, res.cam[None].to(device), res.tags[None].to(device), settings.bkg_thresh)
+        labels.append(lab[0].to(torch.uint8).cpu().numpy())
+    return labels
+
+
+def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: LabelConfig) -> dict:
+    """Label every image of ``data`` in ``cfg.shard``; returns the shard summary (also written to ``out``)."""
+    out = Path(out)
+    index, count = cfg.shard
+    tag = f"shard-{index}-of-{count}"
+    if cfg.label_dir is None and cfg.refine != "none":
+        raise ValueError("refined labels need a label_dir")
+    optional = {"cams": cfg.save_cams, "rle": cfg.format == "coco-rle", cfg.seed_dir: bool(cfg.seed_dir),
+                cfg.label_dir: bool(cfg.label_dir)}  # fmt: skip
+    for sub in [JOURNAL] + [name for name, wanted in optional.items() if wanted]:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / JOURNAL / f"{tag}.jsonl", cfg.resume)
+    indices = shard_indices(len(data), cfg.shard)
+    chunks = [indices[i : i + cfg.batch] for i in range(0, len(indices), cfg.batch)]
+    todo = [c for c in chunks if any(data.ids[i] not in journal.done for i in c)]
+    overlay_ids = {data.ids[i] for i in indices[: cfg.overlays]}
+    if overlay_ids:
+        (out / "overlays").mkdir(exist_ok=True)
+    timing: dict[str, float] = defaultdict(float)
+    done_before = sum(data.ids[i] in journal.done for i in indices)
+
+    loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, num_workers=cfg.workers,
+                        sampler=[j for j in range(sum(map(len, todo)))], collate_fn=_as_list)  # fmt: skip
+    batches = _rebatch(loader, [len(c) for c in todo])
+    crf_pool = ProcessPoolExecutor(max(cfg.workers, 1)) if cfg.refine == "crf" else None
+    writers = ThreadPoolExecutor(max(cfg.workers, 1))
+    pending: list[Future] = []
+    bar = tqdm(total=len(indices), initial=done_before, desc=f"label {tag}", unit="img", disable=cfg.quiet,
+               dynamic_ncols=True)  # fmt: skip
+    t_start = time.perf_counter()
+    try:
+        while True:
+            tic = time.perf_counter()
+            items = next(batches, None)
+            timing["decode_wait_s"] += time.perf_counter() - tic
+            if items is None:
+                break
+            for failure in (x for x in items if isinstance(x, Failure)):
+                journal.add({"id": failure.id, "status": "failed", "reason": failure.reason})
+            samples = [x for x in items if isinstance(x, Sample)]
+            current = _process(backend, meta, samples, out, cfg, crf_pool, writers, overlay_ids, timing)
+            _drain(pending, journal, timing)  # the previous chunk finishes while this one refines and writes
+            pending = current
+            bar.update(len(items))
+        _drain(pending, journal, timing)
+    finally:
+        bar.close()
+        writers.shutdown(wait=True)
+        if crf_pool is not None:
+            crf_pool.shutdown(cancel_futures=True)
+        journal.close()
+    elapsed = time.perf_counter() - t_start
+    summary = _summary(journal, data, indices, cfg, meta, timing, elapsed, done_before)
+    (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
+    if count == 1:
+        merge_shards(out)
+    return summary
+
+
+def _drain(futures: list[Future], journal: Journal, timing: dict) -> None:
+    tic = time.perf_counter()
+    for future in futures:
+        journal.add(future.result())
+    timing["write_wait_s"] += time.perf_counter() - tic
+
+
+def _rebatch(loader, sizes: list[int]):
+    """Regroup the loader's item stream into the fixed chunks."""
+    stream = iter(loader)
+    for size in sizes:
+        yield [next(stream) for _ in range(size)]
+
+
+def _process(backend, meta, samples, out, cfg, crf_pool, writers, overlay_ids, timing) -> list[Future]:
+    """Forward + post-process one chunk, then hand refinement and writing to the pools."""
+    if not samples:
+        return []
+    tic = time.perf_counter()
+    results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
+                           backend.device)  # fmt: skip
+    timing["cam_s"] += time.perf_counter() - tic
+    tic = time.perf_counter()
+    if cfg.refine == "par":
+        labels = _refine_par(samples, results, cfg.settings, backend.device)
+    elif cfg.refine == "crf":
+        labels = [crf_pool.submit(refine_seed_crf, s.image, r.seed, r.tags.numpy()) for s, r in
+                  zip(samples, results, strict=True)]  # fmt: skip
+    else:
+        labels = [r.seed for r in results]
+    timing["refine_submit_s"] += time.perf_counter() - tic
+    names = meta["class_names"]
+    futures = []
+    for sample, res, label in zip(samples, results, labels, strict=True):
+        futures.append(writers.submit(_finish, out, sample, label, res, cfg, names, sample.id in overlay_ids))
+    return futures
+
+
+def _finish(out, sample, label, res, cfg, names, overlay: bool) -> dict:
+    if isinstance(label, Future):
+        label = label.result()
+    record = write_item(out, sample, label, res, cfg, names)
+    if overlay:
+        save_overlay(out / "overlays" / f"{sample.id}.png", sample, res.seed, label)
+    return record
+
+
+def _summary(journal: Journal, data, indices, cfg: LabelConfig, meta, timing, elapsed, done_before) -> dict:
+    records = [journal.done[data.ids[i]] for i in indices if data.ids[i] in journal.done]
+    failed = [{"id": r["id"], "reason": r["reason"]} for r in records if r["status"] == "failed"]
+    processed = len(indices) - done_before
+    return {
+        "shard": list(cfg.shard), "images": len(indices), "ok": len(records) - len(failed), "failed": len(failed),
+        "failures": failed, "processed_this_run": processed, "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(processed / elapsed, 3) if elapsed > 0 else None,
+        "stages_s": {k: round(v, 3) for k, v in timing.items()},
+        "classes_given_by_tags": sum(r.get("tags_given", False) for r in records),
+        "config": {**asdict(cfg), "settings": {**asdict(cfg.settings), "scales": list(cfg.settings.scales)}},
+        "checkpoint_sha256": meta.get("source_sha256", ""), "artifact_sha256": meta.get("artifact_sha256", ""),
+        "method": meta.get("method"), "class_names": meta["class_names"], "package_version": __version__,
+        "device": str(torch.device("cuda") if torch.cuda.is_available() else "cpu"),
+    }  # fmt: skip
+
+
+def merge_shards(out: str | Path) -> dict:
+    """Combine ``summary-shard-*.json`` (and per-image RLE files) into ``summary.json`` (+ ``pseudo_labels.json``)."""
+    out = Path(out)
+    shards = [json.loads(p.read_text()) for p in sorted(out.glob("summary-shard-*.json"))]
+    if not shards:
+        raise FileNotFoundError(f"{out}: no summary-shard-*.json to merge")
+    counts = {tuple(s["shard"]) for s in shards}
+    total = shards[0]["shard"][1]
+    missing = sorted(set(range(total)) - {i for i, _ in counts})
+    merged = {
+        "shards": len(shards), "missing_shards": missing,
+        **{k: sum(s[k] for s in shards) for k in ("images", "ok", "failed")},
+        "failures": [f for s in shards for f in s["failures"]],
+        "stages_s": dict(sum((Counter(s["stages_s"]) for s in shards), Counter())),
+        **{k: shards[0][k] for k in ("config", "checkpoint_sha256", "artifact_sha256", "method", "class_names",
+                                     "package_version")},
+    }  # fmt: skip
+    merged["config"]["shard"] = None
+    if (out / "rle").is_dir():
+        _merge_rle(out, merged["class_names"])
+    (out / "summary.json").write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def _merge_rle(out: Path, class_names) -> None:
+    records = [json.loads(p.read_text()) for p in sorted((out / "rle").glob("*.json"))]
+    images, annotations = [], []
+    for image_id, rec in enumerate(records, start=1):
+        images.append({"id": image_id, "file_name": rec["id"], "height": rec["height"], "width": rec["width"]})
+        for seg in rec["segments"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **seg})
+    categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
+    coco = {"images": images, "annotations": annotations, "categories": categories}
+    _atomic(out / "pseudo_labels_coco.json", lambda p: p.write_text(json.dumps(coco)))
