@@ -110,6 +110,8 @@ class Journal:
                     continue
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a")
+        if self.file.tell() and not path.read_bytes().endswith(b"\n"):
+            self.file.write("\n")  # end a torn last line so the next record starts clean
 
     def add(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
