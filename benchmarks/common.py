@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
-import torch
-
-import wsss
+from wsss.runtime.bench import device_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_info() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "wsss": wsss.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def write_result(name: str, payload: dict) -> Path:

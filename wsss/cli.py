@@ -486,6 +486,46 @@ def export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normal
         raise click.ClickException(str(err)) from None
 
 
+@cli.group()
+def bench() -> None:
+    """Measure throughput (results as JSON with device information)."""
+
+
+@bench.command("label")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", "data_spec", required=True, help=DATA_HELP)
+@click.option("--images", default=200, show_default=True, help="Images to label (the first N of the dataset).")
+@click.option("--batch", "batches", default="8,16", show_default=True, help="Batch sizes to try.")
+@click.option("--backends", default="torch,onnx", show_default=True, help="Backends to try: torch, onnx.")
+@click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="crf", show_default=True)
+@click.option("--scales", default=None, help="CAM scales (default: the checkpoint's).")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
+def bench_label_cmd(ckpt, data_spec, images, batches, backends, refine, scales, workers, device, json_path) -> None:
+    """End-to-end images/second of `wsss label` per backend and batch size, against the research-code loop.
+
+    \b
+    Example:
+      wsss bench label --ckpt demo_out/run/last.safetensors --data voc:demo_out/synth:val --json bench.json
+    The baseline labels one image at a time with PyTorch eager and an in-process CRF, as research code does.
+    """
+    import json
+
+    from .runtime.bench import bench_label
+
+    _, meta = _open_backend(ckpt, None, "torch", device, False)
+    settings = _settings(meta, scales, True, None, None)
+    result = bench_label(ckpt, _dataset(data_spec), settings, images, [int(b) for b in batches.split(",")],
+                         backends.split(","), refine, workers, device)  # fmt: skip
+    click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'img/s':>8s} {'speedup':>8s}")
+    for row in result["rows"]:
+        click.echo(f"{row['pipeline']:14s} {row['backend']:8s} {row['batch']:5d} {row['images_per_s']:8.2f} "
+                   f"{row['speedup']:7.2f}x")  # fmt: skip
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     cli(prog_name="wsss")
 

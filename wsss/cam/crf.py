@@ -38,7 +38,7 @@ def dense_crf(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.nda
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
     crf.addPairwiseBilateral(
-        sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+        sxy=params.bi_sxy, srgb=params.bi_srgb, rgbim=np.require(image, np.uint8, ["C", "W"]),
         compat=params.bi_compat,
     )  # fmt: skip
     q = crf.inference(params.iterations)

@@ -118,7 +118,7 @@ def _to_rgb(img: Image.Image, name: str) -> np.ndarray:
             img = img.convert("RGBA" if has_alpha else "RGB")
         except ValueError as e:
             raise ImageDecodeError(f"{name}: cannot convert image mode {mode!r} to RGB ({e})") from e
-    arr = np.asarray(img)
+    arr = np.array(img)  # a writable copy: consumers such as pydensecrf need one
     return np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8)
 
 

@@ -1,0 +1,90 @@
+"""``wsss bench label``: the batch labeler against the research-code way of doing the same work.
+
+The baseline is what research repositories do: one image at a time through PyTorch eager, the dense CRF in the
+same process, then the PNG written, with no overlap between stages.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..cam.infer import CAMSettings, predict_cams, refine_seed_crf
+from ..data.datasets import WSSSDataset
+from ..data.palette import save_label_png
+from .backends import TorchBackend, open_backend
+from .labeler import LabelConfig, label_dataset
+
+
+def device_info() -> dict:
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "wsss": __version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+class Subset(WSSSDataset):
+    """The first ``n`` items of a dataset."""
+
+    def __init__(self, data: WSSSDataset, n: int):
+        n = min(n, len(data))
+        super().__init__(data.classes, data.ids[:n], [data.image_path(i) for i in range(n)],
+                         [data.mask_path(i) for i in range(n)], {k: data.labels(i) for i, k in
+                                                                  enumerate(data.ids[:n])})  # fmt: skip
+
+
+def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSettings, refine: str, out: Path) -> float:
+    """Seconds for the one-image-at-a-time loop (decode, CAM, CRF, write)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    for i in tqdm(range(len(data)), desc="baseline", leave=False):
+        sample = data[i]
+        res = predict_cams(backend, [sample.image], [sample.labels], settings, backend.device)[0]
+        label = refine_seed_crf(sample.image, res.seed, res.tags.numpy()) if refine == "crf" else res.seed
+        save_label_png(out / f"{sample.id}.png", label)
+    return time.perf_counter() - tic
+
+
+def bench_label(
+    ckpt: Path, data: WSSSDataset, settings: CAMSettings, images: int, batches: list[int], backends: list[str],
+    refine: str = "crf", workers: int = 2, device: str = "cpu",
+) -> dict:  # fmt: skip
+    """Images/second of the baseline and of the labeler per backend and batch size."""
+    data = Subset(data, images)
+    torch_backend, meta = open_backend(ckpt, device=device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        seconds = research_baseline(torch_backend, data, settings, refine, tmp / "baseline")
+        rows.append({"pipeline": "research loop", "backend": "torch", "batch": 1, "workers": 0,
+                     "images_per_s": len(data) / seconds})  # fmt: skip
+        engines = {"torch": (torch_backend, meta)}
+        if "onnx" in backends:
+            from ..export.onnx import export_onnx
+
+            path = export_onnx(torch_backend.model, meta, tmp / "cam.onnx").path
+            engines["onnx"] = open_backend(engine=path, device=device)
+        for name in backends:
+            backend, backend_meta = engines[name]
+            for batch in batches:
+                cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True)
+                summary = label_dataset(backend, backend_meta, data, tmp / f"{name}-{batch}", cfg)
+                rows.append({"pipeline": "wsss label", "backend": name, "batch": batch, "workers": workers,
+                             "images_per_s": summary["images_per_s"], "stages_s": summary["stages_s"]})  # fmt: skip
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base
+    return {"images": len(data), "refine": refine, "settings": {**settings.__dict__, "scales": list(settings.scales)},
+            "rows": rows, "device": device_info()}  # fmt: skip
