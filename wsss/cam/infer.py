@@ -1,6 +1,6 @@
-"""The one CAM post-processing path: images -> multi-scale CAMs -> seeds -> optional CRF masks.
+"""The one CAM post-processing path: images -> multi-scale CAMs -> seeds (-> dense-CRF masks).
 
-Used by training validation, ``wsss cam``, the batch labeler and export checks alike.
+Used alike by training validation, ``wsss cam`` and ``wsss label`` (any backend), and the benchmarks.
 """
 
 from __future__ import annotations
@@ -46,13 +46,8 @@ def preprocess(images: list[np.ndarray], size: int, device: torch.device | str) 
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
     for img in images:
-        x = (
-            torch.from_numpy(np.require(img, requirements=("C", "W")))
-            .to(device)
-            .permute(2, 0, 1)[None]
-            .float()
-            .div_(255)
-        )
+        x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device)
+        x = x.permute(2, 0, 1)[None].float() / 255
         out.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
     return (torch.cat(out) - mean) / std
 
