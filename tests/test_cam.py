@@ -153,3 +153,19 @@ def test_crf_single_key_and_probs():
     probs[0, :, :25] = 0.1
     out = crf_from_probs(img, probs)
     assert out.shape == (40, 60) and (out[:, :20] == 1).all()
+
+
+def test_native_resolution_crops_before_normalising():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (18, 21, 3), dtype=np.uint8), rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)]
+    settings = CAMSettings(input_size=None, scales=(1.0, 0.5), flip=True)
+    res = predict_cams(FixedCAM(), images, [np.array([1.0, 1.0])] * 2, settings)
+    assert [r.cam.shape for r in res] == [(2, 18, 21), (2, 20, 24)]
+    # both images pad to 20 x 24 and share one pass; the first equals its own padded, cropped computation
+    from wsss.cam.infer import preprocess
+
+    x = torch.zeros(1, 3, 20, 24)
+    x[0, :, :18, :21] = preprocess([images[0]], None, "cpu")[0]
+    fused, _ = multi_scale_cam(FixedCAM(), x, (1.0, 0.5), True, normalize=False)
+    torch.testing.assert_close(res[0].cam, normalize_cam(fused[0, :, :18, :21]))
+    assert res[0].cam.amax(dim=(1, 2)).min() > 0.99  # the maximum is inside the valid box

@@ -148,7 +148,12 @@ def _list_configs(ctx: click.Context, value: bool) -> None:
 @click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's config).")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs.")
 @click.option("--bkg-thresh", type=float, default=None, help="Background threshold on the normalised CAM.")
-@click.option("--input-size", type=int, default=None, help="Square inference size (multiple of the patch size).")
+@click.option(
+    "--input-size",
+    type=int,
+    default=None,
+    help="Square inference size (default: the checkpoint's); 0 keeps each image's own size.",
+)
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
               help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @click.option("--batch", "batch_size", default=16, show_default=True)
@@ -283,7 +288,12 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
 )
 @click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's).")
 @click.option("--flip/--no-flip", default=True, show_default=True)
-@click.option("--input-size", type=int, default=None, help="Square inference size (default: the checkpoint's).")
+@click.option(
+    "--input-size",
+    type=int,
+    default=None,
+    help="Square inference size (default: the checkpoint's); 0 keeps each image's own size.",
+)
 @click.option(
     "--refine",
     type=click.Choice(["none", "crf", "par"]),
@@ -406,7 +416,7 @@ def _settings(meta, scales, flip, bkg_thresh, input_size):
 
     base = meta["config"]["cam"]
     return CAMSettings(
-        input_size=input_size or base["input_size"],
+        input_size=base["input_size"] if input_size is None else (input_size or None),
         scales=_floats(scales) if scales else tuple(base["scales"]),
         flip=flip,
         bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,

@@ -14,19 +14,21 @@ from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .crf import CRF_PRESETS, crf_from_labels
-from .multiscale import cam_to_label, multi_scale_cam
+from .multiscale import cam_to_label, multi_scale_cam, normalize_cam
 
 
 @dataclass(frozen=True)
 class CAMSettings:
     """How CAMs become seeds.
 
-    Images are resized to ``input_size`` x ``input_size`` (SeCo's validation convention, aspect ignored), CAMs
-    computed at ``scales`` with flips, resized back to the image and thresholded at ``bkg_thresh``. Without
-    image tags, classes with ``sigmoid(logit) > score_thresh`` are used (the top class if none passes).
+    Images are resized to ``input_size`` x ``input_size`` (SeCo's validation convention, aspect ignored), or with
+    ``input_size=None`` kept at their own resolution, padded to a multiple of the patch size (images of one padded
+    shape share a forward pass; CAMs are cropped to the valid box before normalisation). CAMs are computed at
+    ``scales`` with flips, resized back to the image and thresholded at ``bkg_thresh``. Without image tags,
+    classes with ``sigmoid(logit) > score_thresh`` are used (the top class if none passes).
     """
 
-    input_size: int = 448
+    input_size: int | None = 448
     scales: tuple[float, ...] = (1.0, 0.5, 0.75, 1.5)
     flip: bool = True
     bkg_thresh: float = 0.5
@@ -40,15 +42,18 @@ class CAMResult:
     seed: np.ndarray  # (H, W) uint8: 0 background, 1..K classes
 
 
-def preprocess(images: list[np.ndarray], size: int, device: torch.device | str) -> torch.Tensor:
-    """uint8 HxWx3 images -> one normalised (B, 3, size, size) batch (bilinear, align_corners=False)."""
+def preprocess(images: list[np.ndarray], size: int | None, device: torch.device | str) -> torch.Tensor:
+    """uint8 HxWx3 images -> one normalised (B, 3, size, size) batch (bilinear, align_corners=False).
+
+    ``size=None`` keeps the (single, or equally sized) images at their resolution.
+    """
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     out = []
     for img in images:
         x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device)
         x = x.permute(2, 0, 1)[None].float() / 255
-        out.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+        out.append(x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
     return (torch.cat(out) - mean) / std
 
 
@@ -68,16 +73,39 @@ def predict_cams(
     device: torch.device | str = "cpu",
 ) -> list[CAMResult]:
     """CAMs and seeds for a batch of images of any sizes; ``tags[i]`` (K,) multi-hot or None."""
-    x = preprocess(images, settings.input_size, device)
-    cams, logits = multi_scale_cam(model, x, settings.scales, settings.flip)
+    if settings.input_size:
+        cams, logits = multi_scale_cam(model, preprocess(images, settings.input_size, device), settings.scales,
+                                       settings.flip)  # fmt: skip
+        cams = [F.interpolate(c[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
+                for c, img in zip(cams, images, strict=True)]  # fmt: skip
+    else:
+        cams, logits = _native_cams(model, images, settings, device)
     guessed = predicted_tags(logits, settings.score_thresh)
     results = []
-    for i, img in enumerate(images):
+    for i, cam in enumerate(cams):
         y = guessed[i] if tags[i] is None else torch.as_tensor(tags[i], dtype=torch.float32, device=device)
-        cam = F.interpolate(cams[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
-        _, seed = cam_to_label(cam, y[None], settings.bkg_thresh)
-        results.append(CAMResult(cam[0].float().cpu(), y.cpu(), seed[0].to(torch.uint8).cpu().numpy()))
+        _, seed = cam_to_label(cam[None], y[None], settings.bkg_thresh)
+        results.append(CAMResult(cam.float().cpu(), y.cpu(), seed[0].to(torch.uint8).cpu().numpy()))
     return results
+
+
+def _native_cams(model, images, settings: CAMSettings, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Images at their own size, zero-padded (in normalised units) to the patch grid, one pass per padded shape."""
+    patch = model.patch_size
+    padded = [(-(-h // patch) * patch, -(-w // patch) * patch) for h, w in (img.shape[:2] for img in images)]
+    cams: list[torch.Tensor | None] = [None] * len(images)
+    logits: list[torch.Tensor | None] = [None] * len(images)
+    for shape in dict.fromkeys(padded):
+        group = [i for i, p in enumerate(padded) if p == shape]
+        x = torch.zeros(len(group), 3, *shape, device=device)
+        for row, i in enumerate(group):
+            h, w = images[i].shape[:2]
+            x[row, :, :h, :w] = preprocess([images[i]], None, device)[0]
+        fused, z = multi_scale_cam(model, x, settings.scales, settings.flip, normalize=False)
+        for row, i in enumerate(group):
+            h, w = images[i].shape[:2]
+            cams[i], logits[i] = normalize_cam(fused[row, :, :h, :w]), z[row]
+    return cams, torch.stack(logits)
 
 
 def refine_seed_crf(image: np.ndarray, seed: np.ndarray, tags: np.ndarray, preset: str = "seed") -> np.ndarray:

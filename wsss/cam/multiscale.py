@@ -20,13 +20,13 @@ def scaled_size(size: tuple[int, int], scale: float, multiple: int) -> tuple[int
 
 @torch.no_grad()
 def multi_scale_cam(
-    model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True
+    model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused, min-max normalised CAMs ``M`` (B, K, H, W) and base-scale image logits (B, K).
 
     (1.4) ``M = sum_s ReLU(max(A_s, flip(A_s')))`` with every ``A_s`` upsampled to (H, W);
     (1.5) per (b, k): ``M <- (M - min M) / (max(M - min M) + 1e-5)``. Scale 1.0 always runs first (quirk Q1.5).
-    ``model(x)`` must return ``(logits, cams)``.
+    ``model(x)`` must return ``(logits, cams)``. ``normalize=False`` returns the fused sum (for cropping first).
     """
     b, _, h, w = x.shape
     patch = getattr(model, "patch_size", 1)
@@ -42,7 +42,7 @@ def multi_scale_cam(
         if logits is None:
             logits = z[:b]
         fused = a.relu() if fused is None else fused + a.relu()
-    return normalize_cam(fused), logits
+    return (normalize_cam(fused) if normalize else fused), logits
 
 
 def normalize_cam(m: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -174,6 +175,8 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
         (out / sub).mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL / f"{tag}.jsonl", cfg.resume)
     indices = shard_indices(len(data), cfg.shard)
+    if cfg.settings.input_size is None:  # native resolution: neighbours in a chunk share a padded shape
+        indices.sort(key=lambda i: _header_size(data.image_path(i)))
     chunks = [indices[i : i + cfg.batch] for i in range(0, len(indices), cfg.batch)]
     todo = [c for c in chunks if any(data.ids[i] not in journal.done for i in c)]
     overlay_ids = {data.ids[i] for i in indices[: cfg.overlays]}
@@ -218,6 +221,15 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
     if count == 1:
         merge_shards(out)
     return summary
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header without decoding; (0, 0) for unreadable files."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - bad files are reported when decoded
+        return (0, 0)
 
 
 def _drain(futures: list[Future], journal: Journal, timing: dict) -> None:
