@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -362,6 +363,8 @@ def label(
 
     if data_spec is None or out is None:
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
     settings = _settings(meta, scales, flip, bkg_thresh, input_size)
     dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)

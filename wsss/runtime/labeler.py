@@ -183,7 +183,7 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
     if overlay_ids:
         (out / "overlays").mkdir(exist_ok=True)
     timing: dict[str, float] = defaultdict(float)
-    done_before = sum(data.ids[i] in journal.done for i in indices)
+    done_before = len(indices) - sum(map(len, todo))  # items of finished chunks
 
     loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, num_workers=cfg.workers,
                         sampler=[j for j in range(sum(map(len, todo)))], collate_fn=_as_list)  # fmt: skip
