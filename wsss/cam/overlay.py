@@ -26,4 +26,6 @@ def save_overlay(path: Path, sample: Sample, seed: np.ndarray, mask: np.ndarray 
     if sample.mask is not None:
         panels.append(colorize(sample.mask))
     strip = np.concatenate([np.pad(p, ((0, 0), (0, 2), (0, 0)), constant_values=255) for p in panels], 1)
+    zoom = max(1, 256 // strip.shape[0])  # small images are enlarged (nearest) to be legible
+    strip = cv2.resize(strip, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     cv2.imwrite(str(path), np.ascontiguousarray(strip[..., ::-1]))
