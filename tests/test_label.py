@@ -175,3 +175,15 @@ def test_tags_restrict_classes_and_predictions_fill_in(tiny_ckpt, synth, tmp_pat
     assert given == {src[0].stem: True, src[1].stem: True, src[2].stem: False, src[3].stem: False}
     for stem in (src[2].stem, src[3].stem):  # untagged images still get classes from the classifier
         assert (labels[stem] > 0).any()
+
+
+def test_bench_label_reports_baseline_and_ratio(tiny_ckpt, synth, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--images", 4, "--batch", 2,
+            "--backends", "torch", "--json", out]  # fmt: skip
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pipeline"], r["batch"]) for r in rows] == [("research loop", 1), ("wsss label", 2)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and "cam_s" in rows[1]["stages_s"]
+    assert "torch" in json.loads(out.read_text())["device"]
