@@ -266,3 +266,18 @@ def test_input_size_must_be_a_patch_multiple() -> None:
     net(torch.zeros(1, 3, 32, 40))
     with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
         net(torch.zeros(1, 3, 32, 41))
+
+
+def test_conv_stem_keeps_the_token_grid() -> None:
+    cfg = BackboneConfig("vit_tiny_patch16_224", 32, {"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2},
+                         stem="conv")  # fmt: skip
+    net = CAMNet(cfg, 3).eval()
+    assert isinstance(net.backbone.patch_embed.proj, torch.nn.Sequential)
+    strides = [m.stride[0] for m in net.backbone.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 1]  # three stride-2 3x3 convs make the 8-pixel patch, then a 1x1 projection
+    logits, cams = net(torch.randn(2, 3, 40, 24))
+    assert logits.shape == (2, 3) and cams.shape == (2, 3, 5, 3)
+    with pytest.raises(ValueError, match="power-of-two"):
+        create_vit(BackboneConfig("vit_tiny_patch16_224", 36, {"patch_size": 12, "depth": 1}, stem="conv"))
+    with pytest.raises(ValueError, match="stem must be"):
+        create_vit(BackboneConfig("vit_tiny_patch16_224", 32, {"patch_size": 8}, stem="hybrid"))

@@ -7,8 +7,13 @@ import difflib
 import json
 from typing import Any
 
-_TINY_VIT = {"name": "vit_tiny_patch16_224", "img_size": 112, "overrides": {"patch_size": 8, "depth": 4}}
-_VIT_B16 = {"name": "vit_base_patch16_224", "img_size": 224, "overrides": {}}
+_TINY_VIT = {
+    "name": "vit_tiny_patch16_224",
+    "img_size": 112,
+    "overrides": {"patch_size": 8, "depth": 4},
+    "stem": "patch",
+}
+_VIT_B16 = {"name": "vit_base_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch"}
 
 # SeCo's recipe where it applies (METHODS 3.3, 3.14, 3.16); the tiny config is sized for 2 CPU cores.
 CONFIGS: dict[str, dict[str, Any]] = {
