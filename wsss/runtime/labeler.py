@@ -186,7 +186,7 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
     done_before = len(indices) - sum(map(len, todo))  # items of finished chunks
 
     loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, num_workers=cfg.workers,
-                        sampler=[j for j in range(sum(map(len, todo)))], collate_fn=_as_list)  # fmt: skip
+                        collate_fn=_as_list)  # fmt: skip
     batches = _rebatch(loader, [len(c) for c in todo])
     crf_pool = ProcessPoolExecutor(max(cfg.workers, 1)) if cfg.refine == "crf" else None
     writers = ThreadPoolExecutor(max(cfg.workers, 1))
@@ -217,6 +217,7 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
         journal.close()
     elapsed = time.perf_counter() - t_start
     summary = _summary(journal, data, indices, cfg, meta, timing, elapsed, done_before)
+    summary["device"], summary["backend"] = str(backend.device), backend.name
     (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
     if count == 1:
         merge_shards(out)
@@ -292,7 +293,6 @@ def _summary(journal: Journal, data, indices, cfg: LabelConfig, meta, timing, el
         "config": {**asdict(cfg), "settings": {**asdict(cfg.settings), "scales": list(cfg.settings.scales)}},
         "checkpoint_sha256": meta.get("source_sha256", ""), "artifact_sha256": meta.get("artifact_sha256", ""),
         "method": meta.get("method"), "class_names": meta["class_names"], "package_version": __version__,
-        "device": str(torch.device("cuda") if torch.cuda.is_available() else "cpu"),
     }  # fmt: skip
 
 
