@@ -33,7 +33,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "eval_every": 0,
             "eval_images": 200,
         },
-        "cam": {"input_size": 112, "scales": [1.0, 0.5, 1.5], "flip": True, "bkg_thresh": 0.3, "score_thresh": 0.5},
+        "cam": {"input_size": 112, "scales": [1.0, 0.5, 1.5], "flip": True, "bkg_thresh": 0.5, "score_thresh": 0.5},
     },  # fmt: skip
     "cam-vitb16-voc": {
         "method": "cam",
