@@ -134,6 +134,7 @@ def test_overrides_do_not_mutate_configs() -> None:
         "name": "vit_tiny_patch16_224",
         "img_size": 112,
         "overrides": {"patch_size": 8, "depth": 4},
+        "stem": "patch",
     }
 
 
