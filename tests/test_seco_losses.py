@@ -37,7 +37,7 @@ def lil_reference(q, k, f, g, tau=0.08, tau_base=0.08):
     total = q.sum() * 0
     for p_sum, d in rows:
         r = p_sum - m * torch.log(torch.as_tensor(d) + 1e-12)
-        if z > 0 and float(d) > 0 and r.detach().item() < 0:
+        if z > 0 and float(torch.as_tensor(d).detach()) > 0 and r.detach().item() < 0:
             total = total + r / z
     return -(tau / tau_base) * total / n, f
 
