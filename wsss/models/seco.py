@@ -70,3 +70,25 @@ class SeCoNet(nn.Module):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         heads = [*self.classifier.parameters(), *self.aux_classifier.parameters(), *self.decoder.parameters()]
         return list(self.backbone.parameters()), heads
+
+
+class ProjectionHead(nn.Module):
+    """DINO-style head ``phi`` (METHODS 3.5): Linear-GELU-Linear-GELU-Linear, then L2 normalisation.
+
+    Official key names (``mlp.0/2/4``); DINO's weight-normalised ``last_layer`` is built but never used by SeCo's
+    forward pass, so it is left out.
+    """
+
+    def __init__(self, in_dim: int = 768, hidden_dim: int = 2048, out_dim: int = 768):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )  # fmt: skip
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.mlp(x), dim=-1)
