@@ -142,26 +142,52 @@ def _list_configs(ctx: click.Context, value: bool) -> None:
 # ---------------------------------------------------------------------------------------------------- cam
 
 
+def _cam_options(command):
+    """Options shared by `cam` and `label`: how CAMs become labels and how the work is spread."""
+    options = [
+        click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's)."),
+        click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs."),
+        click.option("--bkg-thresh", type=float, default=None, help="Background threshold (default: the config)."),
+        click.option("--input-size", type=int, default=None,
+                     help="Square inference size (default: the checkpoint's); 0 keeps each image's own size."),
+        click.option("--batch", default=16, show_default=True, help="Images per forward pass."),
+        click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size."),
+        click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images."),
+        click.option("--device", default="cpu", show_default=True),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size):
+    """Backend, metadata, CAM settings and dataset of a labeling job, with the dataset's classes checked."""
+    runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
+    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
+    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
+    if tuple(dataset.classes) != tuple(meta["class_names"]):
+        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the network's "
+                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
+    return runner, meta, settings, dataset
+
+
+def _run_labeler(runner, meta, dataset, out, cfg) -> dict:
+    from .runtime.labeler import label_dataset
+
+    try:
+        return label_dataset(runner, meta, dataset, out, cfg)
+    except FileExistsError as err:
+        raise click.ClickException(str(err)) from None
+
+
 @cli.command()
 @click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's config).")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs.")
-@click.option("--bkg-thresh", type=float, default=None, help="Background threshold on the normalised CAM.")
-@click.option(
-    "--input-size",
-    type=int,
-    default=None,
-    help="Square inference size (default: the checkpoint's); 0 keeps each image's own size.",
-)
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
               help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
-@click.option("--batch", "batch_size", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decoding and CRF processes.")
-@click.option("--overlays", default=0, show_default=True, help="Write image/seed/mask strips for the first K images.")
-@click.option("--device", default="cpu", show_default=True)
-def cam(ckpt, data_spec, out, scales, flip, bkg_thresh, input_size, refine, batch_size, workers, overlays, device):
+@_cam_options
+def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, input_size, batch, workers, overlays, device):
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -170,18 +196,11 @@ def cam(ckpt, data_spec, out, scales, flip, bkg_thresh, input_size, refine, batc
     The same pipeline as `wsss label`, keeping the seeds too. Images without tags (folder:DIR) use the classes
     the classifier predicts (sigmoid > cam.score_thresh).
     """
-    from .runtime.labeler import LabelConfig, label_dataset
+    from .runtime.labeler import LabelConfig
 
-    runner, meta = _open_backend(ckpt, None, "torch", device, False)
-    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
-    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
-    _check_classes(dataset, meta)
-    cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch_size, workers,
-                      overlays=overlays, quiet=False)  # fmt: skip
-    try:
-        summary = label_dataset(runner, meta, dataset, out, cfg)
-    except FileExistsError as err:
-        raise click.ClickException(str(err)) from None
+    job = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip, bkg_thresh, input_size)
+    cfg = LabelConfig(job[2], refine, "masks" if refine != "none" else None, "seeds", batch, workers, overlays=overlays)
+    summary = _run_labeler(job[0], job[1], job[3], out, cfg)
     click.echo(f"{summary['ok']} images ({summary['failed']} failed), {summary['images_per_s']} images/s -> {out}")
 
 
@@ -278,7 +297,6 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
     default=None,
     help="Default: torch for --ckpt, by file suffix for --engine.",
 )
-@click.option("--device", default="cpu", show_default=True)
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network (torch backend).")
 @click.option(
     "--source",
@@ -287,14 +305,6 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
     show_default=True,
     help="Label source (segmentation-decoder labels arrive with SeCo training).",
 )
-@click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's).")
-@click.option("--flip/--no-flip", default=True, show_default=True)
-@click.option(
-    "--input-size",
-    type=int,
-    default=None,
-    help="Square inference size (default: the checkpoint's); 0 keeps each image's own size.",
-)
 @click.option(
     "--refine",
     type=click.Choice(["none", "crf", "par"]),
@@ -302,9 +312,6 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
     show_default=True,
     help="crf: dense CRF in a process pool; par: pixel-adaptive refinement on the device.",
 )
-@click.option("--bkg-thresh", type=float, default=None, help="Background threshold (default: the checkpoint's).")
-@click.option("--batch", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size.")
 @click.option("--shard", default=None, metavar="I/N", help="Take shard I of N (automatic under torchrun).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT (finished items are skipped).")
 @click.option("--save-cams", is_flag=True, help="Also write float16 CAMs to OUT/cams/ID.npz.")
@@ -316,9 +323,9 @@ def demo(out, iters, overrides, train_images, val_images) -> None:
     show_default=True,
     help="coco-rle: also write OUT/pseudo_labels_coco.json.",
 )
-@click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images.")
 @click.option("--fail-on-error", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_cam_options
 @click.pass_context
 def label(
     ctx,
@@ -327,23 +334,23 @@ def label(
     data_spec,
     out,
     backend,
-    device,
     use_compile,
     source,
-    scales,
-    flip,
-    input_size,
     refine,
-    bkg_thresh,
-    batch,
-    workers,
     shard,
     resume,
     save_cams,
     fmt,
-    overlays,
     fail_on_error,
     quiet,
+    scales,
+    flip,
+    bkg_thresh,
+    input_size,
+    batch,
+    workers,
+    overlays,
+    device,
 ) -> None:
     """Pseudo-label a dataset in batch: resumable, sharded, every core busy.
 
@@ -359,23 +366,18 @@ def label(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .runtime.labeler import LabelConfig, label_dataset, shard_from_env
+    from .runtime.labeler import LabelConfig, shard_from_env
 
     if data_spec is None or out is None:
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
-    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
-    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
-    _check_classes(dataset, meta)
+    runner, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip,
+                                               bkg_thresh, input_size)  # fmt: skip
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
                       save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet)  # fmt: skip
-    try:
-        summary = label_dataset(runner, meta, dataset, out, cfg)
-    except FileExistsError as err:
-        raise click.ClickException(str(err)) from None
+    summary = _run_labeler(runner, meta, dataset, out, cfg)
     click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary['images_per_s']} images/s -> {out}")
     if fail_on_error and summary["failed"]:
         sys.exit(1)
@@ -425,12 +427,6 @@ def _settings(meta, scales, flip, bkg_thresh, input_size):
         bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
         score_thresh=base["score_thresh"],
     )
-
-
-def _check_classes(dataset, meta) -> None:
-    if tuple(dataset.classes) != tuple(meta["class_names"]):
-        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the network's "
-                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
 
 
 @cli.command()
