@@ -170,3 +170,36 @@ def test_seg_loss_balances_parts_and_handles_empty_ones():
     torch.testing.assert_close(seg_loss(logits, target), want, rtol=1e-5, atol=1e-6)
     only_bg = torch.zeros(1, 8, 8, dtype=torch.long)
     assert torch.isfinite(seg_loss(logits, only_bg))  # ToCo's version gives NaN here
+
+
+def test_dense_energy_matches_brute_force_and_official_gradient():
+    from wsss.train.seco_losses import dense_energy_loss
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 8, 10) * 255
+    logits = torch.randn(2, 3, 8, 10, dtype=torch.float32, requires_grad=True)
+    valid = torch.ones(2, 8, 10, dtype=torch.bool)
+    valid[1, :, 8:] = False
+    target = torch.randint(0, 3, (2, 8, 10))
+    target[0, 0, :4] = 255
+    loss = dense_energy_loss(image, logits, valid, target, chunk=7)  # several blocks
+    # brute force at the downscaled resolution (4 x 5), straight from (3.20)-(3.21)
+    img = F.interpolate(image, size=(4, 5), mode="nearest")
+    probs = F.interpolate(logits.detach().softmax(1), size=(4, 5), mode="bilinear", align_corners=False)
+    roi = F.interpolate(valid[:, None].float(), size=(4, 5), mode="nearest")[:, 0]
+    tgt = F.interpolate(target[:, None].float(), size=(4, 5), mode="nearest")[:, 0]
+    total = 0.0
+    for b in range(2):
+        gate = (roi[b] - probs[b].amax(0)).masked_fill(tgt[b] == 255, 1).clamp_min(0)
+        sm = probs[b] * roi[b]
+        for p in range(20):
+            py, px = divmod(p, 5)
+            for q in range(20):
+                qy, qx = divmod(q, 5)
+                d2 = ((px - qx) ** 2 + (py - qy) ** 2) / 50.0**2 + (
+                    (img[b, :, py, px] - img[b, :, qy, qx]) ** 2
+                ).sum() / 225
+                total -= float((sm[:, py, px] * sm[:, qy, qx]).sum() * torch.exp(-0.5 * d2) * gate[py, px])
+    assert math.isclose(loss.item(), total / 2, rel_tol=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
