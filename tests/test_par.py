@@ -66,3 +66,20 @@ def test_refine_labels_restricts_to_tags():
     tags = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     labels = refine_labels(img, cams, tags, bkg_score=0.5)
     assert set(labels[0].unique().tolist()) <= {0, 1} and set(labels[1].unique().tolist()) <= {0, 3}
+
+
+def test_refine_with_background_rule_2_6_and_box():
+    from wsss.cam.par import refine_with_background
+
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., 8:] = 1.0
+    cam = torch.zeros(1, 2, 16, 16)
+    cam[0, 0, :, 8:] = 0.9  # class 1 strong on the right half
+    cam[0, 1, :, :8] = 0.5  # class 2 between the two background scores on the left half
+    label = refine_with_background(img, cam, torch.ones(1, 2), high=0.7, low=0.25,
+                                   img_box=torch.tensor([[0, 16, 0, 14]]))  # fmt: skip
+    assert (label[0, :, 9:14] == 1).all()  # above both background scores: class 1
+    assert (label[0, 2:14, 1:6] == 255).all()  # background by the high map, class 2 by the low one: uncertain
+    assert (label[0, :, 14:] == 255).all()  # outside the box
+    zero = refine_with_background(img, torch.zeros(1, 2, 16, 16), torch.ones(1, 2), 0.7, 0.25)
+    assert (zero == 0).all()  # both maps say background

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .multiscale import box_mask
+
 DILATIONS = (1, 2, 4, 8, 12, 24)
 # 3x3 stencil in row-major order without its centre (2.2)
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -75,3 +77,20 @@ def refine_labels(
     refined = par(img, probs)
     refined = F.interpolate(refined, size=(h, w), mode="bilinear", align_corners=False)
     return refined.masked_fill(~keep, float("-inf")).argmax(dim=1)
+
+
+def refine_with_background(
+    image: torch.Tensor, valid_cam: torch.Tensor, tags: torch.Tensor, high: float, low: float,
+    img_box: torch.Tensor | None = None, down_scale: int = 2,
+) -> torch.Tensor:  # fmt: skip
+    """SeCo's ``refine_cams_with_bkg_v2`` (2.5), batched: PAR with a high and a low background score, then (2.6).
+
+    A class comes from the high-background map; background needs both maps to agree; the rest is 255, as is
+    everything outside ``img_box`` (B, 4) = (top, bottom, left, right). Returns (B, H, W) int64.
+    """
+    hi = refine_labels(image, valid_cam, tags, high, down_scale)
+    lo = refine_labels(image, valid_cam, tags, low, down_scale)
+    label = hi.masked_fill(hi == 0, 255).masked_fill((hi + lo) == 0, 0)
+    if img_box is not None:
+        label = label.masked_fill(~box_mask(img_box, label.shape[-2:], label.device), 255)
+    return label
