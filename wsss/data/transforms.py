@@ -86,3 +86,48 @@ def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     m = torch.tensor(mean, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, device=x.device).view(3, 1, 1)
     return (x * s + m).clamp(0, 1)
+
+
+def random_resized_crop(
+    img: np.ndarray, size: int, rng: np.random.Generator, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)
+) -> np.ndarray:
+    """torchvision's RandomResizedCrop (10 tries, then a centre crop), resized bicubically to ``size``."""
+    h, w = img.shape[:2]
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            break
+    else:
+        ch, cw = min(h, w), min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return cv2.resize(img[top : top + ch, left : left + cw], (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator, jitter=0.8, grey=0.2, blur=0.1, solarize=0.0):
+    """Colour jitter, grey scale, Gaussian blur (sigma ~ U(0.1, 2)) and solarisation, each with its probability."""
+    if rng.random() < jitter:
+        img = color_jitter(img, rng)
+    if rng.random() < grey:
+        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    if rng.random() < blur:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.1, 2.0))
+    if rng.random() < solarize:
+        img = np.where(img >= 128, 255 - img, img).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def seco_views(img: np.ndarray, crop: np.ndarray, size: int, rng: np.random.Generator, s_flip: float = 0.5):
+    """SeCo's extra views (3.3): ``w_img`` from the original image, ``s_img`` (strong) from the training crop.
+
+    ``s_flip`` 0.5 reproduces quirk Q3.4 (the strong view flips independently of the crop); 0 keeps them aligned.
+    """
+    w_img = random_resized_crop(img, size, rng)
+    if rng.random() < 0.5:
+        w_img = w_img[:, ::-1]
+    w_img = photometric(np.ascontiguousarray(w_img), rng, jitter=0.8, grey=0.2, blur=0.1, solarize=0.2)
+    s_img = crop[:, ::-1] if rng.random() < s_flip else crop
+    s_img = photometric(np.ascontiguousarray(s_img), rng, jitter=0.8, grey=0.2, blur=0.5)
+    return w_img, s_img

@@ -42,6 +42,10 @@ class SeCoNet(nn.Module):
         self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
         self.decoder = ASPP(dim, num_fg + 1)
+        for conv in self.decoder.children():  # N(0, 0.01) weights, zero biases (3.5)
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        self.backbone.pos_embed.requires_grad_(False)  # frozen in SeCo (1.1)
 
     def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``F`` and ``F_aux`` as (B, D, h, w) maps."""
@@ -52,10 +56,30 @@ class SeCoNet(nn.Module):
         n = self.backbone.num_prefix_tokens
         return tuple(t[:, n:].transpose(1, 2).unflatten(2, (h, w)) for t in (final, aux))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image logits (B, K) and CAMs (B, K, h, w) of the main classifier: the CAM-network interface."""
-        feats, _ = self.feature_maps(x)
-        return self.classifier(feats.amax(dim=(2, 3), keepdim=True)).flatten(1), self.classifier(feats)
+    def forward(self, x: torch.Tensor, mode: str = "cam"):
+        """``"cam"``: logits (B, K) and CAMs (B, K, h, w) of the main classifier (the CAM-network interface);
+        ``"cams"``: the same with the auxiliary CAMs appended (B, 2K, h, w); ``"cls"``: final CLS tokens (B, D);
+        ``"train"``: everything a SeCo training step needs, as a dict."""
+        if mode == "cls":
+            return forward_tokens(self.backbone, x)[0][:, 0]
+        if mode == "train":
+            return self._train_outputs(x)
+        feats, aux = self.feature_maps(x)
+        logits = self.classifier(feats.amax(dim=(2, 3), keepdim=True)).flatten(1)
+        if mode == "cams":
+            return logits, torch.cat([self.classifier(feats), self.aux_classifier(aux)], dim=1)
+        return logits, self.classifier(feats)
+
+    def _train_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        final, aux = forward_tokens(self.backbone, x, self.aux_index)
+        n = self.backbone.num_prefix_tokens
+        feats, aux_feats = (t[:, n:].transpose(1, 2).unflatten(2, (h, w)) for t in (final, aux))
+        return {
+            "cls": final[:, 0], "feats": feats, "seg": self.decoder(feats),
+            "logits": self.classifier(feats.amax(dim=(2, 3), keepdim=True)).flatten(1),
+            "aux_logits": self.aux_classifier(aux_feats.amax(dim=(2, 3), keepdim=True)).flatten(1),
+        }  # fmt: skip
 
     def aux_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Auxiliary logits and CAMs from ``F_aux``."""

@@ -60,6 +60,31 @@ CONFIGS: dict[str, dict[str, Any]] = {
         },
     },  # fmt: skip
 }
+# SeCo (METHODS 3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
+_SECO_VOC = {
+    "schedule": "voc", "bkg": 0.5, "high": 0.7, "low": 0.25, "cam2mask": 10000, "n_crops": 10, "local_crop": 64,
+    "tag_thresh": 0.2, "proto_m": 0.9, "proto_start": 600, "queue": 4608, "momentum": 0.999, "tau_lil": 0.08,
+    "tau_lig": 0.1, "lil_impl": "code", "proj_hidden": 2048, "ptc_box_rescale": False, "s_flip": 0.5,
+    "energy_sigma_xy": 100.0, "energy_sigma_rgb": 15.0,
+}  # fmt: skip
+CONFIGS["seco-vitb16-voc"] = {
+    **copy.deepcopy(CONFIGS["cam-vitb16-voc"]),
+    "method": "seco",
+    "model": {"backbone": _VIT_B16, "aux_layer": -3},
+    "seco": _SECO_VOC,
+}
+CONFIGS["seco-vitb16-voc"]["data"]["jitter"] = 0.0  # x is rescaled, flipped and cropped only (3.3)
+CONFIGS["seco-tiny-synth"] = {
+    **copy.deepcopy(CONFIGS["cam-tiny-synth"]),
+    "method": "seco",
+    "model": {"backbone": _TINY_VIT, "aux_layer": -3},
+    "seco": {**_SECO_VOC, "schedule": {"cls": [0, 1.0], "cls_aux": [0, 1.0], "ptc": [0, 0.3], "lig": [60, 0.5],
+                                       "lil": [60, 0.5], "seg": [120, 0.12], "reg": [120, 0.05]},
+             "cam2mask": 150, "local_crop": 32, "proto_start": 40, "queue": 960, "ptc_box_rescale": True,
+             "proj_hidden": 512},
+}  # fmt: skip
+CONFIGS["seco-tiny-synth"]["train"].update(iters=300, batch_size=8)
+CONFIGS["seco-tiny-synth"]["data"]["jitter"] = 0.0
 CONFIGS["cam-vitb16-coco"] = copy.deepcopy(CONFIGS["cam-vitb16-voc"])
 CONFIGS["cam-vitb16-coco"]["train"].update(iters=80000, eval_images=5000)
 CONFIGS["cam-vitb16-coco"]["cam"].update(scales=[1.0, 0.5, 0.75, 1.25, 1.5], bkg_thresh=0.45)
@@ -102,3 +127,10 @@ def apply_override(cfg: dict[str, Any], item: str) -> None:
     if old is not None and value is not None and type(value) is not type(old):
         raise TypeError(f"override {item!r}: expected {type(old).__name__}, got {type(value).__name__}")
     node[leaf] = value
+
+
+CONFIGS["seco-vitb16-coco"] = copy.deepcopy(CONFIGS["seco-vitb16-voc"])
+CONFIGS["seco-vitb16-coco"]["train"].update(iters=80000, eval_images=5000)
+CONFIGS["seco-vitb16-coco"]["cam"].update(scales=[1.0, 0.5, 0.75, 1.25, 1.5], bkg_thresh=0.45)
+CONFIGS["seco-vitb16-coco"]["seco"].update(schedule="coco", bkg=0.45, high=0.65, cam2mask=50000, proto_m=0.99,
+                                          proto_start=6000)  # fmt: skip

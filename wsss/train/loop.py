@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from ..cam.infer import CAMSettings, predict_cams
 from ..data.datasets import WSSSDataset
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, to_tensor
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
 from ..models import build_model, load_backbone_weights, load_checkpoint, save_checkpoint
 from .optim import PolyWarmupAdamW, param_groups
+from .seco import SeCoObjective
 
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 CHECKPOINT = "last.safetensors"
@@ -32,11 +33,15 @@ RESUME_STATE = "last.state.pt"
 class TrainSet(Dataset):
     """Augmented training views with image-level tags and the valid-pixel box (METHODS 3.3 / 1.6)."""
 
-    def __init__(self, data: WSSSDataset, aug: AugmentConfig, seed: int, cache: bool, progress: bool = False):
+    def __init__(
+        self, data: WSSSDataset, aug: AugmentConfig, seed: int, cache: bool, progress: bool = False,
+        seco_views: bool = False, s_flip: float = 0.5,
+    ):  # fmt: skip
         missing = [data.ids[i] for i in range(len(data)) if data.labels(i) is None]
         if missing:
             raise ValueError(f"{len(missing)} training images have no image-level labels, e.g. {missing[:3]}")
         self.data, self.aug, self.seed = data, aug, seed
+        self.seco_views, self.s_flip = seco_views, s_flip
         indices = tqdm(range(len(data)), desc="cache images", leave=False, disable=not progress)
         self.cache = [data[i].image for i in indices] if cache else None
         self.epoch = 0
@@ -48,17 +53,31 @@ class TrainSet(Dataset):
         img = self.cache[i] if self.cache is not None else self.data[i].image
         rng = np.random.default_rng([self.seed, self.epoch, i])
         crop, box = augment(img, self.aug, rng)
-        return {"image": to_tensor(crop), "labels": torch.from_numpy(self.data.labels(i)), "img_box": box}
+        labels = self.data.labels(i)
+        item = {"image": to_tensor(crop), "labels": torch.from_numpy(labels), "img_box": box}
+        if self.seco_views:  # SeCo's weak and strong views, and the class of single-class images (3.3)
+            weak, strong = seco_views(img, crop, self.aug.crop, rng, self.s_flip)
+            item.update(weak=to_tensor(weak), strong=to_tensor(strong),
+                        label_idx=int(np.flatnonzero(labels)[0] + 1) if labels.sum() == 1 else -1)  # fmt: skip
+        return item
 
 
-def cam_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+class CAMObjective(nn.Module):
     """Plain CAM (1.2): ``L_cls = MLSM(z, y)`` on globally max-pooled patch features."""
-    logits, _ = model(batch["image"])
-    loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
-    return {"loss": loss, "cls": loss.detach()}
+
+    def __init__(self, model: nn.Module, cfg: dict):
+        super().__init__()
+
+    def trainable(self) -> list[nn.Parameter]:
+        return []
+
+    def forward(self, net: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        logits, _ = net(batch["image"])
+        loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
+        return {"loss": loss, "cls": loss}
 
 
-OBJECTIVES = {"cam": cam_objective}
+OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective}
 
 
 def resolve_pretrained(spec: str | None) -> Path | None:
@@ -114,18 +133,19 @@ def train(
         if rank == 0:
             tqdm.write(f"pretrained {weights.name}: {report}")
     model.to(device)
+    objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
     backbone, heads = model.param_groups()
-    groups = param_groups(backbone, heads, ocfg["lr"], ocfg["head_lr"])
+    groups = param_groups(backbone, heads + objective.trainable(), ocfg["lr"], ocfg["head_lr"])
     optim = PolyWarmupAdamW(groups, tcfg["iters"], ocfg["warmup"], ocfg["warmup_ratio"], ocfg["power"],
                             weight_decay=ocfg["weight_decay"])  # fmt: skip
-    step = _resume(out, model, optim, device) if resume else 0
+    step = _resume(out, model, optim, objective, device) if resume else 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     dcfg = cfg["data"]
     aug = AugmentConfig(dcfg["crop"], tuple(dcfg["scale_range"]), dcfg["flip"], dcfg["jitter"])
-    trainset = TrainSet(data, aug, seed, dcfg.get("cache_images", False), progress and rank == 0)
+    trainset = TrainSet(data, aug, seed, dcfg.get("cache_images", False), progress and rank == 0,
+                        seco_views=cfg["method"] == "seco", s_flip=cfg.get("seco", {}).get("s_flip", 0.5))  # fmt: skip
     batches = _batches(trainset, tcfg, seed, rank, world, step)
-    objective = OBJECTIVES[cfg["method"]]
     amp = tcfg["amp"] and device.type == "cuda"
     meta = _metadata(cfg, data, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +161,7 @@ def train(
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = objective(net, batch)
+                losses = objective(net, batch, step)
             optim.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optim.step()
@@ -155,14 +175,14 @@ def train(
             if rank == 0 and val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
                 _write(log, {"step": step, **validate(model, val, cfg, device, tcfg["eval_images"])})
             if rank == 0 and step % tcfg["ckpt_every"] == 0:
-                saved = _save(out, model, optim, meta, step)
+                saved = _save(out, model, optim, objective, meta, step)
     except KeyboardInterrupt:
         stop["signal"] = signal.SIGINT
     finally:  # whatever ended the loop, the last finished step is kept
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         if rank == 0 and step > saved:
-            _save(out, model, optim, meta, step)
+            _save(out, model, optim, objective, meta, step)
         if log:
             log.close()
     if stop["signal"] is not None:
@@ -185,7 +205,10 @@ def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, s
         trainset.epoch = epoch
         order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         indices = order[rank::world][skip * size : per_epoch * size].tolist()
-        yield from DataLoader(trainset, batch_size=size, sampler=indices, num_workers=tcfg["workers"])
+        # its own generator: creating an iterator must not draw from the global RNG (resume would diverge)
+        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+        yield from DataLoader(trainset, batch_size=size, sampler=indices, num_workers=tcfg["workers"],
+                              generator=generator)  # fmt: skip
         epoch, skip = epoch + 1, 0
 
 
@@ -212,20 +235,22 @@ def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
     }  # fmt: skip
 
 
-def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, meta: dict, step: int) -> int:
+def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.Module, meta: dict, step: int) -> int:
     save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
-    state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state()}
+    state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state(),
+             "objective": objective.state_dict()}  # fmt: skip
     tmp = out / (RESUME_STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / RESUME_STATE)
     return step
 
 
-def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, device: torch.device) -> int:
+def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.Module, device) -> int:
     state_dict, meta = load_checkpoint(out / CHECKPOINT)
     model.load_state_dict(state_dict)
     state = torch.load(out / RESUME_STATE, map_location=device, weights_only=True)
     optim.load_state_dict(state["optimizer"])
+    objective.load_state_dict(state["objective"])
     optim.global_step = int(state["step"])
     torch.set_rng_state(state["rng"])
     if int(state["step"]) != meta["step"]:

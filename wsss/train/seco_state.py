@@ -73,6 +73,10 @@ SCHEDULES = {
 }  # fmt: skip
 
 
-def loss_weights(step: int, schedule: str = "voc") -> dict[str, float]:
-    """Weights of every term of (3.22) at 0-based iteration ``step``; all terms are computed, some weigh 0."""
-    return {name: weight if step >= start else 0.0 for name, (start, weight) in SCHEDULES[schedule].items()}
+def loss_weights(step: int, schedule: str | dict = "voc") -> dict[str, float]:
+    """Weights of every term of (3.22) at 0-based iteration ``step``; all terms are computed, some weigh 0.
+
+    ``schedule`` names a row set of SCHEDULES or maps each term to (first iteration it is on, weight).
+    """
+    table = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+    return {name: weight if step >= start else 0.0 for name, (start, weight) in table.items()}

@@ -1,0 +1,137 @@
+"""One SeCo training step (METHODS 3.2): separate (crop and tag) and conquer (tag-guided contrast).
+
+The student is ``SeCoNet``; this objective owns the training-only parts: the EMA key encoder ``E_k``, the
+projection head ``phi`` and its EMA teacher ``phi_t``, the prototype bank and the key queue.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cam.multiscale import box_mask, cam_to_label, multi_scale_cam
+from ..cam.par import refine_with_background
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..models.backbone import forward_tokens
+from ..models.seco import ProjectionHead, SeCoNet
+from .seco_crops import crop_and_tag, crop_windows
+from .seco_losses import dense_energy_loss, label_to_aff_mask, lig_loss, lil_loss, ptc_loss, seg_loss
+from .seco_state import KeyQueue, PrototypeBank, ema_update, loss_weights
+
+ENERGY_SCALE = 1e-7  # lambda_e of (3.21)
+
+
+class _BothCAMs(nn.Module):
+    """Main and auxiliary CAMs in one pass, for ``multi_scale_cam``."""
+
+    def __init__(self, model: SeCoNet):
+        super().__init__()
+        self.model, self.patch_size = model, model.patch_size
+
+    def forward(self, x):
+        return self.model(x, mode="cams")
+
+
+class SeCoObjective(nn.Module):
+    """``__call__(net, batch, step)`` returns the weighted total (3.22) and every term, detached for logging."""
+
+    def __init__(self, model: SeCoNet, cfg: dict):
+        super().__init__()
+        s = cfg["seco"]
+        self.cfg, self.num_fg = s, model.classifier.out_channels
+        dim = model.backbone.embed_dim
+        self.key_encoder = copy.deepcopy(model.backbone).requires_grad_(False)  # E_k
+        # phi maps to the backbone width: LIG compares its outputs with CLS-space prototypes (quirk Q3.5)
+        self.head = ProjectionHead(dim, s["proj_hidden"], dim)
+        self.head_teacher = copy.deepcopy(self.head).requires_grad_(False)  # phi_t
+        self.bank = PrototypeBank(self.num_fg, dim, s["proto_m"])
+        self.queue = KeyQueue(s["queue"], dim)
+        self.cam = cfg["cam"]
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates at the head learning rate (phi)."""
+        return list(self.head.parameters())
+
+    def forward(self, net: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        s = self.cfg
+        model = net.module if hasattr(net, "module") else net
+        x, y, box = batch["image"], batch["labels"], batch["img_box"]
+        pseudo = self._pseudo_labels(model, x, y, box, step)
+        out = net(x, mode="train")
+        losses = {
+            "cls": F.multilabel_soft_margin_loss(out["logits"], y),
+            "cls_aux": F.multilabel_soft_margin_loss(out["aux_logits"], y),
+            "ptc": self._ptc(out["feats"], pseudo["aux_cam"], y, box),
+            "seg": seg_loss(out["seg"], pseudo["seg_label"]),
+            "reg": ENERGY_SCALE * self._energy(x, out["seg"], box, pseudo["seg_label"]),
+        }
+        losses["lil"], losses["lig"] = self._contrast(net, model, batch, out["cls"], pseudo, step)
+        weights = loss_weights(step, s["schedule"])
+        losses["loss"] = sum(weights[k] * losses[k] for k in weights)
+        return losses
+
+    @torch.no_grad()
+    def _pseudo_labels(self, model, x, y, box, step: int) -> dict[str, torch.Tensor]:
+        """(3.2) steps 2-5: multi-scale CAMs, PAR-refined segmentation labels, the ROI and the crops' tags."""
+        s, k = self.cfg, self.num_fg
+        fused, _ = multi_scale_cam(_BothCAMs(model), x, self.cam["scales"], flip=True)
+        cam, aux_cam = fused[:, :k], fused[:, k:]
+        valid, _ = cam_to_label(cam, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
+        image = _to_unit(x)
+        seg_label = refine_with_background(image, valid, y, s["high"], s["low"], box)
+        roi_source = aux_cam if step < s["cam2mask"] else cam
+        _, roi = cam_to_label(roi_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True, uncertain=-1)
+        # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1)
+        rng = torch.Generator().manual_seed(step)
+        positions, flags = crop_and_tag(roi, k, s["n_crops"], s["local_crop"], s["tag_thresh"], generator=rng)
+        return {"aux_cam": aux_cam, "seg_label": seg_label, "positions": positions, "flags": flags}
+
+    def _ptc(self, feats, aux_cam, y, box) -> torch.Tensor:
+        """(3.10) pairs from the aux CAM at the token grid, applied to the final tokens."""
+        s = self.cfg
+        small = F.interpolate(aux_cam, size=feats.shape[-2:], mode="bilinear", align_corners=False)
+        grid_box = box // (aux_cam.shape[-1] // feats.shape[-1]) if s["ptc_box_rescale"] else box  # quirk Q1.2
+        _, label = cam_to_label(small, y, s["bkg"], s["high"], s["low"], grid_box, ignore_mid=True)
+        return ptc_loss(feats, label_to_aff_mask(label))
+
+    def _energy(self, x, seg, box, seg_label) -> torch.Tensor:
+        up = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return dense_energy_loss(_to_unit(x, truncate=False) * 255, up, box_mask(box, x.shape[-2:], x.device),
+                                 seg_label, self.cfg["energy_sigma_xy"], self.cfg["energy_sigma_rgb"])  # fmt: skip
+
+    def _contrast(self, net, model, batch, cls_x, pseudo, step: int):
+        """(3.5) steps 2-8 and the LIL / LIG losses (3.8, 3.9)."""
+        s = self.cfg
+        b, n = cls_x.shape[0], s["n_crops"]
+        if step >= s["proto_start"]:
+            prototypes = self.bank.update(cls_x.detach(), batch["label_idx"])
+        else:
+            prototypes = self.bank.prototypes.clone()
+        queries = crop_windows(batch["image"], pseudo["positions"], s["local_crop"]).flatten(0, 1)  # (n B, ...)
+        keys_in = crop_windows(batch["strong"], pseudo["positions"], s["local_crop"]).flatten(0, 1)
+        cls_w = net(batch["weak"], mode="cls")
+        cls_q = net(queries, mode="cls").unflatten(0, (n, b)).transpose(0, 1)  # (B, n, D)
+        global_views = torch.stack([cls_x, cls_w], dim=1)  # (B, 2, D)
+        q = self.head(torch.cat([global_views, cls_q], dim=1).flatten(0, 1))  # Q_s, (12B, d), per image [g, g, c..]
+        ema_update(self.key_encoder, model.backbone, s["momentum"])
+        with torch.no_grad():
+            cls_k = forward_tokens(self.key_encoder, keys_in)[0][:, 0].unflatten(0, (n, b)).transpose(0, 1)
+            ema_update(self.head_teacher, self.head, s["momentum"])
+            k_new = self.head_teacher(torch.cat([global_views.detach(), cls_k], dim=1).flatten(0, 1))
+        f = pseudo["flags"].flatten()
+        self.queue.enqueue(k_new, f)  # before the losses (quirk Q3.6)
+        keys, g = torch.cat([k_new, self.queue.keys]), torch.cat([f, self.queue.tags])
+        l_lil, f_revised, _ = lil_loss(q, keys, f, g, s["tau_lil"], s["tau_lil"], s["lil_impl"])
+        l_lig = lig_loss(q, prototypes, f_revised, s["tau_lig"], s["tau_lig"])
+        return l_lil, l_lig
+
+
+def _to_unit(x: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+    """Normalised images back to RGB in [0, 1]; ``truncate`` rounds down to uint8 levels like the code (Q2.4)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    rgb = (x * std + mean).clamp(0, 1)
+    return torch.floor(rgb * 255) / 255 if truncate else rgb
