@@ -78,3 +78,30 @@ def test_seco_resume_reproduces_the_uninterrupted_run(synth, tmp_path):
     b, _ = load_checkpoint(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_validation_reports_cam_aux_cam_and_segmentation(seco_run, synth):
+    from wsss.train.loop import validate
+
+    out, cfg = seco_run
+    model, _ = load_model(out / "last.safetensors")
+    result = validate(model, VOCDataset(synth, "val"), cfg, "cpu", 6)
+    assert set(result) == {"val_seed_miou", "val_aux_seed_miou", "val_seg_miou"}
+    assert all(0 <= v <= 1 for v in result.values())
+
+
+def test_two_process_gloo_ddp_run(synth, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    sets = [x for item in [*MICRO, "train.iters=2", "seco.queue=96"] for x in ("--set", item)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "wsss.cli", "train",
+           "--config", "seco-tiny-synth", "--data", f"voc:{synth}:train", "--out", str(tmp_path), *sets]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # rank 0 logs once per step
+    state = torch.load(tmp_path / RESUME_STATE, weights_only=True)["objective"]
+    assert int(state["queue.ptr"]) == 64  # 2 steps x 2 ranks x 4 images x 4 keys: both ranks' keys enqueued

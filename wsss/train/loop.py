@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..cam.infer import CAMSettings, predict_cams
+from ..cam.infer import CAMSettings, predict_cams, preprocess
 from ..data.datasets import WSSSDataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
@@ -258,15 +258,39 @@ def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.M
     return int(state["step"])
 
 
+class _AuxCAM(nn.Module):
+    """A SeCo student seen through its auxiliary classifier."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.patch_size = model, model.patch_size
+
+    def forward(self, x):
+        return self.model.aux_outputs(x)
+
+
 @torch.no_grad()
 def validate(model: nn.Module, val: WSSSDataset, cfg: dict, device, max_images: int) -> dict[str, float]:
-    """Seed mIoU of the current CAMs on up to ``max_images`` validation images (SeCo's "CAM" column)."""
+    """SeCo's validation columns (3.15) on up to ``max_images`` images: "CAM" seeds, and for SeCo students
+    "aux_CAM" seeds and "Seg_Pred" (single-scale arg-max of the decoder at the CAM input size)."""
     settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
     model.eval()
-    cm = ConfusionMatrix(val.num_classes)
+    views = {"val_seed_miou": model}
+    if hasattr(model, "aux_outputs"):
+        views["val_aux_seed_miou"] = _AuxCAM(model)
+    matrices = {name: ConfusionMatrix(val.num_classes) for name in views}
+    if hasattr(model, "segment"):
+        matrices["val_seg_miou"] = ConfusionMatrix(val.num_classes)
     for start in range(0, min(len(val), max_images), 16):
         samples = [val[i] for i in range(start, min(start + 16, len(val), max_images))]
-        results = predict_cams(model, [s.image for s in samples], [s.labels for s in samples], settings, device)
-        for s, r in zip(samples, results, strict=True):
-            cm.update(r.seed, s.mask)
-    return {"val_seed_miou": round(cm.compute()["miou"], 5)}
+        for name, net in views.items():
+            results = predict_cams(net, [s.image for s in samples], [s.labels for s in samples], settings, device)
+            for s, r in zip(samples, results, strict=True):
+                matrices[name].update(r.seed, s.mask)
+        if "val_seg_miou" in matrices:
+            x = preprocess([s.image for s in samples], settings.input_size, device)
+            seg = model.segment(x)
+            for i, s in enumerate(samples):
+                up = F.interpolate(seg[i : i + 1], size=s.mask.shape, mode="bilinear", align_corners=False)
+                matrices["val_seg_miou"].update(up.argmax(1)[0].cpu(), torch.from_numpy(s.mask))
+    return {name: round(cm.compute()["miou"], 5) for name, cm in matrices.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -106,8 +107,8 @@ class SeCoObjective(nn.Module):
         """(3.5) steps 2-8 and the LIL / LIG losses (3.8, 3.9)."""
         s = self.cfg
         b, n = cls_x.shape[0], s["n_crops"]
-        if step >= s["proto_start"]:
-            prototypes = self.bank.update(cls_x.detach(), batch["label_idx"])
+        if step >= s["proto_start"]:  # from every rank, in rank order (3.6)
+            prototypes = self.bank.update(_gather(cls_x.detach()), _gather(batch["label_idx"]))
         else:
             prototypes = self.bank.prototypes.clone()
         queries = crop_windows(batch["image"], pseudo["positions"], s["local_crop"]).flatten(0, 1)  # (n B, ...)
@@ -122,11 +123,24 @@ class SeCoObjective(nn.Module):
             ema_update(self.head_teacher, self.head, s["momentum"])
             k_new = self.head_teacher(torch.cat([global_views.detach(), cls_k], dim=1).flatten(0, 1))
         f = pseudo["flags"].flatten()
-        self.queue.enqueue(k_new, f)  # before the losses (quirk Q3.6)
+        self.queue.enqueue(_gather(k_new), _gather(f))  # every rank's keys, before the losses (quirk Q3.6)
         keys, g = torch.cat([k_new, self.queue.keys]), torch.cat([f, self.queue.tags])
         l_lil, f_revised, _ = lil_loss(q, keys, f, g, s["tau_lil"], s["tau_lil"], s["lil_impl"])
         l_lig = lig_loss(q, prototypes, f_revised, s["tau_lig"], s["tau_lig"])
         return l_lil, l_lig
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` over all ranks (no gradient), or return it as is in a single process.
+
+    The official batch shuffle around the teacher head only matters for BatchNorm, which ``phi`` does not have
+    (quirk Q3.9), so it is left out.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def _to_unit(x: torch.Tensor, truncate: bool = True) -> torch.Tensor:
