@@ -22,6 +22,7 @@ from ..data.datasets import WSSSDataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
 from ..models import build_model, load_backbone_weights, load_checkpoint, save_checkpoint
+from .cam import CAMObjective
 from .optim import PolyWarmupAdamW, param_groups
 from .seco import SeCoObjective
 
@@ -60,21 +61,6 @@ class TrainSet(Dataset):
             item.update(weak=to_tensor(weak), strong=to_tensor(strong),
                         label_idx=int(np.flatnonzero(labels)[0] + 1) if labels.sum() == 1 else -1)  # fmt: skip
         return item
-
-
-class CAMObjective(nn.Module):
-    """Plain CAM (1.2): ``L_cls = MLSM(z, y)`` on globally max-pooled patch features."""
-
-    def __init__(self, model: nn.Module, cfg: dict):
-        super().__init__()
-
-    def trainable(self) -> list[nn.Parameter]:
-        return []
-
-    def forward(self, net: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        logits, _ = net(batch["image"])
-        loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
-        return {"loss": loss, "cls": loss}
 
 
 OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective}

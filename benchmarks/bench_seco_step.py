@@ -1,0 +1,135 @@
+"""Seconds per SeCo training step and peak memory: our vectorised losses against loop-style ones.
+
+The loop-style variant swaps in per-row transcriptions of LIL and LIG and a per-image affinity mask, the way the
+official code computes them (Python loops with host syncs), everything else unchanged.
+
+    python benchmarks/bench_seco_step.py --config seco-tiny-synth --data demo_out/synth --steps 5
+    python benchmarks/bench_seco_step.py --config seco-vitb16-voc --data VOC2012 --device cuda   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import wsss.train.seco as seco
+from common import write_result
+from wsss.data.datasets import VOCDataset
+from wsss.data.transforms import AugmentConfig
+from wsss.models import build_model
+from wsss.train.configs import get_config
+from wsss.train.loop import OBJECTIVES, TrainSet, _batches
+
+
+def lil_loop(q, k, f, g, tau=0.08, tau_base=0.08, impl="code"):
+    """LIL as the official code computes it: one anchor row at a time, with host syncs."""
+    n, m = q.shape[0], k.shape[0]
+    logits = q @ k.t() / tau
+    f = f.clone()
+    total, z, rows = q.sum() * 0, 0, []
+    for i in range(n):
+        l = logits[i] - logits[i].max().detach()
+        if f[i].item() == -1:
+            rows.append(None)
+            continue
+        p = l * (g == f[i]).float()
+        mean = p.mean()
+        if (p < mean).sum().item() > 10 * ((p >= mean).sum().item() + 1e-6):
+            f[i] = 0
+            p = p * 0
+        l = l * (g != -1).float()
+        e = l.exp()
+        e = e * (e != 1)
+        rows.append((p.sum(), e.sum()))
+        z += int((p != 0).sum().item())
+    for row in rows:
+        if row is None:
+            continue
+        r = row[0] - m * torch.log(row[1] + 1e-12)
+        if z > 0 and row[1].item() > 0 and r.item() < 0:
+            total = total + r / z
+    return -(tau / tau_base) * total / n, f, None
+
+
+def lig_loop(q, prototypes, f, tau=0.1, tau_base=0.1):
+    present = sorted({int(t) for t in f.tolist() if t >= 1})
+    total, count = q.sum() * 0, 0
+    for i in range(q.shape[0]):
+        c = int(f[i].item())
+        if c < 1:
+            continue
+        count += 1
+        l = q[i] @ prototypes.t() / tau
+        den = sum(torch.exp(l[j - 1]) for j in present)
+        total = total + l[c - 1] - torch.log(den + 1e-12)
+    return -(tau / tau_base) * total / max(count, 1)
+
+
+def aff_loop(label):
+    out = []
+    for b in range(label.shape[0]):
+        flat = label[b].flatten()
+        mask = (flat[:, None] == flat[None, :]).long()
+        mask[flat == 255, :] = 255
+        mask[:, flat == 255] = 255
+        mask.fill_diagonal_(255)
+        out.append(mask)
+    return torch.stack(out)
+
+
+def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
+    originals = (seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask)
+    if loop_style:
+        seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask = lil_loop, lig_loop, aff_loop
+    try:
+        torch.manual_seed(0)
+        model = build_model("seco", cfg["model"], data.num_fg).to(device)
+        objective = OBJECTIVES["seco"](model, cfg).to(device)
+        optim = torch.optim.AdamW([*model.parameters(), *objective.trainable()], lr=1e-5)
+        d = cfg["data"]
+        trainset = TrainSet(data, AugmentConfig(d["crop"], tuple(d["scale_range"])), 0, False, seco_views=True)
+        batches = _batches(trainset, cfg["train"], 0, 0, 1, 0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for step in range(steps + 1):  # the first step warms up
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            tic = time.perf_counter()
+            losses = objective(model, batch, step + 2001)  # every term on
+            optim.zero_grad()
+            losses["loss"].backward()
+            optim.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tic)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        return {"s_per_step": sum(times[1:]) / steps, "peak_mib": peak}
+    finally:
+        seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask = originals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="seco-tiny-synth")
+    parser.add_argument("--data", type=Path, required=True, help="VOC-layout root (e.g. the synthetic benchmark)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    cfg = get_config(args.config, ["pretrained=null", *args.overrides])
+    data, device = VOCDataset(args.data, args.split), torch.device(args.device)
+    ours = time_steps(cfg, data, device, args.steps, loop_style=False)
+    loops = time_steps(cfg, data, device, args.steps, loop_style=True)
+    ratio = loops["s_per_step"] / ours["s_per_step"]
+    print(f"{args.config} on {device}: vectorised {ours['s_per_step']:.3f} s/step, loop-style losses "
+          f"{loops['s_per_step']:.3f} s/step ({ratio:.2f}x)")  # fmt: skip
+    write_result(f"bench_seco_step_{args.config}_{device.type}",
+                 {"config": args.config, "vectorised": ours, "loop_style": loops, "ratio": ratio})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
