@@ -150,6 +150,8 @@ def train(
                 losses = objective(net, batch, step)
             optim.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            if world > 1:  # the objective's own trainable heads sit outside DDP
+                _average_gradients(objective.trainable(), world)
             optim.step()
             step += 1
             detached = {k: v.detach().float() for k, v in losses.items()}
@@ -174,6 +176,16 @@ def train(
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training interrupted at step {step}; checkpoint saved, rerun with --resume")
     return out / CHECKPOINT
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce (mean) the gradients of ``params`` in one flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, src in zip(grads, torch.split(flat / world, [g.numel() for g in grads]), strict=True):
+            g.copy_(src.view_as(g))
 
 
 def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, start: int):
