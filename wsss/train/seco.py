@@ -37,7 +37,7 @@ class _BothCAMs(nn.Module):
 
 
 class SeCoObjective(nn.Module):
-    """``__call__(net, batch, step)`` returns the weighted total (3.22) and every term, detached for logging."""
+    """``__call__(net, batch, step)`` returns the weighted total (3.22) as ``"loss"`` and every term by name."""
 
     def __init__(self, model: SeCoNet, cfg: dict):
         super().__init__()
