@@ -187,3 +187,17 @@ def test_bench_label_reports_baseline_and_ratio(tiny_ckpt, synth, tmp_path):
     assert [(r["pipeline"], r["batch"]) for r in rows] == [("research loop", 1), ("wsss label", 2)]
     assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and "cam_s" in rows[1]["stages_s"]
     assert "torch" in json.loads(out.read_text())["device"]
+
+
+def test_rle_round_trip_column_major_zeros_first():
+    from wsss.runtime.rle import encode_label_map, rle_decode, rle_encode
+
+    assert rle_encode(np.array([[0, 1], [1, 1]]))["counts"] == [1, 3]  # column-major: 0, 1 | 1, 1
+    assert rle_encode(np.array([[1, 0]]))["counts"] == [0, 1, 1]  # starts with a zero-length run of zeros
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7), (1, 1), (3, 4)]:
+        mask = rng.random(shape) < 0.5
+        assert np.array_equal(rle_decode(rle_encode(mask)), mask)
+    label = np.array([[0, 2, 2], [255, 2, 5]], np.uint8)
+    segments = encode_label_map(label, [f"c{i}" for i in range(6)])
+    assert [(s["category_id"], s["area"], s["bbox"]) for s in segments] == [(2, 3, [1, 0, 2, 2]), (5, 1, [2, 1, 1, 1])]
