@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import json
 import sys
 from pathlib import Path
 
@@ -99,9 +100,16 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 @click.option("--pretrained", default=None, help="Local backbone weights (.safetensors/.pth); overrides the config's.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors and its optimizer state.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
+@click.option("--pretrained-cnn", default=None, help="CoBra: local ResNet weights for the CNN branch (.pth/.safetensors).")
+@click.option("--no-cap", is_flag=True, help="CoBra ablation: drop the CAP loss (CNN projection, ViT affinity).")
+@click.option("--no-sap", is_flag=True, help="CoBra ablation: drop the SAP loss (ViT projection, CNN pseudo labels).")
+@click.option("--no-cam-loss", is_flag=True, help="CoBra ablation: drop the L1 CAM consistency loss.")
+@click.option("--seed-source", type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]), default=None,
+              help="CoBra: which CAM the seeds come from (default fuse: max((M_cnn + M_tran) / 2, M_tran)).")
 @click.option("--list-configs", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda c, p, v: _list_configs(c, v), help="List the named configs and exit.")  # fmt: skip
-def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device) -> None:
+def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device, pretrained_cnn,
+          no_cap, no_sap, no_cam_loss, seed_source) -> None:  # fmt: skip
     """Train a network from image-level labels; leaves OUT/last.safetensors.
 
     \b
@@ -110,11 +118,20 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
     Example (GPU, VOC with local ImageNet weights; multi-GPU: torchrun --nproc-per-node 4 -m wsss.cli train ...):
       wsss train --config cam-vitb16-voc --data voc:VOCdevkit/VOC2012:train_aug --val voc:VOCdevkit/VOC2012:val \\
                  --pretrained jx_vit_base_p16_224-80ecf9dd.pth --out runs/voc
+    Example (CoBra, both branches from local ImageNet weights, without the CAP loss):
+      wsss train --config cobra-r152-deits-voc --data voc:VOCdevkit/VOC2012:train_aug \\
+                 --pretrained deit_small_patch16_224-cd65a155.pth --pretrained-cnn resnet152-b121ed2d.pth --no-cap
     Progress goes to OUT/metrics.jsonl; Ctrl-C saves a checkpoint, --resume continues.
     """
     from .train.configs import get_config
     from .train.loop import train as run_training
 
+    flags = {"cobra.cap": no_cap, "cobra.sap": no_sap, "cobra.cam_loss": no_cam_loss}
+    overrides = [*(f"{key}=false" for key, on in flags.items() if on), *overrides]
+    if pretrained_cnn:
+        overrides.append(f"pretrained_cnn={json.dumps(pretrained_cnn)}")
+    if seed_source:
+        overrides.append(f"cam.source={seed_source}")
     try:
         cfg = get_config(config_name, overrides)
     except (KeyError, ValueError, TypeError) as err:
@@ -420,13 +437,13 @@ def _settings(meta, scales, flip, bkg_thresh, input_size):
     from .cam.infer import CAMSettings
 
     base = meta["config"]["cam"]
-    return CAMSettings(
-        input_size=base["input_size"] if input_size is None else (input_size or None),
-        scales=_floats(scales) if scales else tuple(base["scales"]),
-        flip=flip,
-        bkg_thresh=base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
-        score_thresh=base["score_thresh"],
-    )
+    return CAMSettings(**{
+        **base,
+        "input_size": base["input_size"] if input_size is None else (input_size or None),
+        "scales": _floats(scales) if scales else tuple(base["scales"]),
+        "flip": flip,
+        "bkg_thresh": base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
+    })  # fmt: skip
 
 
 @cli.command()

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .crf import CRF_PRESETS, crf_from_labels
+from .cobra import cobra_seed_maps
 from .multiscale import cam_to_label, multi_scale_cam, normalize_cam
 
 
@@ -26,6 +27,10 @@ class CAMSettings:
     shape share a forward pass; CAMs are cropped to the valid box before normalisation). CAMs are computed at
     ``scales`` with flips, resized back to the image and thresholded at ``bkg_thresh``. Without image tags,
     classes with ``sigmoid(logit) > score_thresh`` are used (the top class if none passes).
+
+    SeCo/CAM networks: flips merged by max, min-max normalisation (METHODS 1.3). CoBra networks (``source`` set):
+    flips summed, each source max-normalised and combined by ``source`` (cnn, vit, avg, max, fuse), background =
+    the ``bg_percentile``-th percentile of the class-token attention (4.17-4.20).
     """
 
     input_size: int | None = 448
@@ -33,6 +38,12 @@ class CAMSettings:
     flip: bool = True
     bkg_thresh: float = 0.5
     score_thresh: float = 0.5
+    source: str | None = None
+    bg_percentile: float = 70.0
+
+    @property
+    def flip_merge(self) -> str:
+        return "max" if self.source is None else "sum"
 
 
 @dataclass
@@ -74,26 +85,35 @@ def predict_cams(
 ) -> list[CAMResult]:
     """CAMs and seeds for a batch of images of any sizes; ``tags[i]`` (K,) multi-hot or None."""
     if settings.input_size:
-        cams, logits = multi_scale_cam(model, preprocess(images, settings.input_size, device), settings.scales,
-                                       settings.flip)  # fmt: skip
+        x = preprocess(images, settings.input_size, device)
+        raw, logits = multi_scale_cam(model, x, settings.scales, settings.flip, settings.flip_merge, normalize=False)
+        cams, bkgs = finish_cams(raw, settings)
         cams = [F.interpolate(c[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
                 for c, img in zip(cams, images, strict=True)]  # fmt: skip
     else:
-        cams, logits = _native_cams(model, images, settings, device)
+        cams, bkgs, logits = _native_cams(model, images, settings, device)
     guessed = predicted_tags(logits, settings.score_thresh)
     results = []
     for i, cam in enumerate(cams):
         y = guessed[i] if tags[i] is None else torch.as_tensor(tags[i], dtype=torch.float32, device=device)
-        _, seed = cam_to_label(cam[None], y[None], settings.bkg_thresh)
+        _, seed = cam_to_label(cam[None], y[None], bkgs[i])
         results.append(CAMResult(cam.float().cpu(), y.cpu(), seed[0].to(torch.uint8).cpu().numpy()))
     return results
 
 
-def _native_cams(model, images, settings: CAMSettings, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+def finish_cams(raw: torch.Tensor, settings: CAMSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulated multi-scale maps (B, C, H, W) -> normalised K-channel CAMs and per-image background (B, 1, 1)."""
+    if settings.source is None:
+        return normalize_cam(raw), torch.full((raw.shape[0], 1, 1), settings.bkg_thresh, device=raw.device)
+    return cobra_seed_maps(raw, (raw.shape[1] - 1) // 2, settings.source, settings.bg_percentile)
+
+
+def _native_cams(model, images, settings: CAMSettings, device):
     """Images at their own size, zero-padded (in normalised units) to the patch grid, one pass per padded shape."""
     patch = model.patch_size
     padded = [(-(-h // patch) * patch, -(-w // patch) * patch) for h, w in (img.shape[:2] for img in images)]
     cams: list[torch.Tensor | None] = [None] * len(images)
+    bkgs: list[torch.Tensor | None] = [None] * len(images)
     logits: list[torch.Tensor | None] = [None] * len(images)
     for shape in dict.fromkeys(padded):
         group = [i for i, p in enumerate(padded) if p == shape]
@@ -101,11 +121,12 @@ def _native_cams(model, images, settings: CAMSettings, device) -> tuple[list[tor
         for row, i in enumerate(group):
             h, w = images[i].shape[:2]
             x[row, :, :h, :w] = preprocess([images[i]], None, device)[0]
-        fused, z = multi_scale_cam(model, x, settings.scales, settings.flip, normalize=False)
+        fused, z = multi_scale_cam(model, x, settings.scales, settings.flip, settings.flip_merge, normalize=False)
         for row, i in enumerate(group):
             h, w = images[i].shape[:2]
-            cams[i], logits[i] = normalize_cam(fused[row, :, :h, :w]), z[row]
-    return cams, torch.stack(logits)
+            cam, bkg = finish_cams(fused[row : row + 1, :, :h, :w], settings)
+            cams[i], bkgs[i], logits[i] = cam[0], bkg[0], z[row]
+    return cams, bkgs, torch.stack(logits)
 
 
 def refine_seed_crf(image: np.ndarray, seed: np.ndarray, tags: np.ndarray, preset: str = "seed") -> np.ndarray:

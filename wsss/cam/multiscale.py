@@ -20,14 +20,22 @@ def scaled_size(size: tuple[int, int], scale: float, multiple: int) -> tuple[int
 
 @torch.no_grad()
 def multi_scale_cam(
-    model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True, normalize: bool = True
+    model: nn.Module,
+    x: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    flip_merge: str = "max",
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused, min-max normalised CAMs ``M`` (B, K, H, W) and base-scale image logits (B, K).
 
     (1.4) ``M = sum_s ReLU(max(A_s, flip(A_s')))`` with every ``A_s`` upsampled to (H, W);
     (1.5) per (b, k): ``M <- (M - min M) / (max(M - min M) + 1e-5)``. Scale 1.0 always runs first (quirk Q1.5).
-    ``model(x)`` must return ``(logits, cams)``. ``normalize=False`` returns the fused sum (for cropping first).
+    ``flip_merge="sum"`` gives CoBra's ``ReLU(A_s) + flip(ReLU(A_s'))`` (4.17). ``model(x)`` must return
+    ``(logits, cams)``. ``normalize=False`` returns the fused sum (for cropping first).
     """
+    if flip_merge not in ("max", "sum"):
+        raise ValueError(f"flip_merge must be 'max' or 'sum', got {flip_merge!r}")
     b, _, h, w = x.shape
     patch = getattr(model, "patch_size", 1)
     fused, logits = None, None
@@ -37,11 +45,12 @@ def multi_scale_cam(
             xs = torch.cat([xs, xs.flip(-1)])
         z, a = model(xs)
         a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
+        a = a.relu()
         if flip:
-            a = torch.maximum(a[:b], a[b:].flip(-1))
+            a = torch.maximum(a[:b], a[b:].flip(-1)) if flip_merge == "max" else a[:b] + a[b:].flip(-1)
         if logits is None:
             logits = z[:b]
-        fused = a.relu() if fused is None else fused + a.relu()
+        fused = a if fused is None else fused + a
     return (normalize_cam(fused) if normalize else fused), logits
 
 

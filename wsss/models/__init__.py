@@ -7,9 +7,11 @@ from torch import nn
 from .backbone import BackboneConfig, load_backbone_weights
 from .cam_net import CAMNet
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .cobra import CoBraNet
+from .resnet import ResNetConfig
 from .seco import SeCoNet
 
-METHODS = ("cam", "seco")
+METHODS = ("cam", "seco", "cobra")
 
 
 def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
@@ -19,6 +21,8 @@ def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
         return CAMNet(backbone, num_fg, pooling=model_cfg.get("pooling", "gmp"))
     if method == "seco":
         return SeCoNet(backbone, num_fg, aux_layer=model_cfg.get("aux_layer", -3))
+    if method == "cobra":
+        return CoBraNet(ResNetConfig.from_dict(model_cfg["cnn"]), backbone, num_fg, model_cfg.get("proj_dim", 256))
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 

@@ -7,6 +7,8 @@ import difflib
 import json
 from typing import Any
 
+from .cobra import COBRA_DEFAULTS
+
 _TINY_VIT = {
     "name": "vit_tiny_patch16_224",
     "img_size": 112,
@@ -88,6 +90,43 @@ CONFIGS["seco-tiny-synth"]["data"]["jitter"] = 0.0
 CONFIGS["cam-vitb16-coco"] = copy.deepcopy(CONFIGS["cam-vitb16-voc"])
 CONFIGS["cam-vitb16-coco"]["train"].update(iters=80000, eval_images=5000)
 CONFIGS["cam-vitb16-coco"]["cam"].update(scales=[1.0, 0.5, 0.75, 1.25, 1.5], bkg_thresh=0.45)
+
+
+# CoBra (METHODS 4.2-4.12): ResNet (CAK) + DeiT-S (SAK), SGD-poly, 20 epochs of batch 32 at 224, 7-scale CAMs.
+_DEIT_S = {"name": "deit_small_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch"}
+_COBRA_CAM = {"input_size": None, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], "flip": True,
+              "bkg_thresh": 0.5, "score_thresh": 0.5, "source": "fuse", "bg_percentile": 70.0}  # fmt: skip
+_COBRA_VOC = {
+    "method": "cobra",
+    "model": {"backbone": _DEIT_S, "proj_dim": 256,
+              "cnn": {"name": "resnet152", "strides": [1, 2, 2, 1], "fixed_bn": True, "frozen_stages": 2}},
+    "pretrained": None,  # DeiT-S weights (deit_small_patch16_224-cd65a155.pth); --pretrained
+    "pretrained_cnn": None,  # torchvision resnet152-b121ed2d.pth; --set pretrained_cnn=PATH
+    # Long side U(320, 640) on VOC's ~500 px images ~ a 0.64..1.28 rescale; no colour jitter (4.2).
+    "data": {"crop": 224, "scale_range": [0.64, 1.28], "flip": 0.5, "jitter": 0.0, "cache_images": False},
+    "optim": {"name": "sgd", "lr": 0.1, "head_lr": 10, "weight_decay": 1e-4, "momentum": 1e-4, "power": 0.9},
+    "train": {"iters": 6600, "batch_size": 32, "workers": 8, "amp": True, "log_every": 50, "ckpt_every": 330,
+              "eval_every": 330, "eval_images": 1464},
+    "cam": _COBRA_CAM,
+    "cobra": dict(COBRA_DEFAULTS),  # the paper's choices; see wsss.train.cobra for the code's
+}  # fmt: skip
+CONFIGS["cobra-r152-deits-voc"] = _COBRA_VOC  # the paper's depth
+CONFIGS["cobra-r50-deits-voc"] = copy.deepcopy(_COBRA_VOC)
+CONFIGS["cobra-r50-deits-voc"]["model"]["cnn"]["name"] = "resnet50"
+CONFIGS["cobra-tiny-synth"] = {
+    "method": "cobra",
+    "model": {"backbone": _TINY_VIT, "proj_dim": 128,
+              "cnn": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "block": "basic",
+                      "strides": [1, 2, 1, 1], "fixed_bn": False, "frozen_stages": 0}},
+    "pretrained": "builtin:vit-tiny-synth",
+    "pretrained_cnn": None,  # trained from scratch with live BatchNorm (no ImageNet CNN on the CPU demo)
+    "data": {"crop": 112, "scale_range": [0.75, 1.5], "flip": 0.5, "jitter": 0.0, "cache_images": True},
+    "optim": {"name": "adamw", "lr": 2e-4, "weight_decay": 0.01, "warmup": 20, "warmup_ratio": 1e-6, "power": 0.9,
+              "head_lr": 10},
+    "train": {**CONFIGS["cam-tiny-synth"]["train"], "batch_size": 16},
+    "cam": {**_COBRA_CAM, "input_size": 112, "scales": [1.0, 0.5, 1.5]},
+    "cobra": {**COBRA_DEFAULTS, "aux_start_epoch": 5},
+}  # fmt: skip
 
 
 def get_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -22,8 +22,10 @@ from ..data.datasets import WSSSDataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
 from ..models import build_model, load_backbone_weights, load_checkpoint, save_checkpoint
+from ..models.resnet import load_resnet_weights
 from .cam import CAMObjective
-from .optim import PolyWarmupAdamW, param_groups
+from .cobra import CoBraObjective
+from .optim import make_optimizer, param_groups
 from .seco import SeCoObjective
 
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
@@ -63,7 +65,7 @@ class TrainSet(Dataset):
         return item
 
 
-OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective}
+OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective}
 
 
 def resolve_pretrained(spec: str | None) -> Path | None:
@@ -118,12 +120,16 @@ def train(
         report = load_backbone_weights(model.backbone, weights)
         if rank == 0:
             tqdm.write(f"pretrained {weights.name}: {report}")
+    cnn_weights = resolve_pretrained(cfg.get("pretrained_cnn"))  # CoBra's CNN branch
+    if cnn_weights and not resume:
+        missing, unexpected = load_resnet_weights(model.cnn, cnn_weights)
+        if rank == 0:
+            tqdm.write(f"pretrained CNN {cnn_weights.name}: missing {len(missing)}, unexpected {len(unexpected)}")
     model.to(device)
     objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
     backbone, heads = model.param_groups()
     groups = param_groups(backbone, heads + objective.trainable(), ocfg["lr"], ocfg["head_lr"])
-    optim = PolyWarmupAdamW(groups, tcfg["iters"], ocfg["warmup"], ocfg["warmup_ratio"], ocfg["power"],
-                            weight_decay=ocfg["weight_decay"])  # fmt: skip
+    optim = make_optimizer(groups, ocfg, tcfg["iters"])
     step = _resume(out, model, optim, objective, device) if resume else 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
@@ -233,7 +239,7 @@ def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
     }  # fmt: skip
 
 
-def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.Module, meta: dict, step: int) -> int:
+def _save(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, meta: dict, step: int) -> int:
     save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
     state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state(),
              "objective": objective.state_dict()}  # fmt: skip
@@ -243,7 +249,7 @@ def _save(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.Mod
     return step
 
 
-def _resume(out: Path, model: nn.Module, optim: PolyWarmupAdamW, objective: nn.Module, device) -> int:
+def _resume(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, device) -> int:
     state_dict, meta = load_checkpoint(out / CHECKPOINT)
     model.load_state_dict(state_dict)
     state = torch.load(out / RESUME_STATE, map_location=device, weights_only=True)

@@ -1,0 +1,256 @@
+"""CoBra: losses against per-anchor transcriptions of the paper's equations, seed rules, network, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsss.cam.cobra import _thresholds_from, attention_background, fuse, ir_thresholds, max_normalize
+from wsss.data.datasets import VOCDataset
+from wsss.models import build_model, load_model
+from wsss.train.cobra_losses import cam_l1_loss, cap_loss, pseudo_labels, sap_loss, stable_topk
+from wsss.train.configs import get_config
+from wsss.train.loop import train
+
+TINY_COBRA = [
+    'model.backbone.overrides={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
+    "model.backbone.img_size=48",
+    "model.cnn.channels=[8,16,16,32]",
+    "model.proj_dim=16",
+    "pretrained=null",
+    "data.crop=48",
+    "train.batch_size=4",
+    "train.log_every=2",
+    "train.ckpt_every=2",
+    "cam.input_size=48",
+    "cam.scales=[1.0,0.5]",
+    "cobra.k_sap=[4,2]",
+    "cobra.k_cap=[2,4]",
+    "cobra.aux_start_epoch=0",
+]
+
+
+# ---- per-anchor transcriptions of (4.8)/(4.9) and the code's (4.11)-(4.14) ----
+
+
+def _anchor_loss(v, i, pos, neg, tau, neg_exp):
+    """L^i = (1/|P+|) sum_{j in P+} -log(X_ij / (X_ij + Y_i)), one anchor, written out term by term."""
+    if neg_exp == "paper":
+        y = sum(torch.exp(v[i] @ v[k] / tau) for k in neg)
+    else:
+        y = sum(torch.exp(v[i] @ v[k]) for k in neg) / tau
+    terms = [-torch.log(torch.exp(v[i] @ v[j] / tau) / (torch.exp(v[i] @ v[j] / tau) + y)) for j in pos]
+    return sum(terms) / len(pos)
+
+
+def _ranked(row, k, largest):
+    order = sorted(range(len(row)), key=lambda j: (-row[j] if largest else row[j], j))  # ties: lowest index
+    return order[:k]
+
+
+def _cap_direct(v, aff, kp, kn, tau):
+    b, n, _ = v.shape
+    total = 0
+    for bi in range(b):
+        for i in range(n):
+            row = aff[bi, i].tolist()
+            total = total + _anchor_loss(v[bi], i, _ranked(row, kp, True), _ranked(row, kn, False), tau, "paper")
+    return total / (b * n)  # mean over anchors (D3 "mean")
+
+
+def _sap_direct(v, m_cnn, labels, kp, kn, tau, rank, absent, anchors, neg_exp):
+    b, c, h, w = m_cnn.shape
+    total, count = 0, 0
+    for bi in range(b):
+        logits = m_cnn[bi].flatten(1).clone()
+        present = [True] + [bool(x) for x in labels[bi]]
+        for ci in range(c):
+            if not present[ci]:
+                logits[ci] = 0 if absent == "zero" else float("-inf")
+        probs = logits.softmax(0)
+        for i in range(h * w):
+            col = probs[:, i].tolist()
+            y_i = max(range(c), key=lambda ci: (col[ci], -ci))  # first maximum
+            if anchors == "positive" and y_i == 0:
+                continue
+            row = (probs[y_i] if rank == "prob" else m_cnn[bi, y_i].flatten()).tolist()
+            pos, neg = _ranked(row, kp, True), _ranked(row, kn, False)
+            total = total + _anchor_loss(v[bi], i, pos, neg, tau, neg_exp)
+            count += 1
+    return total / max(count, 1)
+
+
+def _unit(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1).requires_grad_(True)
+
+
+def test_stable_topk_breaks_ties_by_lowest_index():
+    scores = torch.tensor([[0.5, 1.0, 1.0, 0.2, 1.0, 0.2]])
+    assert stable_topk(scores, 2, True).tolist() == [[1, 2]]
+    assert stable_topk(scores, 3, False).tolist() == [[3, 5, 0]]
+    with pytest.raises(ValueError, match="exceeds"):
+        stable_topk(scores, 7, True)
+
+
+def test_cap_selects_top_and_bottom_of_hand_made_affinity():
+    # 4 patches; row i prefers patch (i + 1) % 4 most and patch (i + 2) % 4 least.
+    aff = torch.zeros(1, 4, 4)
+    for i in range(4):
+        aff[0, i, (i + 1) % 4], aff[0, i, (i + 2) % 4] = 1.0, -1.0
+    v = torch.zeros(1, 4, 2, requires_grad=True)
+    v.data[0] = torch.tensor([[1.0, 0], [0, 1.0], [-1.0, 0], [0, -1.0]])
+    got = cap_loss(v, aff, k_pos=1, k_neg=1, tau=1.0)
+    # every anchor: positive at cos 0, negative at cos -1: -log(1 / (1 + e^-1))
+    assert float(got) == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "paper_sum"])
+def test_cap_matches_paper_equation_values_and_gradients(reduction):
+    v = _unit((2, 9, 5), 0)
+    aff = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(1))
+    got = cap_loss(v, aff, k_pos=3, k_neg=4, tau=0.1, reduction=reduction)
+    want = _cap_direct(v, aff, 3, 4, 0.1) * (9 if reduction == "paper_sum" else 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got, v)
+    (g_want,) = torch.autograd.grad(want, v)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rank", "absent", "anchors", "neg_exp"),
+    [("prob", "neg_inf", "positive", "paper"), ("raw_cam", "zero", "all", "code"), ("prob", "zero", "all", "paper")],
+)
+def test_sap_matches_paper_equation_values_and_gradients(rank, absent, anchors, neg_exp):
+    g = torch.Generator().manual_seed(2)
+    v = _unit((2, 12, 6), 3)
+    m_cnn = torch.randn(2, 4, 3, 4, generator=g) * 2
+    m_cnn[0, 2] = -5  # a present class that never wins, and absent classes that can (code mode, Q4.5)
+    labels = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    got = sap_loss(v, m_cnn, labels, 5, 3, 0.1, rank, absent, anchors, neg_exp)
+    want = _sap_direct(v, m_cnn, labels, 5, 3, 0.1, rank, absent, anchors, neg_exp)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (g_got,) = torch.autograd.grad(got, v)
+    (g_want,) = torch.autograd.grad(want, v)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_sap_without_anchors_is_zero_and_keeps_the_graph():
+    v = _unit((1, 4, 3), 4)
+    m_cnn = torch.zeros(1, 3, 2, 2)
+    m_cnn[0, 0] = 5.0  # background everywhere
+    loss = sap_loss(v, m_cnn, torch.tensor([[1.0, 0.0]]), 2, 1)
+    assert float(loss) == 0.0 and loss.requires_grad
+    (grad,) = torch.autograd.grad(loss, v)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_sap_code_negatives_differ_from_paper():
+    v = _unit((1, 8, 4), 5)
+    m_cnn = torch.randn(1, 2, 2, 4, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([[1.0]])
+    paper = sap_loss(v, m_cnn, y, 3, 2, 0.1, anchors="all", neg_exp="paper")
+    code = sap_loss(v, m_cnn, y, 3, 2, 0.1, anchors="all", neg_exp="code")
+    assert not torch.isclose(paper, code)
+
+
+def test_pseudo_labels_first_index_rule_for_absent_classes():
+    m = torch.full((1, 4, 1, 2), -1.0)  # every present channel negative: absent classes (logit 0) win in code mode
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    _, code = pseudo_labels(m, labels, "zero")
+    _, paper = pseudo_labels(m, labels, "neg_inf")
+    assert code.tolist() == [[2, 2]]  # lowest-index absent channel (Q4.5)
+    assert paper.tolist() == [[0, 0]]  # background wins the tie with class 1 (first index)
+
+
+def test_cam_l1_terms():
+    a, b = torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    b[0, 1] = 1.0  # image 0's only present class differs by 1 everywhere
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    all_only = cam_l1_loss(a, b, labels, 4, "all_only")
+    assert float(all_only) == pytest.approx(1 / 6)
+    # positive term: image 0 -> 1.0, image 1 -> 0.0; batch mean 0.5
+    assert float(cam_l1_loss(a, b, labels, 4, "both")) == pytest.approx(1 / 6 + 0.5)
+    assert torch.isnan(cam_l1_loss(a, b, torch.tensor([[1.0, 0.0], [0.0, 0.0]]), 4, "both"))
+
+
+# ---- seeds: fusion, background percentile, IR thresholds ----
+
+
+def test_fusion_identity_and_sources():
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.rand(3, 4, 5, 5, generator=g), torch.rand(3, 4, 5, 5, generator=g)
+    torch.testing.assert_close(fuse(a, b, "fuse"), (torch.maximum(a, b) + b) / 2)  # D14
+    assert torch.equal(fuse(a, b, "cnn"), a) and torch.equal(fuse(a, b, "vit"), b)
+    torch.testing.assert_close(fuse(a, b, "avg"), (a + b) / 2)
+    with pytest.raises(ValueError, match="seed source"):
+        fuse(a, b, "mean")
+
+
+def test_max_normalize_and_percentile_background():
+    m = torch.tensor([[[[0.0, 2.0], [1.0, 4.0]]]])
+    torch.testing.assert_close(max_normalize(m), m / (4 + 1e-5))
+    a = torch.arange(101, dtype=torch.float32).view(1, 1, 101)
+    assert attention_background(a, 70).tolist() == [70.0]
+    a2 = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
+    assert attention_background(a2, 50).item() == pytest.approx(1.5)  # linear, as np.percentile
+
+
+@pytest.mark.parametrize(
+    ("t", "t_bg"),
+    [(0.30, 0.25), (0.32, 0.30), (0.28, 0.25), (0.325, 0.30), (0.375, 0.35), (0.30000001192092896, 0.30),
+     (0.0, -0.05), (0.8500000000000001, 0.85)],
+)  # fmt: skip
+def test_ir_threshold_oracle(t, t_bg):
+    fg, bg = _thresholds_from(t)
+    assert bg == pytest.approx(t_bg, abs=1e-12) and fg == pytest.approx(t_bg + 0.5, abs=1e-12)
+
+
+def test_ir_thresholds_use_the_93rd_percentile():
+    a = torch.linspace(0, 1, 101)  # 93rd percentile = 0.93 -> t_bg 0.90
+    fg, bg = ir_thresholds(a)
+    assert bg == pytest.approx(0.90) and fg == pytest.approx(1.40)
+
+
+# ---- network and training ----
+
+
+def test_network_outputs_and_gradient_routing():
+    cfg = get_config("cobra-tiny-synth", TINY_COBRA)
+    model = build_model("cobra", cfg["model"], 3)
+    x = torch.randn(2, 3, 48, 48)
+    out, v_c, v_s = model(x, mode="train")
+    assert out.m_cnn.shape == out.m_tran.shape == (2, 4, 6, 6)
+    assert out.affinity.shape == (2, 36, 36) and out.a_obj.shape == (2, 6, 6)
+    # each layer's attention rows sum to 1, so the layer sum's rows sum to the depth
+    torch.testing.assert_close(out.attn.sum(-1), torch.full((2, 37), 2.0))
+    assert v_c.shape == v_s.shape == (2, 36, 16)
+    torch.testing.assert_close(v_c.norm(dim=-1), torch.ones(2, 36))
+    # CAP moves only the CNN; SAP only the ViT
+    cap_loss(v_c, out.affinity, 2, 4).backward(retain_graph=True)
+    assert model.cnn_proj.weight.grad is not None and model.backbone.blocks[0].attn.qkv.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    sap_loss(v_s, out.m_cnn, y, 4, 2, anchors="all").backward()
+    assert model.vit_proj.weight.grad is not None and model.cnn_classifier.weight.grad is None
+    logits, cams = model(x)
+    assert logits.shape == (2, 3) and cams.shape == (2, 7, 6, 6)
+
+
+def test_grid_mismatch_is_reported():
+    cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, "model.cnn.strides=[1,2,2,1]"])
+    model = build_model("cobra", cfg["model"], 3)
+    with pytest.raises(ValueError, match="output stride"):
+        model(torch.randn(1, 3, 48, 48))
+
+
+def test_tiny_training_run_saves_both_branches(synth, tmp_path):
+    cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, "train.iters=3"])
+    ckpt = train(cfg, VOCDataset(synth, "train"), tmp_path, progress=False)
+    model, meta = load_model(ckpt)
+    assert meta["method"] == "cobra" and any(k.startswith("cnn.") for k in model.state_dict())
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"sap"' in line]
+    assert records, "the contrast losses are logged"

@@ -1,0 +1,126 @@
+"""CoBra: a CNN (class-aware, CAK) and a ViT (semantic-aware, SAK) branch trained together (METHODS 4.3, 4.4).
+
+Both branches produce ``K + 1`` CAM channels (channel 0 is background) on the same patch grid, a projection for
+the patch contrast, and the ViT gives its layer-summed attention: the patch affinity ``P`` and the class-token
+attention ``A_obj`` that weights its CAMs at inference and sets the background threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
+from .resnet import ResNetConfig, ResNetTrunk
+
+
+@dataclass
+class CoBraOutputs:
+    """One forward pass of both branches; maps are (B, C, h, w) on the ViT patch grid, C = K + 1."""
+
+    m_cnn: torch.Tensor  # (4.1) M_cnn = W_c * F_cnn
+    m_tran: torch.Tensor  # (4.2) M_tran = W_t * T
+    f_cnn: torch.Tensor  # CNN features F_cnn (B, 2048, h, w)
+    tokens: torch.Tensor  # ViT patch-token map T (B, D, h, w)
+    attn: torch.Tensor  # (4.3) A_bar = sum_l mean_heads A_l, (B, 1 + hw, 1 + hw)
+
+    @property
+    def affinity(self) -> torch.Tensor:
+        """(4.4) patch-to-patch affinity ``P = A_bar[1:, 1:]`` (B, hw, hw)."""
+        return self.attn[:, 1:, 1:]
+
+    @property
+    def a_obj(self) -> torch.Tensor:
+        """(4.4) semantic-agnostic class-token attention ``A_obj = A_bar[0, 1:]`` as a (B, h, w) map."""
+        return self.attn[:, 0, 1:].unflatten(1, self.m_tran.shape[-2:])
+
+
+class AttentionRecorder:
+    """Collects every block's attention probabilities (B, heads, T, T) through timm's public module hooks.
+
+    Fused attention never materialises the probabilities, so it is switched off on the recorded blocks; each
+    block's ``attn.attn_drop`` then receives them as input.
+    """
+
+    def __init__(self, vit: nn.Module):
+        self.maps: list[torch.Tensor] = []
+        for block in vit.blocks:
+            block.attn.fused_attn = False
+            block.attn.attn_drop.register_forward_hook(lambda _m, args, _out: self.maps.append(args[0]))
+
+    def take_sum(self) -> torch.Tensor:
+        """(4.3): heads averaged, layers summed (D8: keeps the scale the percentile thresholds expect)."""
+        maps, self.maps = self.maps, []
+        return torch.stack([a.mean(1) for a in maps]).sum(0)
+
+
+class CoBraNet(nn.Module):
+    """Two branches, ``K`` foreground classes; the CNN's output stride must equal the ViT patch size."""
+
+    method = "cobra"
+
+    def __init__(self, cnn: ResNetConfig, vit: BackboneConfig, num_fg: int, proj_dim: int = 256):
+        super().__init__()
+        self.cnn = ResNetTrunk(cnn)
+        self.backbone = create_vit(vit)  # named like the other networks' ViT so --pretrained loads it
+        self.patch_size = patch_size(self.backbone)
+        self.num_fg = num_fg
+        c, d = self.cnn.out_channels, self.backbone.embed_dim
+        self.cnn_classifier = nn.Conv2d(c, num_fg + 1, 1, bias=False)  # W_c, channel 0 = background
+        self.cnn_proj = nn.Conv2d(c, proj_dim, 1, bias=False)  # P_c (CAP)
+        self.vit_classifier = nn.Conv2d(d, num_fg + 1, 3, padding=1)  # W_t, TS-CAM's 3x3 head
+        self.vit_proj = nn.Conv2d(d, proj_dim, 1, bias=False)  # P_t (SAP)
+        self._recorder = AttentionRecorder(self.backbone)
+
+    def branches(self, x: torch.Tensor) -> CoBraOutputs:
+        p = self.patch_size
+        if x.shape[-1] % p or x.shape[-2] % p:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        f_cnn = self.cnn(x)
+        if f_cnn.shape[-2:] != (h, w):
+            raise ValueError(
+                f"CNN grid {tuple(f_cnn.shape[-2:])} != ViT grid {(h, w)}: the CNN output stride must equal the "
+                f"patch size {p} (set the ResNet strides)"
+            )
+        tokens, _ = forward_tokens(self.backbone, x)
+        tokens = tokens[:, self.backbone.num_prefix_tokens :].transpose(1, 2).unflatten(2, (h, w))
+        attn = self._recorder.take_sum()
+        return CoBraOutputs(self.cnn_classifier(f_cnn), self.vit_classifier(tokens), f_cnn, tokens, attn)
+
+    def projections(self, out: CoBraOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised patch embeddings ``v^c = P_c * F_cnn`` and ``v^s = P_t * T``, each (B, hw, dim)."""
+        v_c = F.normalize(self.cnn_proj(out.f_cnn).flatten(2).transpose(1, 2), dim=-1)
+        v_s = F.normalize(self.vit_proj(out.tokens).flatten(2).transpose(1, 2), dim=-1)
+        return v_c, v_s
+
+    @staticmethod
+    def logits(m: torch.Tensor) -> torch.Tensor:
+        """(4.6) image logits: GAP over the foreground channels of a CAM."""
+        return m[:, 1:].mean((2, 3))
+
+    def forward(self, x: torch.Tensor, mode: str = "cam"):
+        """``mode="train"``: (CoBraOutputs, v^c, v^s). ``mode="cam"`` (inference, export): image logits (B, K) and
+        raw CAM sources (B, 2K + 1, h, w) (METHODS 4.8).
+
+        Channels ``[:K]`` are the CNN CAM ``M_cnn``, ``[K:2K]`` the ViT CAM weighted by the class-token attention
+        ``A_obj * M_tran`` (4.5), ``[2K]`` is ``A_obj``; all foreground-only and pre-ReLU (post-processing applies
+        the ReLU). Logits average the two branches'.
+        """
+        out = self.branches(x)
+        if mode == "train":
+            return (out, *self.projections(out))
+        if mode != "cam":
+            raise ValueError(f"mode must be 'cam' or 'train', got {mode!r}")
+        a_obj = out.a_obj[:, None]
+        logits = (self.logits(out.m_cnn) + self.logits(out.m_tran)) / 2
+        return logits, torch.cat([out.m_cnn[:, 1:], a_obj * out.m_tran[:, 1:], a_obj], dim=1)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trunks at the base LR, heads at 10x: W_c, W_t and both projections; METHODS 4.7, D13)."""
+        heads = [*self.cnn_classifier.parameters(), *self.cnn_proj.parameters(), *self.vit_classifier.parameters(),
+                 *self.vit_proj.parameters()]  # fmt: skip
+        return [*self.cnn.parameters(), *self.backbone.parameters()], heads
