@@ -143,8 +143,8 @@ def test_ptc_matches_direct_sums():
     torch.manual_seed(0)
     feats = torch.randn(2, 5, 2, 3, dtype=torch.float64)
     label = torch.tensor([[[0, 1, 1], [255, 0, 1]], [[2, 2, 0], [0, 0, 255]]])
-    aff = label_to_aff_mask(label)
-    loss = ptc_loss(feats, aff)
+    aff = label_to_aff_mask(label)  # the (1.7) pair mask, the oracle's pair membership
+    loss = ptc_loss(feats, label)
     pos = neg = 0.0
     n_pos = n_neg = 0
     for b in range(2):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,12 +100,16 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 @click.option("--pretrained", default=None, help="Local backbone weights (.safetensors/.pth); overrides the config's.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.safetensors and its optimizer state.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available).")
-@click.option("--pretrained-cnn", default=None, help="CoBra: local ResNet weights for the CNN branch (.pth/.safetensors).")
+@click.option("--pretrained-cnn", default=None, help="CoBra: local ResNet weights for the CNN branch.")
 @click.option("--no-cap", is_flag=True, help="CoBra ablation: drop the CAP loss (CNN projection, ViT affinity).")
 @click.option("--no-sap", is_flag=True, help="CoBra ablation: drop the SAP loss (ViT projection, CNN pseudo labels).")
 @click.option("--no-cam-loss", is_flag=True, help="CoBra ablation: drop the L1 CAM consistency loss.")
-@click.option("--seed-source", type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]), default=None,
-              help="CoBra: which CAM the seeds come from (default fuse: max((M_cnn + M_tran) / 2, M_tran)).")
+@click.option(
+    "--seed-source",
+    type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]),
+    default=None,
+    help="CoBra: which CAM the seeds come from (default fuse: max((M_cnn + M_tran) / 2, M_tran)).",
+)
 @click.option("--list-configs", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda c, p, v: _list_configs(c, v), help="List the named configs and exit.")  # fmt: skip
 def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device, pretrained_cnn,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .crf import CRF_PRESETS, crf_from_labels
 from .cobra import cobra_seed_maps
+from .crf import CRF_PRESETS, crf_from_labels
 from .multiscale import cam_to_label, multi_scale_cam, normalize_cam
 
 

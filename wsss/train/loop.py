@@ -239,7 +239,7 @@ def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
     }  # fmt: skip
 
 
-def _save(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, meta: dict, step: int) -> int:
+def _save(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, meta: dict, step: int):
     save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
     state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state(),
              "objective": objective.state_dict()}  # fmt: skip

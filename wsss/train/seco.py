@@ -19,7 +19,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.backbone import forward_tokens
 from ..models.seco import ProjectionHead, SeCoNet
 from .seco_crops import crop_and_tag, crop_windows
-from .seco_losses import dense_energy_loss, label_to_aff_mask, lig_loss, lil_loss, ptc_loss, seg_loss
+from .seco_losses import dense_energy_loss, lig_loss, lil_loss, ptc_loss, seg_loss
 from .seco_state import KeyQueue, PrototypeBank, ema_update, loss_weights
 
 ENERGY_SCALE = 1e-7  # lambda_e of (3.21)
@@ -96,7 +96,7 @@ class SeCoObjective(nn.Module):
         small = F.interpolate(aux_cam, size=feats.shape[-2:], mode="bilinear", align_corners=False)
         grid_box = box // (aux_cam.shape[-1] // feats.shape[-1]) if s["ptc_box_rescale"] else box  # quirk Q1.2
         _, label = cam_to_label(small, y, s["bkg"], s["high"], s["low"], grid_box, ignore_mid=True)
-        return ptc_loss(feats, label_to_aff_mask(label))
+        return ptc_loss(feats, label)
 
     def _energy(self, x, seg, box, seg_label) -> torch.Tensor:
         up = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)

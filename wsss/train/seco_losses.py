@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.palette import IGNORE_INDEX
+from ..kernels import masked_ptc
 
 
 def lil_loss(
@@ -100,15 +101,16 @@ def label_to_aff_mask(label: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(eye[None], IGNORE_INDEX)
 
 
-def ptc_loss(feats: torch.Tensor, aff: torch.Tensor) -> torch.Tensor:
+def ptc_loss(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """PTC (3.18): pull same-label token pairs to |cos| = 1, push different-label pairs to 0.
 
-    ``feats`` (B, D, h, w) final-layer tokens ``F_tok``; ``aff`` (B, hw, hw) from ``label_to_aff_mask``.
+    ``L = 1/2 (1 - sum_{R=1} Ccos / (#{R=1} + 1)) + 1/2 sum_{R=0} Ccos / (#{R=0} + 1)``, ``Ccos`` the absolute
+    cosine of the unit tokens, sums over the whole batch.
+    ``feats`` (B, D, h, w) final-layer tokens ``F_tok``; ``labels`` (B, h, w) the aux-CAM token labels ``l_aux``
+    (255 = ignore). The pair mask ``R`` of (1.7) (``label_to_aff_mask``) is implied, never built: the fused
+    ``wsss.kernels.masked_ptc`` (Triton on CUDA) forms the pair classes tile by tile.
     """
-    tokens = F.normalize(feats.flatten(2), dim=1, eps=1e-8)
-    cos = (tokens.transpose(1, 2) @ tokens).abs()
-    pos, neg = (aff == 1).float(), (aff == 0).float()
-    return 0.5 * (1 - (cos * pos).sum() / (pos.sum() + 1)) + 0.5 * (cos * neg).sum() / (neg.sum() + 1)
+    return masked_ptc(feats, labels)
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
