@@ -80,10 +80,19 @@ def aff_loop(label):
     return torch.stack(out)
 
 
+def ptc_loop(feats, labels):
+    """The official PTC: the (B, N, N) pair mask built per image, then masked |cos| sums (METHODS 3.10)."""
+    aff = aff_loop(labels)
+    tokens = torch.nn.functional.normalize(feats.flatten(2), dim=1, eps=1e-8)
+    cos = (tokens.transpose(1, 2) @ tokens).abs()
+    pos, neg = (aff == 1).float(), (aff == 0).float()
+    return 0.5 * (1 - (cos * pos).sum() / (pos.sum() + 1)) + 0.5 * (cos * neg).sum() / (neg.sum() + 1)
+
+
 def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
-    originals = (seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask)
+    originals = (seco.lil_loss, seco.lig_loss, seco.ptc_loss)
     if loop_style:
-        seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask = lil_loop, lig_loop, aff_loop
+        seco.lil_loss, seco.lig_loss, seco.ptc_loss = lil_loop, lig_loop, ptc_loop
     try:
         torch.manual_seed(0)
         model = build_model("seco", cfg["model"], data.num_fg).to(device)
@@ -108,7 +117,7 @@ def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         return {"s_per_step": sum(times[1:]) / steps, "peak_mib": peak}
     finally:
-        seco.lil_loss, seco.lig_loss, seco.label_to_aff_mask = originals
+        seco.lil_loss, seco.lig_loss, seco.ptc_loss = originals
 
 
 def main() -> None:

@@ -168,7 +168,11 @@ def _cam_options(command):
     options = [
         click.option("--scales", default=None, help="CAM scales, e.g. 1.0,0.5,1.5 (default: the checkpoint's)."),
         click.option("--flip/--no-flip", default=True, show_default=True, help="Add horizontally flipped inputs."),
-        click.option("--bkg-thresh", type=float, default=None, help="Background threshold (default: the config)."),
+        click.option("--bkg-thresh", type=float, default=None,
+                     help="Background threshold (default: the config's); for CoBra networks the percentile of the "
+                          "class-token attention that scores background (cam.bg_percentile, e.g. 70)."),
+        click.option("--seed-source", type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]), default=None,
+                     help="CoBra networks: the CAM seeds come from (default: the checkpoint's, fuse)."),
         click.option("--input-size", type=int, default=None,
                      help="Square inference size (default: the checkpoint's); 0 keeps each image's own size."),
         click.option("--batch", default=16, show_default=True, help="Images per forward pass."),
@@ -181,10 +185,10 @@ def _cam_options(command):
     return command
 
 
-def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size):
+def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source):
     """Backend, metadata, CAM settings and dataset of a labeling job, with the dataset's classes checked."""
     runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
-    settings = _settings(meta, scales, flip, bkg_thresh, input_size)
+    settings = _settings(meta, scales, flip, bkg_thresh, input_size, seed_source)
     dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
     if tuple(dataset.classes) != tuple(meta["class_names"]):
         raise click.BadParameter(f"dataset classes {dataset.classes} differ from the network's "
@@ -208,7 +212,8 @@ def _run_labeler(runner, meta, dataset, out, cfg) -> dict:
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
               help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
-def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, input_size, batch, workers, overlays, device):
+def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, batch, workers, overlays,
+        device):  # fmt: skip
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -219,10 +224,64 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, input_size, batc
     """
     from .runtime.labeler import LabelConfig
 
-    job = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip, bkg_thresh, input_size)
+    job = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip, bkg_thresh, input_size, seed_source)
     cfg = LabelConfig(job[2], refine, "masks" if refine != "none" else None, "seeds", batch, workers, overlays=overlays)
     summary = _run_labeler(job[0], job[1], job[3], out, cfg)
     click.echo(f"{summary['ok']} images ({summary['failed']} failed), {summary['images_per_s']} images/s -> {out}")
+
+
+@cli.command("cobra-masks")
+@click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A CoBra checkpoint (wsss train --config cobra-...).")  # fmt: skip
+@click.option("--data", "data_spec", required=True, help=DATA_HELP + " Images need their tags.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--irn", "irn_preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
+              help="IRN schedule: paper (crop 512, batch 32, 4 epochs) or tiny (crop 96, batch 8; CPU).")  # fmt: skip
+@click.option("--irn-epochs", type=int, default=None, help="Override the IRN epochs.")
+@click.option("--irn-pretrained", default=None,
+              help="ImageNet weights for IRN's ResNet (default: the CoBra CNN branch's trained weights).")  # fmt: skip
+@click.option(
+    "--rw-source",
+    type=click.Choice(["tran", "fuse"]),
+    default="tran",
+    show_default=True,
+    help="Map the random walk diffuses: the ViT CAM (official code) or the fused CAM (paper figures).",
+)
+@click.option("--pad-size", default=512, show_default=True, help="IRN inference canvas; images must fit in it.")
+@click.option("--seed", default=0, show_default=True)
+def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, seed) -> None:
+    """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (METHODS 4.9, 4.10).
+
+    \b
+    Example:
+      wsss cobra-masks --ckpt runs/cobra/last.safetensors --data voc:data/synth:train --out runs/cobra/masks \\
+                       --irn tiny
+    Writes OUT/ir_labels/ID.png, OUT/irn.safetensors and OUT/masks/ID.png; rerunning resumes where it stopped.
+    IRN's ResNet has the CoBra CNN's architecture (output stride 16); score the masks with `wsss eval`.
+    """
+    from dataclasses import replace
+
+    from .models import load_model
+    from .models.resnet import ResNetConfig
+    from .train.cobra_masks import fit_irn, write_ir_labels, write_masks
+    from .train.irn import IRNConfig
+
+    model, meta = load_model(ckpt)
+    if meta["method"] != "cobra":
+        raise click.BadParameter(f"{ckpt} is a {meta['method']} checkpoint, not CoBra", param_hint="--ckpt")
+    data = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
+    scales = meta["config"]["cam"]["scales"]
+    trunk = replace(ResNetConfig.from_dict(meta["model"]["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
+    cfg = (IRNConfig.tiny if irn_preset == "tiny" else IRNConfig)(backbone=trunk, pretrained=irn_pretrained,
+                                                                 num_classes=data.num_classes)  # fmt: skip
+    if irn_epochs:
+        cfg = replace(cfg, epochs=irn_epochs)
+    write_ir_labels(model, data, out / "ir_labels", scales)
+    irn = out / "irn.safetensors"
+    if not irn.is_file():
+        fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)
+    write_masks(model, irn, data, out / "masks", scales, rw_source, pad_size)
+    click.echo(f"masks -> {out / 'masks'}")
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -367,6 +426,7 @@ def label(
     scales,
     flip,
     bkg_thresh,
+    seed_source,
     input_size,
     batch,
     workers,
@@ -394,7 +454,7 @@ def label(
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     runner, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip,
-                                               bkg_thresh, input_size)  # fmt: skip
+                                               bkg_thresh, input_size, seed_source)  # fmt: skip
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
                       save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet)  # fmt: skip
@@ -437,17 +497,20 @@ def _open_backend(ckpt, engine, backend, device, use_compile):
         raise click.BadParameter(str(err)) from None
 
 
-def _settings(meta, scales, flip, bkg_thresh, input_size):
+def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
     from .cam.infer import CAMSettings
 
-    base = meta["config"]["cam"]
-    return CAMSettings(**{
-        **base,
-        "input_size": base["input_size"] if input_size is None else (input_size or None),
-        "scales": _floats(scales) if scales else tuple(base["scales"]),
-        "flip": flip,
-        "bkg_thresh": base["bkg_thresh"] if bkg_thresh is None else bkg_thresh,
-    })  # fmt: skip
+    settings = {**meta["config"]["cam"], "flip": flip}
+    settings["input_size"] = settings["input_size"] if input_size is None else (input_size or None)
+    settings["scales"] = _floats(scales) if scales else tuple(settings["scales"])
+    cobra = settings.get("source") is not None
+    if bkg_thresh is not None:
+        settings["bg_percentile" if cobra else "bkg_thresh"] = bkg_thresh
+    if seed_source is not None:
+        if not cobra:
+            raise click.BadParameter("only CoBra networks have several seed sources", param_hint="--seed-source")
+        settings["source"] = seed_source
+    return CAMSettings(**settings)
 
 
 @cli.command()

@@ -1,0 +1,232 @@
+"""Fused kernels (wsss.kernels) against their vectorised PyTorch references and the official loop-style code.
+
+Per kernel and shape: median time (forward + backward for the losses) and peak extra memory
+(``torch.cuda.max_memory_allocated`` above the inputs, CUDA only; on CPU it is reported as n/a, not estimated)
+of the Triton kernel, the vectorised reference and, for CoBra's losses, the official per-patch loop
+(``official_loops.py``). The loss pipelines share the index construction (pseudo labels, ``torch.topk``), so all
+three compute the same number; the largest difference to the reference is reported as a check.
+
+    python benchmarks/bench_kernels.py --quick --threads 1   # small shapes on CPU, ~15 s (no Triton: needs CUDA);
+                                                             # one thread keeps timings stable on a shared CPU
+    python benchmarks/bench_kernels.py --device cuda         # paper shapes: N = 196/784, B = 8, D up to 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import write_result
+from official_loops import official_cap_loop, official_sap_loop
+from wsss.kernels import cam_postprocess, masked_ptc, patch_infonce
+from wsss.kernels.dispatch import triton_available
+
+NA_TRITON = "n/a (needs CUDA)"
+BACKENDS = {"triton": "triton", "reference": "torch"}  # column -> wsss.kernels backend
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str  # "sap", "cap", "masked_ptc" or "cam_post"
+    shape: dict
+
+
+def paper_cases() -> list[Case]:
+    """CoBra: B = 8, 14x14 (224 crop) and 28x28 grids, k 20/5 (SAP) and 5/20 (CAP); SeCo PTC at 28x28 (448 crop),
+    D = 768; seeds: 7 scales x 2 flips, 20 classes, ~400 px (CoBra), 4 scales at 448 px (SeCo)."""
+    cases = [Case("sap", dict(b=8, h=s, w=s, d=d, c=20, k_pos=20, k_neg=5)) for s in (14, 28) for d in (256, 768)]
+    cases += [Case("cap", dict(b=8, h=s, w=s, d=d, k_pos=5, k_neg=20)) for s in (14, 28) for d in (128, 256)]
+    cases += [Case("masked_ptc", dict(b=b, h=s, w=s, d=768)) for b, s in ((8, 14), (4, 28), (8, 28))]
+    cases += [
+        Case("cam_post", dict(s=4, f=2, b=8, k=20, h=448, w=448, flip_merge="max", norm="minmax", fuse=False)),
+        Case("cam_post", dict(s=7, f=2, b=1, k=20, h=400, w=400, flip_merge="sum", norm="max", fuse=True)),
+        Case("cam_post", dict(s=7, f=2, b=8, k=20, h=400, w=400, flip_merge="sum", norm="max", fuse=True)),
+    ]
+    return cases
+
+
+def quick_cases() -> list[Case]:
+    """Small shapes for a CPU smoke run."""
+    return [
+        Case("sap", dict(b=2, h=7, w=7, d=64, c=20, k_pos=20, k_neg=5)),
+        Case("cap", dict(b=2, h=7, w=7, d=64, k_pos=5, k_neg=20)),
+        Case("masked_ptc", dict(b=2, h=7, w=7, d=64)),
+        Case("cam_post", dict(s=2, f=2, b=2, k=5, h=64, w=64, flip_merge="sum", norm="max", fuse=True)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------- workloads
+
+
+def sap_vectorised(v_s, m_cnn, labels, k_pos, k_neg, tau, backend):
+    """cll_v1 semantics without loops: per-class top/bottom-k of the raw CAM, gathered by each patch's class."""
+    b, _, h, w = m_cnn.shape
+    y_bg = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
+    pseudo = torch.softmax(m_cnn * y_bg[:, :, None, None], dim=1).argmax(1).flatten(1)  # (B, N)
+    cam = m_cnn.flatten(2)  # (B, C+1, N)
+    index = pseudo[:, :, None]
+    pos = cam.topk(k_pos, dim=-1).indices.gather(1, index.expand(-1, -1, k_pos))
+    neg = cam.topk(k_neg, dim=-1, largest=False).indices.gather(1, index.expand(-1, -1, k_neg))
+    v = v_s.flatten(2).transpose(1, 2)
+    return patch_infonce(v, pos, neg, tau, "code", backend=backend).sum() / (h * w * b * k_pos)
+
+
+def cap_vectorised(v_c, affinity, k_pos, k_neg, tau, backend):
+    """cll_v2 semantics without loops."""
+    b, _, h, w = v_c.shape
+    pos = affinity.topk(k_pos, dim=-1).indices
+    neg = affinity.topk(k_neg, dim=-1, largest=False).indices
+    v = v_c.flatten(2).transpose(1, 2)
+    return patch_infonce(v, pos, neg, tau, "paper", backend=backend).sum() / (h * w * b * k_pos)
+
+
+def loss_workloads(case: Case, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> closure running forward + backward and returning the loss value."""
+    p, g = case.shape, torch.Generator(device="cpu").manual_seed(0)
+    v = F.normalize(torch.randn(p["b"], p["d"], p["h"], p["w"], generator=g), dim=1).to(device).requires_grad_(True)
+
+    def step(loss_fn):
+        def run():
+            loss = loss_fn()
+            torch.autograd.grad(loss.sum(), v)
+            return loss.detach().reshape(())
+
+        return run
+
+    if case.kernel == "sap":
+        m_cnn = torch.randn(p["b"], p["c"] + 1, p["h"], p["w"], generator=g).to(device)
+        labels = (torch.rand(p["b"], p["c"], generator=g) < 0.15).float().to(device)
+        args = (m_cnn, labels, p["k_pos"], p["k_neg"], 0.1)
+        runs = {name: step(lambda be=be: sap_vectorised(v, *args, be)) for name, be in BACKENDS.items()}
+        runs["official"] = step(lambda: official_sap_loop(v, *args))
+    elif case.kernel == "cap":
+        n = p["h"] * p["w"]
+        affinity = torch.rand(p["b"], n, n, generator=g).to(device)
+        args = (affinity, p["k_pos"], p["k_neg"], 0.1)
+        runs = {name: step(lambda be=be: cap_vectorised(v, *args, be)) for name, be in BACKENDS.items()}
+        runs["official"] = step(lambda: official_cap_loop(v, *args))
+    else:  # masked_ptc
+        labels = torch.randint(0, 4, (p["b"], p["h"], p["w"]), generator=g)
+        labels = labels.masked_fill(labels == 3, 255).to(device)
+        runs = {name: step(lambda be=be: masked_ptc(v, labels, backend=be)) for name, be in BACKENDS.items()}
+    return runs
+
+
+def cam_workloads(case: Case, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+    p, g = case.shape, torch.Generator(device="cpu").manual_seed(0)
+    size = (p["s"], p["f"], p["b"], p["k"], p["h"], p["w"])
+    cams = torch.randn(size, generator=g).to(device)
+    cams2 = torch.randn(size, generator=g).to(device) if p["fuse"] else None
+    tags = (torch.rand(p["b"], p["k"], generator=g) < 0.2).float().to(device)
+
+    def run(backend):
+        return lambda: cam_postprocess(cams, tags, 0.5, p["flip_merge"], p["norm"], cams2, backend=backend)[2].sum()
+
+    return {name: run(be) for name, be in BACKENDS.items()}
+
+
+# ------------------------------------------------------------------------------------------- measurement
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> dict:
+    """Median milliseconds over ``repeats`` runs after one warm-up, the value, and peak extra MiB (CUDA)."""
+    value = float(fn())  # warm-up (Triton compiles here)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak = None
+    if device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(repeats):
+        sync()
+        tic = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - tic) * 1e3)
+    return {"ms": statistics.median(times), "peak_mib": peak, "value": value}
+
+
+def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
+    runs = cam_workloads(case, device) if case.kernel == "cam_post" else loss_workloads(case, device)
+    if device.type != "cuda" or not triton_available():
+        runs.pop("triton")
+    results = {name: measure(fn, device, repeats) for name, fn in runs.items()}
+    ref = results["reference"]["value"]
+    check = max(abs(r["value"] - ref) / max(1.0, abs(ref)) for r in results.values())
+    row = {"kernel": case.kernel, "shape": case.shape, "results": results, "max_rel_diff_vs_reference": check}
+    for other in ("reference", "official"):
+        if "triton" in results and other in results:
+            row[f"{other}_over_triton"] = results[other]["ms"] / results["triton"]["ms"]
+    if "official" in results:
+        row["official_over_reference"] = results["official"]["ms"] / results["reference"]["ms"]
+    return row
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _fmt(results: dict, name: str, key: str) -> str:
+    if name not in results:
+        return NA_TRITON if name == "triton" else "-"
+    value = results[name][key]
+    if value is None:
+        return "n/a (CPU)"
+    return f"{value:.2f}" if key == "ms" else f"{value:.1f}"
+
+
+def _shape_text(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["kernel", "shape", "triton ms", "ref ms", "official ms", "ref/triton", "official/triton",
+              "official/ref", "triton MiB", "ref MiB", "official MiB", "max rel diff"]  # fmt: skip
+    lines = []
+    for row in rows:
+        r = row["results"]
+        ratio = [f"{row[k]:.1f}x" if k in row else ("n/a" if "triton" in k else "-")
+                 for k in ("reference_over_triton", "official_over_triton", "official_over_reference")]  # fmt: skip
+        lines.append([row["kernel"], _shape_text(row["shape"]), _fmt(r, "triton", "ms"), _fmt(r, "reference", "ms"),
+                      _fmt(r, "official", "ms"), *ratio, _fmt(r, "triton", "peak_mib"),
+                      _fmt(r, "reference", "peak_mib"), _fmt(r, "official", "peak_mib"),
+                      f"{row['max_rel_diff_vs_reference']:.1e}"])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+    for line in [header, ["-" * w for w in widths], *lines]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes (a CPU smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3 quick, 10)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 10)
+    cases = quick_cases() if args.quick else paper_cases()
+    rows = []
+    for case in cases:
+        print(f"{case.kernel} {_shape_text(case.shape)} ...", flush=True)
+        rows.append(bench_case(case, device, repeats))
+    print()
+    print_table(rows)
+    name = f"bench_kernels_{device.type}{'_quick' if args.quick else ''}"
+    write_result(name, {"quick": args.quick, "repeats": repeats, "triton_column": "n/a (needs CUDA)"
+                        if device.type != "cuda" else "triton", "rows": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

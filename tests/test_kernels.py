@@ -1,0 +1,363 @@
+"""wsss.kernels: each Triton kernel against its PyTorch reference, each reference against the METHODS formulas.
+
+The Triton paths run on CUDA or, on CPU, under the Triton interpreter (``TRITON_INTERPRET=1``, which ``make test``
+sets before Python starts); without either they are skipped. Shapes stay small: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.cam.multiscale import cam_to_label, multi_scale_cam, scaled_size
+from wsss.kernels import (
+    backend_for,
+    cam_postprocess,
+    cam_postprocess_reference,
+    masked_ptc,
+    masked_ptc_reference,
+    pair_counts,
+    patch_infonce,
+    patch_infonce_reference,
+)
+from wsss.kernels.dispatch import interpreter_enabled, triton_available
+from wsss.train.seco_losses import label_to_aff_mask
+
+# Tolerances, relative to the largest magnitude of the expected tensor (max |a - b| <= REL * max(1, max |b|)).
+FP32_VALUE_REL = 1e-5  # fp32 (or fp16/bf16 inputs with fp32 accumulation): values
+FP32_GRAD_REL = 1e-5  # fp32 gradients (atomic/blocked summation orders differ from the reference)
+HALF_GRAD_REL = 1e-2  # fp16/bf16 gradients: both sides accumulate in fp32, then round to the input dtype
+ORACLE_REL = 1e-10  # float64 reference against the per-anchor / per-pair Python transcriptions
+CAM_ABS = 1e-6  # normalised CAMs in [0, 1): the Triton path repeats the reference's fp32 operations in order
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNS = triton_available() and (DEVICE.type == "cuda" or interpreter_enabled())
+requires_triton = pytest.mark.skipif(
+    not TRITON_RUNS,
+    reason="Triton kernels need `import triton` and a CUDA device, or TRITON_INTERPRET=1 set before Python starts "
+    "(make test sets it)",
+)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all()
+    err = (actual - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert err <= rel * scale, f"max error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def grad_rel(dtype: torch.dtype) -> float:
+    return HALF_GRAD_REL if dtype in HALF_DTYPES else FP32_GRAD_REL
+
+
+# ---------------------------------------------------------------------------------------------- patch_infonce
+
+
+def infonce_inputs(b, n, d, kp, kn, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = F.normalize(torch.randn(b, n, d, generator=g, dtype=torch.float64), dim=-1)
+    pos = torch.randint(0, n, (b, n, kp), generator=g)  # duplicates included: key gradients collide
+    neg = torch.randint(0, n, (b, n, kn), generator=g)
+    weight = torch.rand(b, n, generator=g, dtype=torch.float64) + 0.5  # a non-uniform upstream gradient
+    return v.to(DEVICE, dtype), pos.to(DEVICE), neg.to(DEVICE), weight.to(DEVICE)
+
+
+def infonce_loop(v, pos, neg, tau, neg_mode):
+    """(4.8)-(4.13) one anchor and one positive at a time: -log(X_ij / (X_ij + Y_i))."""
+    out = torch.zeros(v.shape[:2], dtype=v.dtype)
+    for b in range(v.shape[0]):
+        for i in range(v.shape[1]):
+            if neg_mode == "paper":
+                y = sum(torch.exp(v[b, i] @ v[b, k] / tau) for k in neg[b, i].tolist())
+            else:  # cll_v1: exp before /tau (D2)
+                y = sum(torch.exp(v[b, i] @ v[b, k]) / tau for k in neg[b, i].tolist())
+            for j in pos[b, i].tolist():
+                x = torch.exp(v[b, i] @ v[b, j] / tau)
+                out[b, i] = out[b, i] - torch.log(x / (x + y))
+    return out
+
+
+@pytest.mark.parametrize("neg_mode", ["paper", "code"])
+def test_patch_infonce_reference_matches_per_anchor_loop(neg_mode):
+    v, pos, neg, weight = (t.cpu() for t in infonce_inputs(2, 5, 3, 2, 3, torch.float64))
+    v.requires_grad_(True)
+    got = patch_infonce_reference(v, pos, neg, 0.1, neg_mode)
+    (grad,) = torch.autograd.grad((got * weight).sum(), v)
+    want = infonce_loop(v, pos, neg, 0.1, neg_mode)
+    (want_grad,) = torch.autograd.grad((want * weight).sum(), v)
+    assert_close_rel(got, want, ORACLE_REL)
+    assert_close_rel(grad, want_grad, ORACLE_REL)
+
+
+def test_patch_infonce_code_and_paper_modes_differ_only_through_tau():
+    v, pos, neg, _ = infonce_inputs(1, 6, 4, 2, 3, torch.float64)
+    paper, code = (patch_infonce_reference(v, pos, neg, 0.1, m) for m in ("paper", "code"))
+    assert (paper - code).abs().max() > 1e-3
+    # at tau = 1 exp(x)/tau == exp(x/tau): the modes coincide
+    assert_close_rel(patch_infonce_reference(v, pos, neg, 1.0, "code"), patch_infonce_reference(v, pos, neg, 1.0),
+                     ORACLE_REL)  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("shape", "dtype", "neg_mode"),
+    [
+        ((1, 37, 24, 1, 5), torch.float32, "paper"),  # batch 1, Kp = 1, N not a multiple of the anchor block
+        ((3, 45, 130, 4, 7), torch.float32, "code"),  # D not a power of two, several anchor blocks
+        ((3, 45, 130, 4, 7), torch.float32, "paper"),
+        ((2, 33, 16, 3, 2), torch.float16, "paper"),
+        ((2, 33, 16, 3, 2), torch.bfloat16, "code"),
+    ],
+)
+def test_patch_infonce_triton_matches_reference(shape, dtype, neg_mode):
+    v, pos, neg, weight = infonce_inputs(*shape, dtype=dtype)
+    v.requires_grad_(True)
+    want = patch_infonce(v, pos, neg, 0.1, neg_mode, backend="torch")
+    (want_grad,) = torch.autograd.grad((want * weight).sum(), v)
+    got = patch_infonce(v, pos, neg, 0.1, neg_mode, backend="triton")
+    (grad,) = torch.autograd.grad((got * weight).sum(), v)
+    assert got.dtype == torch.float32 and got.shape == shape[:2] and grad.dtype == dtype
+    assert_close_rel(got, want, FP32_VALUE_REL)
+    assert_close_rel(grad, want_grad, grad_rel(dtype))
+
+
+def test_patch_infonce_rejects_bad_inputs():
+    v, pos, neg, _ = infonce_inputs(2, 5, 3, 2, 3)
+    with pytest.raises(ValueError, match="pos_idx"):
+        patch_infonce(v, pos[:1], neg, 0.1)
+    with pytest.raises(IndexError, match="neg_idx"):
+        patch_infonce(v, pos, neg + 5, 0.1)
+    with pytest.raises(TypeError, match="integer"):
+        patch_infonce(v, pos.float(), neg, 0.1)
+    with pytest.raises(ValueError, match="neg_mode"):
+        patch_infonce(v, pos, neg, 0.1, "exp")
+    with pytest.raises(ValueError, match="tau"):
+        patch_infonce(v, pos, neg, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------- masked_ptc
+
+
+def ptc_with_pair_mask(feats, labels):
+    """(3.18) through the (B, hw, hw) int64 mask of (1.7): the pre-kernel ``ptc_loss(feats, label_to_aff_mask(l))``."""
+    aff = label_to_aff_mask(labels)
+    tokens = F.normalize(feats.flatten(2), dim=1, eps=1e-8)
+    cos = (tokens.transpose(1, 2) @ tokens).abs()
+    pos, neg = (aff == 1).to(cos.dtype), (aff == 0).to(cos.dtype)
+    return 0.5 * (1 - (cos * pos).sum() / (pos.sum() + 1)) + 0.5 * (cos * neg).sum() / (neg.sum() + 1)
+
+
+def ptc_inputs(b, d, h, w, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (b, h, w), generator=g)
+    labels[labels == 3] = 255
+    if b > 1:  # an image whose tokens all differ: no positive pair at all
+        labels[1] = torch.arange(h * w).reshape(h, w) % 250
+    if b > 2:  # an image that is entirely ignored
+        labels[2] = 255
+    return feats.to(DEVICE, dtype), labels.to(DEVICE)
+
+
+def test_masked_ptc_reference_matches_pair_mask_formula():
+    feats, labels = (t.cpu() for t in ptc_inputs(3, 6, 4, 5, torch.float64))
+    feats.requires_grad_(True)
+    got = masked_ptc_reference(feats, labels)
+    (grad,) = torch.autograd.grad(got, feats)
+    want = ptc_with_pair_mask(feats, labels)
+    (want_grad,) = torch.autograd.grad(want, feats)
+    assert_close_rel(got, want, ORACLE_REL)
+    assert_close_rel(grad, want_grad, ORACLE_REL)
+
+
+def test_pair_counts_match_the_pair_mask():
+    _, labels = ptc_inputs(3, 2, 5, 6)
+    aff = label_to_aff_mask(labels)
+    n_pos, n_neg = pair_counts(labels.flatten(1))
+    assert (n_pos.item(), n_neg.item()) == ((aff == 1).sum().item(), (aff == 0).sum().item())
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((1, 16, 5, 7), torch.float32),  # one partial token tile
+        ((3, 40, 9, 11), torch.float32),  # 99 tokens: several tiles, the diagonal ones partial; D not a multiple
+        ((3, 40, 9, 11), torch.float16),
+        ((2, 24, 6, 6), torch.bfloat16),
+    ],
+)
+def test_masked_ptc_triton_matches_reference(shape, dtype):
+    feats, labels = ptc_inputs(*shape, dtype=dtype)
+    feats.requires_grad_(True)
+    want = masked_ptc(feats, labels, backend="torch")
+    (want_grad,) = torch.autograd.grad(want, feats)
+    got = masked_ptc(feats, labels, backend="triton")
+    (grad,) = torch.autograd.grad(got, feats)
+    assert got.dtype == torch.float32 and got.dim() == 0 and grad.dtype == dtype
+    assert_close_rel(got, want, FP32_VALUE_REL)
+    assert_close_rel(grad, want_grad, grad_rel(dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_masked_ptc_all_ignored_is_the_zero_count_value(backend):
+    feats = torch.randn(2, 8, 3, 4, device=DEVICE, requires_grad=True)
+    labels = torch.full((2, 3, 4), 255, device=DEVICE)
+    loss = masked_ptc(feats, labels, backend=backend)
+    (grad,) = torch.autograd.grad(loss, feats)
+    assert loss.item() == 0.5  # 1/2 (1 - 0/1) + 1/2 0/1
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_masked_ptc_accepts_flat_tokens_and_rejects_mismatches():
+    feats, labels = ptc_inputs(2, 5, 3, 4)
+    flat = masked_ptc(feats.flatten(2), labels.flatten(1), backend="torch")
+    assert flat.item() == pytest.approx(masked_ptc(feats, labels, backend="torch").item(), rel=1e-6)
+    with pytest.raises(ValueError, match="token grid"):
+        masked_ptc(feats, labels[:, :2])
+    with pytest.raises(ValueError, match="integer"):
+        masked_ptc(feats, labels.float())
+
+
+# --------------------------------------------------------------------------------------------- cam_postprocess
+
+
+class _ConvCAM(nn.Module):
+    """A stand-in CAM network for ``multi_scale_cam``: a 1x1 convolution, (logits, cams)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 1)
+
+    def forward(self, x):
+        a = self.conv(x)
+        return a.amax((2, 3)), a
+
+
+def aligned_stack(model, x, scales):
+    """(S, 2, B, K, H, W): each scale's CAMs of the image and of its flip, resized to (H, W), flip undone."""
+    b, _, h, w = x.shape
+    out = []
+    for s in [1.0, *[s for s in scales if s != 1.0]]:
+        xs = x if s == 1.0 else F.interpolate(x, scaled_size((h, w), s, 1), mode="bilinear", align_corners=False)
+        a = F.interpolate(model(torch.cat([xs, xs.flip(-1)]))[1], size=(h, w), mode="bilinear", align_corners=False)
+        out.append(torch.stack([a[:b], a[b:].flip(-1)]))
+    return torch.stack(out)
+
+
+def test_cam_postprocess_reference_matches_the_multiscale_pipeline():
+    torch.manual_seed(0)
+    model, x = _ConvCAM(5).eval(), torch.randn(2, 3, 12, 16)
+    tags = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]], dtype=torch.float32)
+    scales = (1.0, 0.5, 1.5)
+    with torch.no_grad():
+        want_cam, _ = multi_scale_cam(model, x, scales, flip=True)
+        _, want_label = cam_to_label(want_cam, tags, 0.4)
+        got_cam, label, conf = cam_postprocess_reference(aligned_stack(model, x, scales), tags, 0.4, "max", "minmax",
+                                                         return_cams=True)  # fmt: skip
+    assert_close_rel(got_cam, want_cam, CAM_ABS)
+    assert torch.equal(label, want_label)
+    assert torch.equal(conf, (tags[:, :, None, None] * want_cam).amax(1).clamp_min(0.4))
+
+
+def test_cam_postprocess_fusion_is_cobra_4_19():
+    torch.manual_seed(1)
+    cams, cams2 = torch.randn(2, 2, 1, 3, 5, 6, 2).unbind(-1)
+    tags = torch.ones(1, 3)
+    m1, _, _ = cam_postprocess_reference(cams, tags, 0.5, "sum", "max", return_cams=True)
+    m2, _, _ = cam_postprocess_reference(cams2, tags, 0.5, "sum", "max", return_cams=True)
+    fused, _, _ = cam_postprocess_reference(cams, tags, 0.5, "sum", "max", cams2, return_cams=True)
+    assert torch.equal(fused, torch.maximum((m1 + m2) / 2, m2))
+    assert_close_rel(fused, (torch.maximum(m1, m2) + m2) / 2, CAM_ABS)  # the code's form (D14)
+    m = cams.relu().sum((0, 1))  # (4.17): flip sum, scale sum, then M / (max M + 1e-5)
+    assert_close_rel(m1, m / (m.amax((2, 3), keepdim=True) + 1e-5), CAM_ABS)
+
+
+def cam_inputs(shape, dtype, seed=0, fuse=False):
+    """Random CAMs with ties built in: class 2 repeats class 1 (both tagged) and image 0 has no tag at all."""
+    s, f, b, k, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    cams = torch.randn(shape, generator=g)
+    cams[:, :, :, 2] = cams[:, :, :, 1]
+    tags = (torch.rand(b, k, generator=g) < 0.5).float()
+    tags[:, 1:3] = 1
+    tags[0] = 0
+    cams2 = None
+    if fuse:
+        cams2 = torch.randn(shape, generator=g)
+        cams2[:, :, :, 2] = cams2[:, :, :, 1]
+        cams2 = cams2.to(DEVICE, dtype)
+    return cams.to(DEVICE, dtype), tags.to(DEVICE), cams2
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("shape", "dtype", "flip_merge", "norm", "fuse"),
+    [
+        ((2, 2, 1, 4, 9, 13), torch.float32, "max", "minmax", False),  # SeCo; fewer pixels than a block
+        ((3, 2, 3, 4, 33, 35), torch.float32, "sum", "max", True),  # CoBra with fusion; several pixel blocks
+        ((2, 1, 3, 5, 7, 9), torch.float16, "max", "max", False),  # no flip
+        ((2, 2, 2, 4, 8, 8), torch.bfloat16, "sum", "minmax", True),
+    ],
+)
+def test_cam_postprocess_triton_matches_reference(shape, dtype, flip_merge, norm, fuse):
+    cams, tags, cams2 = cam_inputs(shape, dtype, fuse=fuse)
+    b = shape[2]
+    for bkg in (0.45, torch.linspace(-0.05, 0.6, b, device=DEVICE)):  # a threshold, then per-image scores
+        want = cam_postprocess(cams, tags, bkg, flip_merge, norm, cams2, return_cams=True, backend="torch")
+        got = cam_postprocess(cams, tags, bkg, flip_merge, norm, cams2, return_cams=True, backend="triton")
+        assert got[1].dtype == torch.int64 and got[2].dtype == torch.float32 and got[0].dtype == torch.float32
+        assert_close_rel(got[0], want[0], CAM_ABS)
+        assert torch.equal(got[1], want[1])
+        assert_close_rel(got[2], want[2], CAM_ABS)
+        assert not (got[1] == 3).any()  # class 3 (index 2) only ties class 2, which comes first
+    _, label, _ = cam_postprocess(cams, tags, -0.05, flip_merge, norm, cams2, backend="triton")
+    assert (label[0] == 1).all()  # no tag: every class ties at 0 > bkg, the first one wins
+
+
+@requires_triton
+def test_cam_postprocess_background_wins_ties():
+    cams, tags, _ = cam_inputs((2, 2, 2, 3, 6, 7), torch.float32, seed=3)
+    _, label, conf = cam_postprocess(cams, tags, 0.0, backend="torch")
+    bkg = conf.flatten(1)[:, 5].clone()  # each image's best class score at pixel 5 becomes its background score
+    for backend in ("torch", "triton"):
+        _, label, _ = cam_postprocess(cams, tags, bkg, return_cams=False, backend=backend)
+        assert (label.flatten(1)[:, 5] == 0).all()
+
+
+def test_cam_postprocess_without_cams_and_bad_inputs():
+    cams, tags, _ = cam_inputs((1, 2, 2, 3, 4, 5), torch.float32)
+    maps, label, conf = cam_postprocess(cams, tags, 0.5)
+    assert maps is None and label.shape == conf.shape == (2, 4, 5)
+    with pytest.raises(ValueError, match="tags"):
+        cam_postprocess(cams, tags[:, :2], 0.5)
+    with pytest.raises(ValueError, match="F = 1 or 2"):
+        cam_postprocess(torch.cat([cams, cams[:, :1]], 1), tags, 0.5)
+    with pytest.raises(ValueError, match="flip_merge"):
+        cam_postprocess(cams, tags, 0.5, flip_merge="mean")
+    with pytest.raises(ValueError, match="one score per image"):
+        cam_postprocess(cams, tags, torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+
+
+def test_backend_for_rules(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("WSSS_KERNELS", raising=False)
+    assert backend_for(cpu) == "torch"  # automatic: Triton only when every tensor is on CUDA
+    assert backend_for(cpu, backend="torch") == "torch"
+    monkeypatch.setenv("WSSS_KERNELS", "torch")
+    assert backend_for(cpu) == "torch"
+    monkeypatch.setenv("WSSS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="WSSS_KERNELS"):
+        backend_for(cpu)
+    with pytest.raises(ValueError, match="backend"):
+        backend_for(cpu, backend="numba")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError):
+        backend_for(cpu, backend="triton")  # no CUDA and no interpreter (or no triton at all)

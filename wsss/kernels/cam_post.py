@@ -1,0 +1,217 @@
+"""CAM post-processing in one pass: flip merge, scale sum, normalisation, optional CoBra fusion, labels.
+
+Per source (``cams``, and ``cams2`` when given), with every map already resized to (H, W) and flips aligned:
+
+* (1.3)/(1.4) SeCo: ``M = sum_s ReLU(max(A_s, A'_s))`` (``flip_merge="max"``); (4.8)/(4.17) CoBra:
+  ``M = sum_s ReLU(A_s) + ReLU(A'_s)`` (``flip_merge="sum"``);
+* (1.5) ``norm="minmax"``: ``M <- (M - min_p M) / (max_p(M - min_p M) + 1e-5)`` per (b, k); (4.17) ``norm="max"``:
+  ``M <- M / (max_p M + 1e-5)``;
+* (4.19) with ``cams2``: ``M_fuse = max((M1 + M2) / 2, M2)``, ``M1`` from ``cams`` (CNN), ``M2`` from ``cams2`` (ViT);
+* (1.6) ``V = y * M``; ``label = argmax_k V + 1`` (first index on ties), ``0`` where ``max_k V <= bkg`` (the
+  background wins ties), ``conf = max(max_k V, bkg)``. ``bkg`` is a threshold ``tau_bkg`` or per-image background
+  scores (B,) such as CoBra's attention percentile ``b(theta)`` (4.20).
+
+The Triton path makes one reduction pass for the per-(b, k) extrema and one elementwise pass writing label,
+confidence and, on request, the normalised maps; the (S, F) stack is read twice and no intermediate map is
+stored. Inference only: nothing here is differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import backend_for, check_launch, triton_module
+
+triton = triton_module()
+if triton is not None:
+    import triton.language as tl
+
+NORM_EPS = 1e-5
+FLIP_MERGES = ("max", "sum")
+NORMS = ("minmax", "max")
+BLOCK = 1024  # pixels per program
+
+
+@torch.no_grad()
+def cam_postprocess(
+    cams: torch.Tensor,
+    tags: torch.Tensor,
+    bkg: float | torch.Tensor,
+    flip_merge: str = "max",
+    norm: str = "minmax",
+    cams2: torch.Tensor | None = None,
+    return_cams: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Fused CAM -> (normalised maps or None, label, confidence) (module docstring).
+
+    Args:
+        cams: (S, F, B, K, H, W) CAMs of S scales and F = 1 or 2 aligned flips, resized to (H, W).
+        tags: (B, K) multi-hot image labels ``y``.
+        bkg: background threshold (float) or per-image background scores, a (B,) tensor.
+        flip_merge: ``"max"`` (SeCo) or ``"sum"`` (CoBra); norm: ``"minmax"`` (SeCo 1.5) or ``"max"`` (CoBra 4.17).
+        cams2: optional second source (the ViT CAMs of CoBra), same shape, fused with (4.19).
+        return_cams: also return the normalised (fused) maps (B, K, H, W) float32.
+        backend: ``"triton"``, ``"torch"`` or None (automatic, see ``wsss.kernels.dispatch``).
+
+    Returns:
+        (maps or None, label (B, H, W) int64, conf (B, H, W) float32).
+    """
+    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2)
+    inputs = [t for t in (cams, tags, cams2) if t is not None]
+    if backend_for(*inputs, backend=backend) == "torch":
+        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
+    return _triton(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
+
+
+def cam_postprocess_reference(
+    cams: torch.Tensor,
+    tags: torch.Tensor,
+    bkg: float | torch.Tensor,
+    flip_merge: str = "max",
+    norm: str = "minmax",
+    cams2: torch.Tensor | None = None,
+    return_cams: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The PyTorch reference and CPU path of ``cam_postprocess``."""
+    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2)
+    with torch.no_grad():
+        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
+
+
+def _check_inputs(cams, tags, bkg, flip_merge, norm, cams2) -> torch.Tensor:
+    """Validate; return the background as a (B,) float32 tensor on the CAMs' device."""
+    if cams.dim() != 6 or not cams.is_floating_point() or cams.shape[1] not in (1, 2):
+        raise ValueError(f"cams must be a floating (S, F, B, K, H, W) tensor with F = 1 or 2, got {cams.dtype} of "
+                         f"shape {tuple(cams.shape)}")  # fmt: skip
+    if cams2 is not None and (cams2.shape != cams.shape or not cams2.is_floating_point()):
+        raise ValueError(f"cams2 must be floating with the shape of cams {tuple(cams.shape)}, got {cams2.dtype} "
+                         f"of shape {tuple(cams2.shape)}")  # fmt: skip
+    b, k = cams.shape[2:4]
+    if tags.shape != (b, k):
+        raise ValueError(f"tags must be (B, K) = ({b}, {k}), got {tuple(tags.shape)}")
+    if flip_merge not in FLIP_MERGES:
+        raise ValueError(f"flip_merge must be 'max' or 'sum', got {flip_merge!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'minmax' or 'max', got {norm!r}")
+    for name, t in (("tags", tags), ("cams2", cams2), ("bkg", bkg)):
+        if isinstance(t, torch.Tensor) and t.device != cams.device:
+            raise ValueError(f"{name} is on {t.device} but cams on {cams.device}")
+    if isinstance(bkg, torch.Tensor):
+        if bkg.shape != (b,):
+            raise ValueError(f"a tensor bkg must hold one score per image, shape ({b},), got {tuple(bkg.shape)}")
+        return bkg.to(torch.float32)
+    return torch.full((b,), float(bkg), dtype=torch.float32, device=cams.device)
+
+
+def _reference(cams, tags, bkg, flip_merge, norm, cams2, return_cams):
+    m = _merged(cams, flip_merge, norm)
+    if cams2 is not None:
+        m2 = _merged(cams2, flip_merge, norm)
+        m = torch.maximum((m + m2) / 2, m2)  # (4.19)
+    valid = tags[:, :, None, None].to(m.dtype) * m  # (1.6) V
+    value, idx = valid.max(dim=1)  # the first maximal index on ties
+    bkg = bkg[:, None, None]
+    label = torch.where(value <= bkg, 0, idx + 1)
+    return (m if return_cams else None), label, torch.maximum(value, bkg)
+
+
+def _merged(cams: torch.Tensor, flip_merge: str, norm: str) -> torch.Tensor:
+    """(S, F, B, K, H, W) -> normalised (B, K, H, W) float32: ReLU, flip merge, scale sum (in scale order)."""
+    a = cams.float().relu()
+    per_scale = a.amax(1) if flip_merge == "max" else a.sum(1)
+    m = per_scale[0]
+    for s in range(1, per_scale.shape[0]):  # the scale order of the fused kernel (and of multi_scale_cam)
+        m = m + per_scale[s]
+    if norm == "minmax":
+        m = m - m.amin(dim=(-2, -1), keepdim=True)
+    return m / (m.amax(dim=(-2, -1), keepdim=True) + NORM_EPS)
+
+
+def _triton(cams, tags, bkg, flip_merge, norm, cams2, return_cams):
+    s, f, b, k, h, w = cams.shape
+    hw = h * w
+    fuse = cams2 is not None
+    cams = cams.contiguous()
+    cams2 = cams2.contiguous() if fuse else cams
+    lo, hi = _extrema(cams, flip_merge)
+    lo2, hi2 = _extrema(cams2, flip_merge) if fuse else (lo, hi)
+    if norm == "max":  # M / (max M + eps): no shift
+        lo, lo2 = torch.zeros_like(lo), torch.zeros_like(lo2)
+    label = torch.empty(b, h, w, device=cams.device, dtype=torch.int64)
+    conf = torch.empty(b, h, w, device=cams.device, dtype=torch.float32)
+    out = torch.empty(b, k, h, w, device=cams.device, dtype=torch.float32) if return_cams else conf
+    grid = (-(-hw // BLOCK), b)
+    _label_kernel[grid](cams, cams2, lo, hi, lo2, hi2, tags.float().contiguous(), bkg.contiguous(), label, conf, out,
+                        s, f, b, k, hw, NORM_EPS, MAX_MERGE=flip_merge == "max", FUSE=fuse,
+                        WRITE_CAMS=return_cams, BLOCK=BLOCK)  # fmt: skip
+    return (out if return_cams else None), label, conf
+
+
+def _extrema(cams: torch.Tensor, flip_merge: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(b, k) min and max over the pixels of the merged map ``M``: per-block partials, then one reduction."""
+    s, f, b, k, h, w = cams.shape
+    hw = h * w
+    n_blocks = -(-hw // BLOCK)
+    part_lo = torch.empty(b * k, n_blocks, device=cams.device, dtype=torch.float32)
+    part_hi = torch.empty_like(part_lo)
+    check_launch(_extrema_kernel, cams)
+    _extrema_kernel[(n_blocks, b * k)](cams, part_lo, part_hi, s, f, b * k, hw, MAX_MERGE=flip_merge == "max",
+                                       BLOCK=BLOCK)  # fmt: skip
+    return part_lo.amin(1).contiguous(), part_hi.amax(1).contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merged_block(cams, plane, pix, ok, S, F, PLANES, HW, MAX_MERGE: tl.constexpr):
+        """M at a block of pixels of one (b, k) plane: sum over scales of the ReLU'd, merged flips (fp32)."""
+        m = tl.zeros(pix.shape, dtype=tl.float32)
+        for s in range(S):
+            a = tl.zeros(pix.shape, dtype=tl.float32)  # 0 + x and max(0, x) are exactly x for x >= 0
+            for fl in range(F):
+                x = tl.load(cams + ((s * F + fl) * PLANES + plane) * HW + pix, mask=ok, other=0.0)
+                x = tl.maximum(x.to(tl.float32), 0.0)
+                a = tl.maximum(a, x) if MAX_MERGE else a + x
+            m = m + a  # scales in order, like the reference
+        return m
+
+    @triton.jit
+    def _extrema_kernel(cams, part_lo, part_hi, S, F, PLANES, HW, MAX_MERGE: tl.constexpr, BLOCK: tl.constexpr):
+        plane = tl.program_id(1).to(tl.int64)
+        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = pix < HW
+        m = _merged_block(cams, plane, pix, ok, S, F, PLANES, HW, MAX_MERGE)
+        out = plane * tl.num_programs(0) + tl.program_id(0)
+        tl.store(part_lo + out, tl.min(tl.where(ok, m, float("inf")), axis=0))
+        tl.store(part_hi + out, tl.max(tl.where(ok, m, float("-inf")), axis=0))
+
+    @triton.jit
+    def _label_kernel(cams, cams2, lo, hi, lo2, hi2, tags, bkg, label, conf, out, S, F, B, K, HW, eps,
+                      MAX_MERGE: tl.constexpr, FUSE: tl.constexpr, WRITE_CAMS: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+        b = tl.program_id(1).to(tl.int64)
+        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = pix < HW
+        best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        arg = tl.zeros((BLOCK,), dtype=tl.int64)
+        for k in range(K):
+            plane = b * K + k
+            # IEEE division (plain `/` is approximate on GPUs): the same bits as the reference, so ties tie
+            low = tl.load(lo + plane)
+            m = _merged_block(cams, plane, pix, ok, S, F, B * K, HW, MAX_MERGE) - low
+            m = tl.math.div_rn(m, tl.zeros_like(m) + (tl.load(hi + plane) - low + eps))
+            if FUSE:
+                low2 = tl.load(lo2 + plane)
+                m2 = _merged_block(cams2, plane, pix, ok, S, F, B * K, HW, MAX_MERGE) - low2
+                m2 = tl.math.div_rn(m2, tl.zeros_like(m2) + (tl.load(hi2 + plane) - low2 + eps))
+                m = tl.maximum((m + m2) * 0.5, m2)  # (4.19); halving is exact
+            if WRITE_CAMS:
+                tl.store(out + plane * HW + pix, m, mask=ok)
+            v = tl.load(tags + plane) * m
+            better = v > best  # strict: the first class keeps a tie
+            arg = tl.where(better, k + 1, arg)
+            best = tl.where(better, v, best)
+        background = tl.load(bkg + b)
+        tl.store(label + b * HW + pix, tl.where(best <= background, 0, arg), mask=ok)
+        tl.store(conf + b * HW + pix, tl.maximum(best, background), mask=ok)
