@@ -11,15 +11,17 @@ max, fuse) then gets the attention-percentile background searched on training im
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common import write_result
-from wsss.cam.cobra import SOURCES
-from wsss.cam.infer import CAMSettings, finish_cams, preprocess
-from wsss.cam.multiscale import cam_to_label, multi_scale_cam
+from wsss.cam.cobra import SOURCES, attention_background, fuse
+from wsss.cam.infer import CAMSettings, postprocess, preprocess
+from wsss.cam.multiscale import cam_to_label, multi_scale_stack
 from wsss.data.datasets import VOCDataset
 from wsss.eval.metrics import ConfusionMatrix
 from wsss.models import load_model
@@ -32,44 +34,48 @@ PERCENTILES = tuple(range(40, 96, 5))
 
 
 @torch.no_grad()
-def raw_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) -> list[tuple]:
-    """Accumulated multi-scale network output per image, with the image's tags and ground truth."""
+def cobra_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) -> list[tuple]:
+    """Per image: normalised ``M_cnn`` and ``M_tran``, ``A_obj`` (at the CAM input size), tags and ground truth.
+
+    The same calls as ``wsss.cam.infer.predict_cams``; only the source fusion and the background percentile,
+    which the search varies, are applied later.
+    """
     out = []
     for start in range(ids.start, ids.stop, 16):
         samples = [data[i] for i in range(start, min(start + 16, ids.stop))]
-        x = preprocess([s.image for s in samples], settings.input_size, "cpu")
-        raw, _ = multi_scale_cam(model, x, settings.scales, settings.flip, settings.flip_merge, normalize=False)
-        out += [(raw[i : i + 1], torch.from_numpy(s.labels).float()[None], s.mask) for i, s in enumerate(samples)]
+        stack, _ = multi_scale_stack(model, preprocess([s.image for s in samples], settings.input_size, "cpu"),
+                                     settings.scales, settings.flip)  # fmt: skip
+        y = torch.stack([torch.from_numpy(s.labels).float() for s in samples])
+        m_cnn, _, _ = postprocess(stack, y, replace(settings, source="cnn"))
+        m_tran, _, _ = postprocess(stack, y, replace(settings, source="vit"))
+        a_obj = stack[:, :, :, 2 * y.shape[1]].relu().sum((0, 1))
+        out += [(m_cnn[i : i + 1], m_tran[i : i + 1], a_obj[i : i + 1], y[i : i + 1], s.mask)
+                for i, s in enumerate(samples)]  # fmt: skip
     return out
 
 
-def seed_miou(raws: list[tuple], settings: CAMSettings, num_classes: int) -> float:
+def seed_miou(maps: list[tuple], source: str, percentile: float, num_classes: int) -> float:
     cm = ConfusionMatrix(num_classes)
-    for raw, tags, mask in raws:
-        cam, bkg = finish_cams(raw, settings)
-        cam = torch.nn.functional.interpolate(cam, size=mask.shape, mode="bilinear", align_corners=False)
-        _, seed = cam_to_label(cam, tags, bkg)
+    for m_cnn, m_tran, a_obj, tags, mask in maps:
+        cam = F.interpolate(fuse(m_cnn, m_tran, source), size=mask.shape, mode="bilinear", align_corners=False)
+        _, seed = cam_to_label(cam, tags, attention_background(a_obj, percentile)[:, None, None])
         cm.update(seed[0], torch.from_numpy(mask))
     return cm.compute()["miou"]
 
 
 def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
     model, meta = load_model(ckpt)
-    base = meta["config"]["cam"]
+    settings = CAMSettings(**{**meta["config"]["cam"], "scales": tuple(meta["config"]["cam"]["scales"])})
     train_set, val = VOCDataset(data, "train"), VOCDataset(data, "val")
-    search = raw_sources(model, train_set, range(min(n_search, len(train_set))), CAMSettings(**_cam(base)))
-    held_out = raw_sources(model, val, range(len(val)), CAMSettings(**_cam(base)))
+    search = cobra_sources(model, train_set, range(min(n_search, len(train_set))), settings)
+    held_out = cobra_sources(model, val, range(len(val)), settings)
     result = {}
     for source in SOURCES:
-        scores = {p: seed_miou(search, CAMSettings(**_cam(base, source, p)), val.num_classes) for p in PERCENTILES}
+        scores = {p: seed_miou(search, source, p, val.num_classes) for p in PERCENTILES}
         best = max(scores, key=scores.get)
-        val_miou = seed_miou(held_out, CAMSettings(**_cam(base, source, best)), val.num_classes)
+        val_miou = seed_miou(held_out, source, best, val.num_classes)
         result[source] = {"percentile": best, "train_miou": scores[best], "val_miou": val_miou}
     return result
-
-
-def _cam(base: dict, source: str = "fuse", percentile: float = 70.0) -> dict:
-    return {**base, "scales": tuple(base["scales"]), "source": source, "bg_percentile": percentile}
 
 
 def main() -> None:

@@ -122,7 +122,9 @@ def test_build_model(tmp_path: Path) -> None:
     assert isinstance(model, CAMNet) and model.pooling == "gmp"
     assert model.classifier.weight.shape == (5, 48, 1, 1)
     assert build_model("cam", {"backbone": asdict(TINY), "pooling": "gap"}, 2).pooling == "gap"
-    with pytest.raises(ValueError, match="unknown method 'cobra'"):
+    with pytest.raises(ValueError, match="unknown method 'fcn'"):
+        build_model("fcn", {"backbone": asdict(TINY)}, 5)
+    with pytest.raises(ValueError, match="needs a 'cnn' section"):
         build_model("cobra", {"backbone": asdict(TINY)}, 5)
     with pytest.raises(ValueError, match="aux_layer -3 is outside a 1-block encoder"):
         build_model("seco", {"backbone": asdict(TINY)}, 5)

@@ -51,13 +51,6 @@ def attention_background(a_obj: torch.Tensor, percentile: float) -> torch.Tensor
     return torch.quantile(a_obj.flatten(1).float(), percentile / 100, dim=1)
 
 
-def cobra_seed_maps(maps: torch.Tensor, num_fg: int, source: str, percentile: float):
-    """Accumulated network output -> (K-channel seed map in [0, 1), per-image background (B, 1, 1))."""
-    m_cnn, m_tran, a_obj = split_sources(maps, num_fg)
-    cam = fuse(max_normalize(m_cnn), max_normalize(m_tran), source)
-    return cam, attention_background(a_obj, percentile)[:, None, None]
-
-
 def ir_thresholds(a_obj, percentile: float = 93.0) -> tuple[float, float]:
     """(4.21) IR-label thresholds from the class-token attention of one image: ``(t_fg, t_bg)``.
 

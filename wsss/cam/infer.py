@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .cobra import cobra_seed_maps
+from ..kernels import cam_postprocess
+from .cobra import attention_background, fuse
 from .crf import CRF_PRESETS, crf_from_labels
-from .multiscale import cam_to_label, multi_scale_cam, normalize_cam
+from .multiscale import cam_to_label, multi_scale_stack
 
 
 @dataclass(frozen=True)
@@ -83,50 +84,78 @@ def predict_cams(
     settings: CAMSettings,
     device: torch.device | str = "cpu",
 ) -> list[CAMResult]:
-    """CAMs and seeds for a batch of images of any sizes; ``tags[i]`` (K,) multi-hot or None."""
+    """CAMs and seeds for a batch of images of any sizes; ``tags[i]`` (K,) multi-hot or None.
+
+    The per-scale maps go through one fused post-processing call (``wsss.kernels.cam_postprocess``: Triton on
+    CUDA, its PyTorch reference elsewhere). At a fixed ``input_size`` the normalised CAMs are resized to each
+    image and thresholded there; at native size the kernel's label map is the seed.
+    """
     if settings.input_size:
-        x = preprocess(images, settings.input_size, device)
-        raw, logits = multi_scale_cam(model, x, settings.scales, settings.flip, settings.flip_merge, normalize=False)
-        cams, bkgs = finish_cams(raw, settings)
-        cams = [F.interpolate(c[None], size=img.shape[:2], mode="bilinear", align_corners=False)[0]
-                for c, img in zip(cams, images, strict=True)]  # fmt: skip
-    else:
-        cams, bkgs, logits = _native_cams(model, images, settings, device)
-    guessed = predicted_tags(logits, settings.score_thresh)
-    results = []
-    for i, cam in enumerate(cams):
-        y = guessed[i] if tags[i] is None else torch.as_tensor(tags[i], dtype=torch.float32, device=device)
-        _, seed = cam_to_label(cam[None], y[None], bkgs[i])
-        results.append(CAMResult(cam.float().cpu(), y.cpu(), seed[0].to(torch.uint8).cpu().numpy()))
-    return results
+        stack, logits = multi_scale_stack(model, preprocess(images, settings.input_size, device), settings.scales,
+                                          settings.flip)  # fmt: skip
+        y = _tags(tags, logits, settings, device)
+        cams, bkg, _ = postprocess(stack, y, settings)
+        results = []
+        for i, img in enumerate(images):
+            cam = F.interpolate(cams[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
+            _, seed = cam_to_label(cam, y[i : i + 1], bkg[i])
+            results.append(_result(cam[0], y[i], seed[0]))
+        return results
+    return _native(model, images, tags, settings, device)
 
 
-def finish_cams(raw: torch.Tensor, settings: CAMSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulated multi-scale maps (B, C, H, W) -> normalised K-channel CAMs and per-image background (B, 1, 1)."""
+def postprocess(stack: torch.Tensor, tags: torch.Tensor, settings: CAMSettings):
+    """Per-scale maps (S, F, B, C, H, W) -> normalised K-channel CAMs, per-image background (B,) and labels.
+
+    SeCo/CAM: flip max, min-max normalisation, threshold ``bkg_thresh`` (1.3-1.5). CoBra: flip sum, max
+    normalisation of each source, ``settings.source`` fusion (4.19) and the attention-percentile background (4.20).
+    """
     if settings.source is None:
-        return normalize_cam(raw), torch.full((raw.shape[0], 1, 1), settings.bkg_thresh, device=raw.device)
-    return cobra_seed_maps(raw, (raw.shape[1] - 1) // 2, settings.source, settings.bg_percentile)
+        bkg = torch.full((stack.shape[2],), settings.bkg_thresh, device=stack.device)
+        cams, label, _ = cam_postprocess(stack, tags, bkg, "max", "minmax", return_cams=True)
+        return cams, bkg, label
+    k = tags.shape[1]
+    cnn, tran, attn = stack[:, :, :, :k], stack[:, :, :, k : 2 * k], stack[:, :, :, 2 * k]
+    bkg = attention_background(attn.relu().sum((0, 1)), settings.bg_percentile)
+    if settings.source in ("cnn", "vit", "fuse"):
+        first, second = {"cnn": (cnn, None), "vit": (tran, None), "fuse": (cnn, tran)}[settings.source]
+        cams, label, _ = cam_postprocess(first, tags, bkg, "sum", "max", cams2=second, return_cams=True)
+        return cams, bkg, label
+    m_cnn, m_tran = (cam_postprocess(m, tags, bkg, "sum", "max", return_cams=True)[0] for m in (cnn, tran))
+    cams = fuse(m_cnn, m_tran, settings.source)
+    return cams, bkg, cam_to_label(cams, tags, bkg[:, None, None])[1]
 
 
-def _native_cams(model, images, settings: CAMSettings, device):
-    """Images at their own size, zero-padded (in normalised units) to the patch grid, one pass per padded shape."""
+def _tags(tags: list[np.ndarray | None], logits: torch.Tensor, settings: CAMSettings, device) -> torch.Tensor:
+    """Given tags where known, else the classifier's own (``sigmoid(z) > score_thresh``), as (B, K) float."""
+    guessed = predicted_tags(logits, settings.score_thresh)
+    given = [None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device) for t in tags]
+    return torch.stack([g if t is None else t for t, g in zip(given, guessed, strict=True)])
+
+
+def _result(cam: torch.Tensor, y: torch.Tensor, seed: torch.Tensor) -> CAMResult:
+    return CAMResult(cam.float().cpu(), y.cpu(), seed.to(torch.uint8).cpu().numpy())
+
+
+def _native(model, images, tags, settings: CAMSettings, device) -> list[CAMResult]:
+    """Images at their own size, zero-padded (in normalised units) to the patch grid, one pass per padded shape;
+    each image's maps are cropped to its valid box before normalisation."""
     patch = model.patch_size
     padded = [(-(-h // patch) * patch, -(-w // patch) * patch) for h, w in (img.shape[:2] for img in images)]
-    cams: list[torch.Tensor | None] = [None] * len(images)
-    bkgs: list[torch.Tensor | None] = [None] * len(images)
-    logits: list[torch.Tensor | None] = [None] * len(images)
+    results: list[CAMResult | None] = [None] * len(images)
     for shape in dict.fromkeys(padded):
         group = [i for i, p in enumerate(padded) if p == shape]
         x = torch.zeros(len(group), 3, *shape, device=device)
         for row, i in enumerate(group):
             h, w = images[i].shape[:2]
             x[row, :, :h, :w] = preprocess([images[i]], None, device)[0]
-        fused, z = multi_scale_cam(model, x, settings.scales, settings.flip, settings.flip_merge, normalize=False)
+        stack, logits = multi_scale_stack(model, x, settings.scales, settings.flip)
+        y = _tags([tags[i] for i in group], logits, settings, device)
         for row, i in enumerate(group):
             h, w = images[i].shape[:2]
-            cam, bkg = finish_cams(fused[row : row + 1, :, :h, :w], settings)
-            cams[i], bkgs[i], logits[i] = cam[0], bkg[0], z[row]
-    return cams, bkgs, torch.stack(logits)
+            cams, _, label = postprocess(stack[:, :, row : row + 1, :, :h, :w], y[row : row + 1], settings)
+            results[i] = _result(cams[0], y[row], label[0])
+    return results
 
 
 def refine_seed_crf(image: np.ndarray, seed: np.ndarray, tags: np.ndarray, preset: str = "seed") -> np.ndarray:

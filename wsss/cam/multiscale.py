@@ -54,6 +54,24 @@ def multi_scale_cam(
     return (normalize_cam(fused) if normalize else fused), logits
 
 
+@torch.no_grad()
+def multi_scale_stack(
+    model: nn.Module, x: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw per-scale CAMs ``A_s`` resized to (H, W), flipped halves aligned: (S, F, B, C, H, W), and the
+    base-scale logits (B, K). The input of ``wsss.kernels.cam_postprocess``; scale 1.0 first (quirk Q1.5)."""
+    b, _, h, w = x.shape
+    patch = getattr(model, "patch_size", 1)
+    maps, logits = [], None
+    for s in [1.0, *[s for s in scales if s != 1.0]]:
+        xs = x if s == 1.0 else F.interpolate(x, scaled_size((h, w), s, patch), mode="bilinear", align_corners=False)
+        z, a = model(torch.cat([xs, xs.flip(-1)]) if flip else xs)
+        a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
+        maps.append(torch.stack([a[:b], a[b:].flip(-1)]) if flip else a[None])
+        logits = z[:b] if logits is None else logits
+    return torch.stack(maps), logits
+
+
 def normalize_cam(m: torch.Tensor) -> torch.Tensor:
     """Per-channel min-max normalisation to [0, 1) over the spatial axes (1.5)."""
     m = m - m.amin(dim=(-2, -1), keepdim=True)

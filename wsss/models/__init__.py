@@ -22,6 +22,8 @@ def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
     if method == "seco":
         return SeCoNet(backbone, num_fg, aux_layer=model_cfg.get("aux_layer", -3))
     if method == "cobra":
+        if "cnn" not in model_cfg:
+            raise ValueError("a CoBra model config needs a 'cnn' section (the ResNet branch)")
         return CoBraNet(ResNetConfig.from_dict(model_cfg["cnn"]), backbone, num_fg, model_cfg.get("proj_dim", 256))
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
@@ -46,6 +48,6 @@ def load_model(path) -> tuple[nn.Module, dict]:
 
 
 __all__ = [
-    "BackboneConfig", "CAMNet", "SeCoNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
+    "BackboneConfig", "CAMNet", "CoBraNet", "SeCoNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
     "load_checkpoint", "save_checkpoint",
 ]  # fmt: skip
