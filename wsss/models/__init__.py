@@ -48,6 +48,6 @@ def load_model(path) -> tuple[nn.Module, dict]:
 
 
 __all__ = [
-    "BackboneConfig", "CAMNet", "CoBraNet", "SeCoNet", "CheckpointError", "build_model", "load_model", "load_backbone_weights",
-    "load_checkpoint", "save_checkpoint",
+    "BackboneConfig", "CAMNet", "CoBraNet", "SeCoNet", "CheckpointError", "build_model", "load_model",
+    "load_backbone_weights", "load_checkpoint", "save_checkpoint",
 ]  # fmt: skip
