@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,3 +255,28 @@ def test_tiny_training_run_saves_both_branches(synth, tmp_path):
     assert meta["method"] == "cobra" and any(k.startswith("cnn.") for k in model.state_dict())
     records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"sap"' in line]
     assert records, "the contrast losses are logged"
+
+
+def test_mask_stages_run_and_resume(synth, tmp_path):
+    """IR labels -> IRN -> random walk -> masks through the CLI; a rerun finds every output and redoes nothing."""
+    from click.testing import CliRunner
+
+    from wsss.cli import cli
+    from wsss.data.palette import read_label_png
+
+    cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, "train.iters=2"])
+    ckpt = train(cfg, VOCDataset(synth, "train"), tmp_path / "run", progress=False)
+    out = tmp_path / "masks"
+    args = ["cobra-masks", "--ckpt", str(ckpt), "--data", f"voc:{synth}:train", "--out", str(out), "--irn", "tiny",
+            "--pad-size", "64"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = VOCDataset(synth, "train")
+    for i, id_ in enumerate(data.ids):
+        ir, mask = read_label_png(out / "ir_labels" / f"{id_}.png"), read_label_png(out / "masks" / f"{id_}.png")
+        allowed = {0, *(np.flatnonzero(data.labels(i)) + 1)}
+        assert ir.shape == mask.shape == data[i].image.shape[:2]
+        assert set(np.unique(mask)) <= allowed and set(np.unique(ir)) <= allowed | {255}
+    stamp = (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns == stamp

@@ -105,3 +105,24 @@ def test_two_process_gloo_ddp_run(synth, tmp_path):
     assert [r["step"] for r in records] == [1, 2]  # rank 0 logs once per step
     state = torch.load(tmp_path / RESUME_STATE, weights_only=True)["objective"]
     assert int(state["queue.ptr"]) == 64  # 2 steps x 2 ranks x 4 images x 4 keys: both ranks' keys enqueued
+
+
+def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
+    """(3.2) step 3: on COCO the segmentation pseudo-label uses the auxiliary CAM while n < 12 000."""
+    from wsss.models import build_model
+    from wsss.train.seco import SeCoObjective
+
+    assert get_config("seco-vitb16-coco")["seco"]["seg_from_aux_until"] == 12000
+    assert get_config("seco-vitb16-voc")["seco"]["seg_from_aux_until"] == 0
+    cfg = get_config("seco-tiny-synth", [*MICRO, "seco.seg_from_aux_until=5"])
+    torch.manual_seed(0)
+    model = build_model("seco", cfg["model"], 8).eval()
+    objective = SeCoObjective(model, cfg)
+    x, y = torch.randn(2, 3, 48, 48), torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6])
+    box = torch.tensor([[0, 48, 0, 48]] * 2)
+    before, after = (objective._pseudo_labels(model, x, y, box, step)["seg_label"] for step in (4, 5))
+    with torch.no_grad():  # the heads differ, so the two sources give different labels on random weights
+        model.aux_classifier.weight.mul_(-1)
+    flipped = objective._pseudo_labels(model, x, y, box, 4)["seg_label"]
+    assert not torch.equal(before, flipped), "before the switch the label follows the aux CAM"
+    assert torch.equal(after, objective._pseudo_labels(model, x, y, box, 5)["seg_label"])

@@ -67,7 +67,7 @@ _SECO_VOC = {
     "schedule": "voc", "bkg": 0.5, "high": 0.7, "low": 0.25, "cam2mask": 10000, "n_crops": 10, "local_crop": 64,
     "tag_thresh": 0.2, "proto_m": 0.9, "proto_start": 600, "queue": 4608, "momentum": 0.999, "tau_lil": 0.08,
     "tau_lig": 0.1, "lil_impl": "code", "proj_hidden": 2048, "ptc_box_rescale": False, "s_flip": 0.5,
-    "energy_sigma_xy": 100.0, "energy_sigma_rgb": 15.0,
+    "energy_sigma_xy": 100.0, "energy_sigma_rgb": 15.0, "seg_from_aux_until": 0,
 }  # fmt: skip
 CONFIGS["seco-vitb16-voc"] = {
     **copy.deepcopy(CONFIGS["cam-vitb16-voc"]),
@@ -172,4 +172,4 @@ CONFIGS["seco-vitb16-coco"] = copy.deepcopy(CONFIGS["seco-vitb16-voc"])
 CONFIGS["seco-vitb16-coco"]["train"].update(iters=80000, eval_images=5000)
 CONFIGS["seco-vitb16-coco"]["cam"].update(scales=[1.0, 0.5, 0.75, 1.25, 1.5], bkg_thresh=0.45)
 CONFIGS["seco-vitb16-coco"]["seco"].update(schedule="coco", bkg=0.45, high=0.65, cam2mask=50000, proto_m=0.99,
-                                          proto_start=6000)  # fmt: skip
+                                          proto_start=6000, seg_from_aux_until=12000)  # fmt: skip

@@ -80,7 +80,8 @@ class SeCoObjective(nn.Module):
         s, k = self.cfg, self.num_fg
         fused, _ = multi_scale_cam(_BothCAMs(model), x, self.cam["scales"], flip=True)
         cam, aux_cam = fused[:, :k], fused[:, k:]
-        valid, _ = cam_to_label(cam, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
+        seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (3.2 step 3)
+        valid, _ = cam_to_label(seg_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
         image = _to_unit(x)
         seg_label = refine_with_background(image, valid, y, s["high"], s["low"], box)
         roi_source = aux_cam if step < s["cam2mask"] else cam
