@@ -38,7 +38,7 @@ def main() -> None:
                  f"train.iters={args.iters}", "optim.lr=5e-4", "train.ckpt_every=200"]  # fmt: skip
     cfg = get_config("cobra-tiny-synth", overrides)
     tic = time.perf_counter()
-    ckpt = train(cfg, VOCDataset(corpus, "train"), args.work / "run", progress=True)
+    ckpt = train(cfg, VOCDataset(corpus, "train"), args.work / "run", progress=True, resume=True)  # rerun continues
     seconds = time.perf_counter() - tic
     state, meta = load_checkpoint(ckpt)
     trunk = {k.removeprefix("cnn.net."): v.half() if v.is_floating_point() else v

@@ -22,6 +22,7 @@ TINY_COBRA = [
     "model.cnn.channels=[8,16,16,32]",
     "model.proj_dim=16",
     "pretrained=null",
+    "pretrained_cnn=null",
     "data.crop=48",
     "train.batch_size=4",
     "train.log_every=2",

@@ -1,4 +1,6 @@
-"""Export: ONNX parity at dynamic sizes, metadata, official SeCo import, hostile files, TensorRT gating."""
+"""Export: ONNX parity at dynamic sizes, metadata, official SeCo import, hostile files, TensorRT gating.
+
+Official CoBra checkpoints (two files) and CoBra exports are tested in test_official_cobra.py."""
 
 from __future__ import annotations
 
@@ -146,6 +148,19 @@ def test_cli_export_verify_and_bad_shape(cam_ckpt, tmp_path):
     assert "parity OK" in result.output and out.is_file()
     bad = CliRunner().invoke(cli, ["export", "--ckpt", str(cam_ckpt), "--min-shape", "1x3x224"])
     assert bad.exit_code == 1 and "BATCHx3xHEIGHTxWIDTH" in bad.output
+
+
+def test_vit_ckpt_is_for_official_cobra_pairs_only(cam_ckpt, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--ckpt", str(cam_ckpt), "--vit-ckpt", str(cam_ckpt)])
+    assert result.exit_code == 1 and "official CoBra checkpoints only" in result.output
+    seco = tmp_path / "seco.pth"
+    torch.save(official_seco_state(SeCoNet(BackboneConfig(**TINY), 3), ddp=False), seco)
+    with pytest.raises(CheckpointError, match="this is a seco checkpoint"):
+        load_any(seco, vit_path=seco)
+    assert detect_method(["resnet50.conv1.weight", "stage1.0.weight", "classifier.weight"]) == "cobra"
+    assert detect_method(["pos_embed", "blocks.0.attn.qkv.weight", "head.weight", "embed.weight"]) == "cobra-vit"
+    with pytest.raises(CheckpointError, match="unrecognised"):
+        detect_method(["pos_embed", "blocks.0.attn.qkv.weight", "head.weight"])  # a plain timm ViT
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; none on this machine")

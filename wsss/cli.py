@@ -518,7 +518,14 @@ def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
     "--ckpt",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Our .safetensors checkpoint or an official SeCo .pth state dict.",
+    help="Our .safetensors checkpoint, an official SeCo .pth state dict, or the CNN file of an official CoBra "
+    "pair (ep19_cnn_checkpoint.pth).",
+)
+@click.option(
+    "--vit-ckpt",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Official CoBra only: the ViT file (ep19_tf_checkpoint.pth); default: found next to --ckpt by name.",
 )
 @click.option(
     "--method",
@@ -532,7 +539,7 @@ def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
     type=click.Choice(["cam", "seg", "both"]),
     default="cam",
     show_default=True,
-    help="cam: image -> logits, CAMs; seg: image -> segmentation logits (SeCo).",
+    help="cam: image -> logits, CAMs (CoBra: 2K+1 channels); seg: image -> segmentation logits (SeCo).",
 )
 @click.option(
     "--onnx",
@@ -552,29 +559,37 @@ def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
 @click.option("--fp16", is_flag=True, help="fp16 TensorRT engine.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (the dynamo exporter emits 18 or newer).")
 @click.option("--dynamic/--static", default=True, show_default=True, help="Dynamic batch and image size.")
-@click.option("--normalize", is_flag=True, help="Add ReLU + per-class max normalised CAMs as output 'cams_norm'.")
+@click.option(
+    "--normalize",
+    is_flag=True,
+    help="Add output 'cams_norm': ReLU + per-class min-max normalised CAMs (CoBra: each source's class maps "
+    "max-normalised, A_obj as is).",
+)
 @click.option("--min-shape", default="1x3x224x224", show_default=True, help="TensorRT profile minimum.")
 @click.option("--opt-shape", default="4x3x448x448", show_default=True, help="TensorRT profile optimum.")
 @click.option("--max-shape", default="8x3x672x672", show_default=True, help="TensorRT profile maximum.")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime (and the engine) with PyTorch at three sizes.")
 @click.option("--simplify", is_flag=True, help="Run onnxslim on the exported graph.")
-def export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape, opt_shape,
-           max_shape, verify, simplify) -> None:  # fmt: skip
+def export(ckpt, vit_ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape,
+           opt_shape, max_shape, verify, simplify) -> None:  # fmt: skip
     """Export a CAM or segmentation network to ONNX (and TensorRT), with metadata inside.
 
     \b
     Examples:
       wsss-export --ckpt runs/cam/last.safetensors --verify
       wsss-export --ckpt seco_voc.pth --what both --trt --fp16      # official SeCo weights, on a GPU
+      wsss-export --ckpt ep19_cnn_checkpoint.pth --vit-ckpt ep19_tf_checkpoint.pth --verify   # official CoBra
     The ONNX input is 'image' (B,3,H,W, ImageNet-normalised, H and W multiples of the patch size); outputs are
-    'logits' (B,K) and 'cams' (B,K,H/p,W/p), or 'seg' (B,C,H/p,W/p). Class names, mean/std, patch size, method,
-    version and the source checkpoint's SHA-256 are stored in the file's metadata.
+    'logits' (B,K) and 'cams' (B,K,H/p,W/p) (CoBra: (B,2K+1,H/p,W/p) = CNN CAMs, attention-weighted ViT CAMs,
+    class-token attention), or 'seg' (B,C,H/p,W/p). Class names, mean/std, patch size, method, CAM settings,
+    version and the source checkpoints' SHA-256 are stored in the file's metadata.
     """
     from .export.run import run_export
 
     try:
         run_export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize,
-                   (min_shape, opt_shape, max_shape), verify, simplify, echo=click.echo)  # fmt: skip
+                   (min_shape, opt_shape, max_shape), verify, simplify, echo=click.echo,
+                   vit_ckpt=vit_ckpt)  # fmt: skip
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
 

@@ -5,6 +5,13 @@ Graph interface (documented for users of the file):
     output ``logits`` float32 (B, K), image-level class scores (sigmoid for probabilities)
     output ``cams``   float32 (B, K, H/p, W/p), raw CAMs ``W . F`` at feature resolution
     output ``cams_norm`` (with ``normalize=True``) ReLU + per-class min-max normalised CAMs (METHODS 1.5)
+CoBra networks (method "cobra") export the same graph with 2K + 1 CAM channels, foreground only, pre-ReLU:
+    ``cams[:, :K]``   the CNN CAM ``M_cnn`` (4.1)
+    ``cams[:, K:2K]`` the ViT CAM weighted by the class-token attention, ``A_obj * M_tran`` (4.5)
+    ``cams[:, 2K]``   ``A_obj``, the layer-summed, head-averaged class-token attention (4.3, 4.4)
+    ``logits`` is the mean of both branches' GAP logits; with ``normalize=True``, ``cams_norm`` (B, 2K + 1, h, w)
+    holds each source's ReLU-ed class maps divided by their own spatial max + 1e-5 (4.17, single scale, no
+    flip) and ``ReLU(A_obj)`` un-normalised in channel 2K, as the attention background (4.18, 4.20) expects.
 The segmentation graph (SeCo's decoder) has the same input and one output:
     output ``seg``    float32 (B, C, H/p, W/p), segmentation logits with background in channel 0
 
@@ -25,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..cam.cobra import max_normalize
 from ..cam.multiscale import normalize_cam
 
 INPUT = "image"
@@ -36,12 +44,16 @@ class CAMGraph(nn.Module):
     def __init__(self, model: nn.Module, normalize: bool = False):
         super().__init__()
         self.model, self.normalize = model, normalize
+        self.cobra = getattr(model, "method", None) == "cobra"
 
     def forward(self, image: torch.Tensor):
         logits, cams = self.model(image)
-        if self.normalize:
-            return logits, cams, normalize_cam(cams.relu())
-        return logits, cams
+        if not self.normalize:
+            return logits, cams
+        if self.cobra:  # per-source max normalisation of the 2K class maps; A_obj kept at its own scale
+            k = logits.shape[1]
+            return logits, cams, torch.cat([max_normalize(cams[:, : 2 * k].relu()), cams[:, 2 * k :].relu()], 1)
+        return logits, cams, normalize_cam(cams.relu())
 
 
 class SegGraph(nn.Module):
@@ -89,7 +101,7 @@ def export_onnx(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     patch = model.patch_size
-    size = example_size or meta["config"]["cam"]["input_size"]
+    size = example_size or reference_size(model, meta)
     size = max(patch, size // patch * patch)
     graph = GRAPHS[what](model.eval(), normalize).eval()
     example = torch.randn(2, 3, size, size)  # batch >= 2, or torch.export specialises it to 1
@@ -114,7 +126,17 @@ def export_onnx(
     return ExportResult(out, proto.opset_import[0].version, names, metadata)
 
 
+def reference_size(model: nn.Module, meta: dict) -> int:
+    """The checkpoint's CAM input size, or for native-size inference (CoBra) the ViT's stored training size."""
+    size = meta["config"]["cam"].get("input_size")
+    if size:
+        return int(size)
+    vit = getattr(model, "backbone", None)
+    return int(vit.patch_embed.img_size[0]) if vit is not None else 14 * model.patch_size
+
+
 def _metadata(meta: dict, patch: int, names: list[str], source_sha256: str) -> dict[str, str]:
+    extra = {"source_sha256_vit": meta["source_sha256_vit"]} if meta.get("source_sha256_vit") else {}
     return {
         "wsss_version": __version__,
         "method": meta["method"],
@@ -126,6 +148,7 @@ def _metadata(meta: dict, patch: int, names: list[str], source_sha256: str) -> d
         "outputs": json.dumps(names),
         "cam_settings": json.dumps(meta["config"]["cam"]),
         "source_sha256": source_sha256,
+        **extra,
     }
 
 

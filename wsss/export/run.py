@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..models.official import load_any
-from .onnx import export_onnx, verify_onnx
+from .onnx import export_onnx, reference_size, verify_onnx
 from .tensorrt import Profile, build_engine, import_tensorrt, parse_shape, verify_engine
 
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| relative to the output's max magnitude
@@ -26,17 +26,24 @@ def run_export(
     verify: bool = False,
     simplify: bool = False,
     echo: Callable[[str], None] = print,
+    vit_ckpt: Path | None = None,
 ) -> list[Path]:
-    """Export ``what`` ("cam", "seg" or "both") of ``ckpt``; returns the files written."""
+    """Export ``what`` ("cam", "seg" or "both") of ``ckpt``; returns the files written.
+
+    ``vit_ckpt``: the ViT file of an official CoBra pair when ``ckpt`` is its CNN file (found next to it by the
+    official naming when not given).
+    """
     profile = Profile(*(parse_shape(s) for s in shapes))  # refuse bad shapes before any work
     if trt_path is not None:
         import_tensorrt()
     if not dynamic and trt_path is not None and profile.min != profile.max:
         raise ValueError("--static exports one input size; give equal --min-shape/--max-shape or use --dynamic")
-    model, meta, report = load_any(ckpt, method)
+    model, meta, report = load_any(ckpt, method, vit_path=vit_ckpt)
     if report is not None:
         echo(str(report))
     targets = ["cam", "seg"] if what == "both" else [what]
+    if "seg" in targets and not hasattr(model, "segment"):
+        raise ValueError(f"{meta['method']} networks have no segmentation head; export --what cam")
     written = []
     for target in targets:
         out = onnx_path if onnx_path and len(targets) == 1 else _default_path(ckpt, onnx_path, target)
@@ -65,7 +72,7 @@ def _default_path(ckpt: Path, onnx_path: Path | None, target: str) -> Path:
 
 
 def _report_parity(model, path: Path, meta: dict, target: str, normalize: bool, dynamic: bool, echo) -> None:
-    size = meta["config"]["cam"]["input_size"]
+    size = reference_size(model, meta)
     p = model.patch_size
     sizes = [(size, size), (size // 2 // p * p, size // p * p), (size * 3 // 2 // p * p, size * 5 // 4 // p * p)]
     rows = verify_onnx(model, path, sizes if dynamic else sizes[:1], batch=2 if dynamic else 2, what=target,

@@ -119,7 +119,7 @@ CONFIGS["cobra-tiny-synth"] = {
               "cnn": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "block": "basic",
                       "strides": [1, 2, 1, 1], "fixed_bn": False, "frozen_stages": 0}},
     "pretrained": "builtin:vit-tiny-synth",
-    "pretrained_cnn": None,  # trained from scratch with live BatchNorm (no ImageNet CNN on the CPU demo)
+    "pretrained_cnn": "builtin:resnet-tiny-synth",  # the CPU stand-in for ImageNet weights (benchmarks/pretrain_cnn.py)
     "data": {"crop": 112, "scale_range": [0.75, 1.5], "flip": 0.5, "jitter": 0.0, "cache_images": True},
     "optim": {"name": "adamw", "lr": 2e-4, "weight_decay": 0.01, "warmup": 20, "warmup_ratio": 1e-6, "power": 0.9,
               "head_lr": 10},
