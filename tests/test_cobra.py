@@ -281,3 +281,5 @@ def test_mask_stages_run_and_resume(synth, tmp_path):
     stamp = (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns == stamp
+    bad = CliRunner().invoke(cli, [*args, "--ir-thresholds", "0.3"])
+    assert bad.exit_code != 0 and "FG,BG" in bad.output

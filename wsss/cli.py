@@ -248,8 +248,12 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     help="Map the random walk diffuses: the ViT CAM (official code) or the fused CAM (paper figures).",
 )
 @click.option("--pad-size", default=512, show_default=True, help="IRN inference canvas; images must fit in it.")
+@click.option("--ir-thresholds", default="dynamic", show_default=True,
+              help="IR-label thresholds: 'dynamic' (4.21, from the class-token attention, calibrated for DeiT-S at "
+                   "7 scales) or FG,BG constants such as IRN's 0.30,0.05.")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
-def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, seed) -> None:
+def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, ir_thresholds,
+                seed) -> None:  # fmt: skip
     """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (METHODS 4.9, 4.10).
 
     \b
@@ -276,7 +280,10 @@ def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw
                                                                  num_classes=data.num_classes)  # fmt: skip
     if irn_epochs:
         cfg = replace(cfg, epochs=irn_epochs)
-    write_ir_labels(model, data, out / "ir_labels", scales)
+    fixed = None if ir_thresholds == "dynamic" else _floats(ir_thresholds)
+    if fixed is not None and len(fixed) != 2:
+        raise click.BadParameter("give 'dynamic' or two numbers FG,BG", param_hint="--ir-thresholds")
+    write_ir_labels(model, data, out / "ir_labels", scales, fixed=fixed)
     irn = out / "irn.safetensors"
     if not irn.is_file():
         fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)

@@ -65,8 +65,13 @@ def cobra_maps(model: CoBraNet, image: np.ndarray, tags: np.ndarray, scales, dev
 
 
 def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, scales, percentile: float = 93.0,
-                    progress: bool = True) -> Path:  # fmt: skip
-    """Stage 4 of 4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C."""
+                    fixed: tuple[float, float] | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """Stage 4 of 4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C.
+
+    (4.21) reads the thresholds off the un-normalised class-token attention, whose scale grows with the ViT's
+    depth and the number of scales and shrinks with the token count: calibrated for DeiT-S at 7 scales on VOC.
+    ``fixed=(t_fg, t_bg)`` uses constants instead (IRN: 0.30, 0.05), for networks of other sizes.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(len(data)), desc="IR labels", disable=not progress):
         target = out / f"{data.ids[i]}.png"
@@ -74,7 +79,7 @@ def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, scales, perce
             continue
         sample = data[i]
         maps = cobra_maps(model, sample.image, _tags(data, i), scales)
-        t_fg, t_bg = ir_thresholds(maps.attn, percentile)
+        t_fg, t_bg = fixed or ir_thresholds(maps.attn, percentile)
         label = ir_labels(sample.image, fuse(maps.cnn, maps.tran).cpu().numpy(), maps.keys, t_fg, t_bg)
         save_label_png(target, label)
     return out
