@@ -249,17 +249,17 @@ def test_cli_refuses_segmentation_export_before_any_work(pair, tmp_path, tiny_ba
     assert seg.exit_code == 1 and "no segmentation head" in seg.output and not list(tmp_path.iterdir())
 
 
-def test_cobra_normalized_output_is_per_source_max():
+def test_cobra_normalized_output_is_the_fused_seed_map():
     model = source_model(1)
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         logits, cams, norm = CAMGraph(model, normalize=True)(x)
     k = NUM_FG
-    assert cams.shape == norm.shape == (2, 2 * k + 1, 4, 5)
-    for c in range(2 * k):  # each CNN and ViT class map on its own: ReLU(M) / (max M + 1e-5), no min subtracted
-        m = cams[:, c].relu()
-        torch.testing.assert_close(norm[:, c], m / (m.amax((-2, -1), keepdim=True) + 1e-5))
-    torch.testing.assert_close(norm[:, 2 * k], cams[:, 2 * k].relu())  # A_obj at its own scale
+    assert cams.shape == (2, 2 * k + 1, 4, 5) and norm.shape == (2, k + 1, 4, 5)
+    for c in range(k):  # (4.19) on ReLU(M) / (max M + 1e-5) of each source, no min subtracted
+        a, b = (cams[:, i].relu() / (cams[:, i].relu().amax((-2, -1), keepdim=True) + 1e-5) for i in (c, k + c))
+        torch.testing.assert_close(norm[:, c], torch.maximum((a + b) / 2, b))
+    torch.testing.assert_close(norm[:, k], cams[:, 2 * k].relu())  # A_obj at its own scale
 
 
 def _images() -> list[np.ndarray]:

@@ -569,8 +569,8 @@ def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
 @click.option(
     "--normalize",
     is_flag=True,
-    help="Add output 'cams_norm': ReLU + per-class min-max normalised CAMs (CoBra: each source's class maps "
-    "max-normalised, A_obj as is).",
+    help="Add output 'cams_norm': ReLU + per-class min-max normalised CAMs (CoBra: the fused seed map M_fuse of "
+    "the max-normalised sources, then A_obj as is).",
 )
 @click.option("--min-shape", default="1x3x224x224", show_default=True, help="TensorRT profile minimum.")
 @click.option("--opt-shape", default="4x3x448x448", show_default=True, help="TensorRT profile optimum.")

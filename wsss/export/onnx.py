@@ -9,9 +9,10 @@ CoBra networks (method "cobra") export the same graph with 2K + 1 CAM channels, 
     ``cams[:, :K]``   the CNN CAM ``M_cnn`` (4.1)
     ``cams[:, K:2K]`` the ViT CAM weighted by the class-token attention, ``A_obj * M_tran`` (4.5)
     ``cams[:, 2K]``   ``A_obj``, the layer-summed, head-averaged class-token attention (4.3, 4.4)
-    ``logits`` is the mean of both branches' GAP logits; with ``normalize=True``, ``cams_norm`` (B, 2K + 1, h, w)
-    holds each source's ReLU-ed class maps divided by their own spatial max + 1e-5 (4.17, single scale, no
-    flip) and ``ReLU(A_obj)`` un-normalised in channel 2K, as the attention background (4.18, 4.20) expects.
+    ``logits`` is the mean of both branches' GAP logits; with ``normalize=True``, ``cams_norm`` (B, K + 1, h, w)
+    holds the fused seed map ``M_fuse = max((M_cnn + M_tran) / 2, M_tran)`` of the two max-normalised sources
+    (4.17, 4.19; single scale, no flip) and ``ReLU(A_obj)`` un-normalised in channel K, as the attention
+    background (4.18, 4.20) expects: one engine call gives CoBra's seed map.
 The segmentation graph (SeCo's decoder) has the same input and one output:
     output ``seg``    float32 (B, C, H/p, W/p), segmentation logits with background in channel 0
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..cam.cobra import max_normalize
+from ..cam.cobra import fuse, max_normalize, split_sources
 from ..cam.multiscale import normalize_cam
 
 INPUT = "image"
@@ -50,9 +51,9 @@ class CAMGraph(nn.Module):
         logits, cams = self.model(image)
         if not self.normalize:
             return logits, cams
-        if self.cobra:  # per-source max normalisation of the 2K class maps; A_obj kept at its own scale
-            k = logits.shape[1]
-            return logits, cams, torch.cat([max_normalize(cams[:, : 2 * k].relu()), cams[:, 2 * k :].relu()], 1)
+        if self.cobra:  # M_fuse of the max-normalised sources; A_obj kept at its own scale
+            m_cnn, m_tran, a_obj = split_sources(cams.relu(), logits.shape[1])
+            return logits, cams, torch.cat([fuse(max_normalize(m_cnn), max_normalize(m_tran)), a_obj[:, None]], 1)
         return logits, cams, normalize_cam(cams.relu())
 
 

@@ -12,8 +12,8 @@ functions are the vectorised PyTorch paths, used on CPU and as the correctness o
 
 from .cam_post import cam_postprocess, cam_postprocess_reference
 from .dispatch import backend_for, triton_available
-from .masked_ptc import masked_ptc, masked_ptc_reference, pair_counts
-from .patch_infonce import patch_infonce, patch_infonce_reference
+from .infonce import patch_infonce, patch_infonce_reference
+from .ptc import masked_ptc, masked_ptc_reference, pair_counts
 
 __all__ = [
     "backend_for",
