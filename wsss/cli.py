@@ -251,9 +251,15 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
 @click.option("--ir-thresholds", default="dynamic", show_default=True,
               help="IR-label thresholds: 'dynamic' (4.21, from the class-token attention, calibrated for DeiT-S at "
                    "7 scales) or FG,BG constants such as IRN's 0.30,0.05.")  # fmt: skip
+@click.option(
+    "--rw-exp-times",
+    type=int,
+    default=None,
+    help="Random-walk length: T is squared this many times (default 8, T^256; 0 skips the walk).",
+)
 @click.option("--seed", default=0, show_default=True)
 def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, ir_thresholds,
-                seed) -> None:  # fmt: skip
+                rw_exp_times, seed) -> None:  # fmt: skip
     """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (METHODS 4.9, 4.10).
 
     \b
@@ -287,7 +293,7 @@ def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw
     irn = out / "irn.safetensors"
     if not irn.is_file():
         fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)
-    write_masks(model, irn, data, out / "masks", scales, rw_source, pad_size)
+    write_masks(model, irn, data, out / "masks", scales, rw_source, pad_size, rw_exp_times)
     click.echo(f"masks -> {out / 'masks'}")
 
 

@@ -100,8 +100,11 @@ def fit_irn(cfg: IRNConfig, data: WSSSDataset, ir_dir: Path, out: Path, cobra: C
 
 @torch.no_grad()
 def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, scales, rw_source: str = "tran",
-                pad_size: int = 512, progress: bool = True) -> Path:  # fmt: skip
-    """Stages 6-7: random walk of ``M_tran^{/4}`` (or ``M_fuse``) on IRN's boundaries, (4.22), CRF row D."""
+                pad_size: int = 512, exp_times: int | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """Stages 6-7: random walk of ``M_tran^{/4}`` (or ``M_fuse``) on IRN's boundaries, (4.22), CRF row D.
+
+    ``exp_times`` (default: the IRN checkpoint's, 8, i.e. ``T^256``) sets the walk length; 0 skips the walk.
+    """
     if rw_source not in ("tran", "fuse"):
         raise ValueError(f"rw_source must be 'tran' or 'fuse', got {rw_source!r}")
     irn, cfg = load_irn(irn_path)
@@ -114,7 +117,12 @@ def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, s
         maps = cobra_maps(model, sample.image, _tags(data, i), scales)
         source = maps.tran if rw_source == "tran" else fuse(maps.cnn, maps.tran)
         edge = irn.infer_edge(preprocess([sample.image], None, "cpu")[0], pad_size)
-        rw = random_walk(maps.stride4(source), edge, cfg.beta, cfg.exp_times, cfg.radius_infer)
+        steps = cfg.exp_times if exp_times is None else exp_times
+        rw = (
+            random_walk(maps.stride4(source), edge, cfg.beta, steps, cfg.radius_infer)
+            if steps
+            else maps.stride4(source)
+        )
         save_label_png(target, cobra_mask(rw, sample.image.shape[:2], maps.keys, image=sample.image))
     return out
 
