@@ -1,9 +1,9 @@
 """CoBra on the synthetic benchmark: seed mIoU per seed source, and a loss ablation, over several seeds.
 
-For each seed and variant (all losses; no CAP; no SAP; no L_cam) ``cobra-tiny-synth`` is trained (a finished run
-folder is reused). Its multi-scale CAM sources are computed once per image; every seed source (cnn, vit, avg,
-max, fuse) then gets the attention-percentile background searched on training images, as CoBra's eval_cam does
-(METHODS 4.9), and is scored on the validation split with that percentile.
+For each seed and variant (all losses; no CAP; no SAP; no L_cam) ``cobra-tiny-synth`` is trained (an interrupted
+run resumes, a finished one and its evaluation are reused). Its multi-scale CAM sources are computed once per
+image; every seed source (cnn, vit, avg, max, fuse) then gets the attention-percentile background searched on
+training images, as CoBra's eval_cam does (METHODS 4.9), and is scored on the validation split with it.
 
     python benchmarks/cobra_synth.py --data demo_out/synth --seeds 0 1 2
 """
@@ -11,6 +11,7 @@ max, fuse) then gets the attention-percentile background searched on training im
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,14 +87,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--search-images", type=int, default=300, help="training images for the percentile search")
     args = parser.parse_args()
-    rows: dict[str, dict[int, dict]] = {}
-    for variant in args.variants:
-        for seed in args.seeds:
+    rows: dict[str, dict[int, dict]] = {variant: {} for variant in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
             out = args.work / f"{variant}-s{seed}"
-            if not (out / CHECKPOINT).is_file():
-                cfg = get_config("cobra-tiny-synth", VARIANTS[variant])
-                train(cfg, VOCDataset(args.data, "train"), out, seed=seed, progress=False)
-            rows.setdefault(variant, {})[seed] = evaluate(out / CHECKPOINT, args.data, args.search_images)
+            cfg = get_config("cobra-tiny-synth", VARIANTS[variant])
+            train(cfg, VOCDataset(args.data, "train"), out, seed=seed, progress=False, resume=True)  # finishes a run
+            cached = out / "seed_eval.json"
+            if not cached.is_file():
+                cached.write_text(json.dumps(evaluate(out / CHECKPOINT, args.data, args.search_images)))
+            rows[variant][seed] = json.loads(cached.read_text())
             print(variant, seed, {s: round(100 * r["val_miou"], 1) for s, r in rows[variant][seed].items()})
     summary = {v: {s: _stats([r[s]["val_miou"] for r in per_seed.values()]) for s in SOURCES}
                for v, per_seed in rows.items()}  # fmt: skip
