@@ -123,8 +123,10 @@ def train(
     cnn_weights = resolve_pretrained(cfg.get("pretrained_cnn"))  # CoBra's CNN branch
     if cnn_weights and not resume:
         missing, unexpected = load_resnet_weights(model.cnn, cnn_weights)
+        if missing:
+            raise ValueError(f"{cnn_weights}: the CNN weights miss {len(missing)} tensors, e.g. {missing[:3]}")
         if rank == 0:
-            tqdm.write(f"pretrained CNN {cnn_weights.name}: missing {len(missing)}, unexpected {len(unexpected)}")
+            tqdm.write(f"pretrained CNN {cnn_weights.name}: loaded, {len(unexpected)} unexpected tensors ignored")
     model.to(device)
     objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
     backbone, heads = model.param_groups()
