@@ -283,3 +283,9 @@ def test_mask_stages_run_and_resume(synth, tmp_path):
     assert (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns == stamp
     bad = CliRunner().invoke(cli, [*args, "--ir-thresholds", "0.3"])
     assert bad.exit_code != 0 and "FG,BG" in bad.output
+
+
+def test_wrong_cnn_weights_are_refused(synth, tmp_path):
+    cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, "train.iters=1", "pretrained_cnn=builtin:vit-tiny-synth"])
+    with pytest.raises(ValueError, match="CNN weights miss"):
+        train(cfg, VOCDataset(synth, "train"), tmp_path, progress=False)
