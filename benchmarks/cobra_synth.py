@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--search-images", type=int, default=300, help="training images for the percentile search")
+    parser.add_argument("--name", default="cobra_synth", help="results/NAME.json")
     args = parser.parse_args()
     rows: dict[str, dict[int, dict]] = {variant: {} for variant in args.variants}
     for seed in args.seeds:
@@ -105,7 +106,7 @@ def main() -> None:
     for variant, per_source in summary.items():
         cells = "".join(f"{100 * m['mean']:8.1f} +- {100 * m['std']:3.1f}" for m in per_source.values())
         print(f"{variant:12s}{cells}")
-    write_result("cobra_synth", {"seeds": args.seeds, "per_seed": rows, "summary": summary})
+    write_result(args.name, {"seeds": args.seeds, "per_seed": rows, "summary": summary})
 
 
 def _stats(values: list[float]) -> dict:
