@@ -168,17 +168,7 @@ def import_seco(
     backbone = {**SECO_BACKBONE, **(backbone or {}), "img_size": patch * grid}
     model = SeCoNet(BackboneConfig(**backbone), num_fg)
     report = ImportReport("seco", skipped=skipped, unexpected=unexpected)
-    target = model.state_dict()
-    fitting = {}
-    for key, tensor in mapped.items():
-        if key not in target:
-            report.unexpected.append(key)
-        elif tensor.shape != target[key].shape:
-            report.mismatched.append(f"{key} {tuple(tensor.shape)} != {tuple(target[key].shape)}")
-        else:
-            fitting[key] = tensor
-    report.missing = [k for k in target if k not in fitting]
-    report.loaded = len(fitting)
+    fitting = _fit(model, mapped, report)
     if report.missing or report.mismatched:
         raise CheckpointError(f"{source}: SeCo checkpoint does not fit the network\n{report}")
     model.load_state_dict(fitting)

@@ -72,11 +72,7 @@ def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, scales, perce
     depth and the number of scales and shrinks with the token count: calibrated for DeiT-S at 7 scales on VOC.
     ``fixed=(t_fg, t_bg)`` uses constants instead (IRN: 0.30, 0.05), for networks of other sizes.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(len(data)), desc="IR labels", disable=not progress):
-        target = out / f"{data.ids[i]}.png"
-        if target.is_file():
-            continue
+    for i, target in _missing(data, out, "IR labels", progress):
         sample = data[i]
         maps = cobra_maps(model, sample.image, _tags(data, i), scales)
         t_fg, t_bg = fixed or ir_thresholds(maps.attn, percentile)
@@ -108,11 +104,7 @@ def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, s
     if rw_source not in ("tran", "fuse"):
         raise ValueError(f"rw_source must be 'tran' or 'fuse', got {rw_source!r}")
     irn, cfg = load_irn(irn_path)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(len(data)), desc="masks", disable=not progress):
-        target = out / f"{data.ids[i]}.png"
-        if target.is_file():
-            continue
+    for i, target in _missing(data, out, "masks", progress):
         sample = data[i]
         maps = cobra_maps(model, sample.image, _tags(data, i), scales)
         source = maps.tran if rw_source == "tran" else fuse(maps.cnn, maps.tran)
@@ -125,6 +117,15 @@ def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, s
         )
         save_label_png(target, cobra_mask(rw, sample.image.shape[:2], maps.keys, image=sample.image))
     return out
+
+
+def _missing(data: WSSSDataset, out: Path, desc: str, progress: bool):
+    """(index, OUT/ID.png) for every image whose PNG is not written yet: reruns resume where a stage stopped."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(data)), desc=desc, disable=not progress):
+        target = out / f"{data.ids[i]}.png"
+        if not target.is_file():
+            yield i, target
 
 
 def _tags(data: WSSSDataset, i: int) -> np.ndarray:
