@@ -131,7 +131,13 @@ def cobra_branch(keys: list[str]) -> str | None:
 
 def map_keys(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]]):
     """Rename by the first matching rule; returns (mapped, skipped, unexpected)."""
-    mapped, skipped, unexpected = {}, [], []
+    renamed, skipped, unexpected = _rename(state, table)
+    return {new: tensor for new, _, tensor in renamed}, skipped, unexpected
+
+
+def _rename(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]]):
+    """(new name, old name, tensor) for every key a rule maps; the keys a rule skips; the keys no rule matches."""
+    renamed, skipped, unexpected = [], [], []
     for key, tensor in state.items():
         key = key.removeprefix("module.")
         for pattern, repl in table:
@@ -139,11 +145,11 @@ def map_keys(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]]
                 if repl is None:
                     skipped.append(key)
                 else:
-                    mapped[re.sub(pattern, repl, key)] = tensor
+                    renamed.append((re.sub(pattern, repl, key), key, tensor))
                 break
         else:
             unexpected.append(key)
-    return mapped, skipped, unexpected
+    return renamed, skipped, unexpected
 
 
 SECO_BACKBONE = {"name": "vit_base_patch16_224", "overrides": {}}
@@ -185,19 +191,10 @@ def _map_aliased(state: dict[str, torch.Tensor], table: list[tuple[str, str | No
 
     Returns (mapped, skipped, unexpected, number of merged aliases); raises CheckpointError on disagreement.
     """
+    renamed, skipped, unexpected = _rename(state, table)
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
-    skipped, unexpected = [], []
-    for key, tensor in state.items():
-        key = key.removeprefix("module.")
-        for pattern, repl in table:
-            if re.match(pattern, key):
-                if repl is None:
-                    skipped.append(key)
-                else:
-                    groups.setdefault(re.sub(pattern, repl, key), []).append((key, tensor))
-                break
-        else:
-            unexpected.append(key)
+    for target, key, tensor in renamed:
+        groups.setdefault(target, []).append((key, tensor))
     mapped, merged = {}, 0
     for target, items in groups.items():
         first_key, first = items[0]
