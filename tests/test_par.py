@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from wsss.cam.par import DILATIONS, OFFSETS, par, par_kernel, position_logits, refine_labels
+from wsss.cam.par import DILATIONS, OFFSETS, neighbours, par, par_kernel, position_logits, propagate, refine_labels
 
 
 def test_position_term_oracles():
@@ -58,6 +58,23 @@ def test_par_smooths_within_colour_regions():
     maps[..., 2, 2] = 0.0  # a hole inside the left region is filled from its neighbours
     out = par(img, maps, iterations=10)
     assert out[0, 0, 2, 2] > 0.9 and out[0, 0, :, 12:].max() < 0.05
+
+
+def test_propagate_equals_the_stacked_neighbour_sum():
+    torch.manual_seed(0)
+    img, m = torch.rand(2, 3, 20, 31, dtype=torch.float64), torch.rand(2, 4, 20, 31, dtype=torch.float64)
+    kappa = par_kernel(img)
+    torch.testing.assert_close(propagate(m, kappa), (neighbours(m) * kappa[:, None]).sum(2))
+
+
+def test_refine_labels_with_several_background_scores_equals_separate_calls():
+    torch.manual_seed(1)
+    img, cams = torch.rand(3, 3, 24, 20), torch.rand(3, 4, 24, 20)
+    tags = torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    both = refine_labels(img, cams, tags, (0.7, 0.25))
+    assert both.shape == (2, 3, 24, 20)
+    torch.testing.assert_close(both[0], refine_labels(img, cams, tags, 0.7))
+    torch.testing.assert_close(both[1], refine_labels(img, cams, tags, 0.25))
 
 
 def test_refine_labels_restricts_to_tags():

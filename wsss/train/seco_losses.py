@@ -126,14 +126,20 @@ class _DenseEnergy(torch.autograd.Function):
     """E = -(1/B) sum Sm . (W * Sm) . Gt with the official custom gradient -(2/B) (W * Sm) . Gt (gate constant)."""
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)  # the GEMM form of the distance needs float32
     def forward(ctx, probs, features, gate, chunk: int):
+        probs, features = probs.float(), features.float()
         b, c, h, w = probs.shape
         flat = probs.flatten(2).transpose(1, 2)  # (B, P, C)
         feats = features.flatten(2).transpose(1, 2)  # (B, P, 5)
         filtered = torch.empty_like(flat)
+        half_sq = 0.5 * feats.square().sum(-1)  # (B, P)
         for start in range(0, flat.shape[1], chunk):  # exact Gaussian, a block of rows at a time
-            sq = torch.cdist(feats[:, start : start + chunk], feats).square()
-            filtered[:, start : start + chunk] = torch.exp(-0.5 * sq) @ flat
+            rows = slice(start, start + chunk)
+            # -|f_i - f_j|^2 / 2 = f_i.f_j - |f_i|^2 / 2 - |f_j|^2 / 2: one batched GEMM, then in place
+            logits = torch.baddbmm(-half_sq[:, None], feats[:, rows], feats.transpose(1, 2))
+            logits.sub_(half_sq[:, rows, None]).clamp_max_(0)
+            filtered[:, rows] = logits.exp_() @ flat
         filtered = filtered.transpose(1, 2).reshape(b, c, h, w)
         ctx.save_for_backward(filtered, gate)
         return -(probs * filtered * gate).sum() / b
