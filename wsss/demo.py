@@ -19,10 +19,10 @@ from .runtime.labeler import LabelConfig, label_dataset
 from .train.configs import get_config
 from .train.loop import train
 
-CONFIG = "cam-tiny-synth"
+CONFIG = "seco-tiny-synth"
 
 
-def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 300) -> dict:
+def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 300, config: str = CONFIG) -> dict:
     """Generate, train, make seeds and CRF masks, evaluate; returns (and writes) ``out/results.json``."""
     out, t0 = Path(out), time.perf_counter()
     synth = out / "synth"
@@ -32,8 +32,8 @@ def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 30
         generate_synth(synth, synth_cfg)
     for stale in ("run", "cam_train", "cam_val"):  # a re-run starts these afresh
         shutil.rmtree(out / stale, ignore_errors=True)
-    cfg = get_config(CONFIG, overrides)
-    click.echo(f"[2/4] training {CONFIG} ({cfg['train']['iters']} iterations, pretrained {cfg['pretrained']})")
+    cfg = get_config(config, overrides)
+    click.echo(f"[2/4] training {config} ({cfg['train']['iters']} iterations, pretrained {cfg['pretrained']})")
     ckpt = train(cfg, VOCDataset(synth, "train"), out / "run")
     backend, meta = open_backend(ckpt)
     settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
