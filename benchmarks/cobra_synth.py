@@ -24,7 +24,8 @@ from wsss.cam.cobra import SOURCES, attention_background, fuse
 from wsss.cam.infer import CAMSettings, postprocess, preprocess
 from wsss.cam.multiscale import cam_to_label, multi_scale_stack
 from wsss.data.datasets import VOCDataset
-from wsss.eval.metrics import ConfusionMatrix
+from wsss.data.palette import read_label_png
+from wsss.eval.metrics import ConfusionMatrix, ContextFalseActivation
 from wsss.models import load_model
 from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT, train
@@ -36,7 +37,8 @@ PERCENTILES = tuple(range(40, 96, 5))
 
 @torch.no_grad()
 def cobra_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) -> list[tuple]:
-    """Per image: normalised ``M_cnn`` and ``M_tran``, ``A_obj`` (at the CAM input size), tags and ground truth.
+    """Per image: normalised ``M_cnn`` and ``M_tran``, ``A_obj`` (at the CAM input size), tags, ground truth and
+    the context mask.
 
     The same calls as ``wsss.cam.infer.predict_cams``; only the source fusion and the background percentile,
     which the search varies, are applied later.
@@ -50,18 +52,21 @@ def cobra_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) ->
         m_cnn, _, _ = postprocess(stack, y, replace(settings, source="cnn"))
         m_tran, _, _ = postprocess(stack, y, replace(settings, source="vit"))
         a_obj = stack[:, :, :, 2 * y.shape[1]].relu().sum((0, 1))
-        out += [(m_cnn[i : i + 1], m_tran[i : i + 1], a_obj[i : i + 1], y[i : i + 1], s.mask)
-                for i, s in enumerate(samples)]  # fmt: skip
+        out += [(m_cnn[i : i + 1], m_tran[i : i + 1], a_obj[i : i + 1], y[i : i + 1], s.mask,
+                 read_label_png(data.root / "ContextMask" / f"{s.id}.png")) for i, s in enumerate(samples)]  # fmt: skip
     return out
 
 
-def seed_miou(maps: list[tuple], source: str, percentile: float, num_classes: int) -> float:
-    cm = ConfusionMatrix(num_classes)
-    for m_cnn, m_tran, a_obj, tags, mask in maps:
+def seed_scores(maps: list[tuple], source: str, percentile: float, num_classes: int) -> dict:
+    """Seed mIoU, per-class precision and the context false activation of one source at one percentile."""
+    cm, fa = ConfusionMatrix(num_classes), ContextFalseActivation()
+    for m_cnn, m_tran, a_obj, tags, mask, context in maps:
         cam = F.interpolate(fuse(m_cnn, m_tran, source), size=mask.shape, mode="bilinear", align_corners=False)
         _, seed = cam_to_label(cam, tags, attention_background(a_obj, percentile)[:, None, None])
         cm.update(seed[0], torch.from_numpy(mask))
-    return cm.compute()["miou"]
+        fa.update(seed[0], torch.from_numpy(context))
+    res = cm.compute()
+    return {"miou": res["miou"], "precision": res["precision"], "context_fa": fa.compute()["overall"]}
 
 
 def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
@@ -72,10 +77,11 @@ def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
     held_out = cobra_sources(model, val, range(len(val)), settings)
     result = {}
     for source in SOURCES:
-        scores = {p: seed_miou(search, source, p, val.num_classes) for p in PERCENTILES}
+        scores = {p: seed_scores(search, source, p, val.num_classes)["miou"] for p in PERCENTILES}
         best = max(scores, key=scores.get)
-        val_miou = seed_miou(held_out, source, best, val.num_classes)
-        result[source] = {"percentile": best, "train_miou": scores[best], "val_miou": val_miou}
+        held = seed_scores(held_out, source, best, val.num_classes)
+        result[source] = {"percentile": best, "train_miou": scores[best], "val_miou": held["miou"],
+                          "val_context_fa": held["context_fa"], "val_precision": held["precision"]}  # fmt: skip
     return result
 
 
@@ -95,18 +101,21 @@ def main() -> None:
             cfg = get_config("cobra-tiny-synth", VARIANTS[variant])
             train(cfg, VOCDataset(args.data, "train"), out, seed=seed, progress=False, resume=True)  # finishes a run
             cached = out / "seed_eval.json"
-            if not cached.is_file():
+            if not cached.is_file() or "val_context_fa" not in cached.read_text():
                 cached.write_text(json.dumps(evaluate(out / CHECKPOINT, args.data, args.search_images)))
             rows[variant][seed] = json.loads(cached.read_text())
             print(variant, seed, {s: round(100 * r["val_miou"], 1) for s, r in rows[variant][seed].items()})
     summary = {v: {s: _stats([r[s]["val_miou"] for r in per_seed.values()]) for s in SOURCES}
                for v, per_seed in rows.items()}  # fmt: skip
-    print(f"\nval seed mIoU, mean +- std over seeds {args.seeds}")
-    print(f"{'variant':12s}" + "".join(f"{s:>14s}" for s in SOURCES))
-    for variant, per_source in summary.items():
-        cells = "".join(f"{100 * m['mean']:8.1f} +- {100 * m['std']:3.1f}" for m in per_source.values())
-        print(f"{variant:12s}{cells}")
-    write_result(args.name, {"seeds": args.seeds, "per_seed": rows, "summary": summary})
+    context = {v: {s: _stats([r[s]["val_context_fa"] for r in per_seed.values()]) for s in SOURCES}
+               for v, per_seed in rows.items()}  # fmt: skip
+    for title, table in (("val seed mIoU", summary), ("val context false activation", context)):
+        print(f"\n{title}, mean +- std over seeds {args.seeds}")
+        print(f"{'variant':12s}" + "".join(f"{s:>14s}" for s in SOURCES))
+        for variant, per_source in table.items():
+            cells = "".join(f"{100 * m['mean']:8.1f} +- {100 * m['std']:3.1f}" for m in per_source.values())
+            print(f"{variant:12s}{cells}")
+    write_result(args.name, {"seeds": args.seeds, "per_seed": rows, "summary": summary, "context_fa": context})
 
 
 def _stats(values: list[float]) -> dict:
