@@ -53,6 +53,8 @@ def test_every_term_is_finite_and_switches_on(seco_run):
     # step 0 (logged as 1) weighs only cls, cls_aux and ptc; from step 1 on all seven terms count
     first = records[0]
     assert first["loss"] == pytest.approx(first["cls"] + first["cls_aux"] + 0.3 * first["ptc"], rel=1e-4)
+    assert first["seg"] == first["reg"] == 0.0  # PAR labels and the energy are skipped while they weigh 0
+    assert records[1]["seg"] > 0 and records[1]["reg"] != 0
 
 
 def test_training_state_is_saved_and_the_student_loads_as_seconet(seco_run):

@@ -60,30 +60,36 @@ class SeCoObjective(nn.Module):
         s = self.cfg
         model = net.module if hasattr(net, "module") else net
         x, y, box = batch["image"], batch["labels"], batch["img_box"]
-        pseudo = self._pseudo_labels(model, x, y, box, step)
+        weights = loss_weights(step, s["schedule"])
+        # the PAR labels feed only seg and reg: before those switch on they are skipped and logged as 0 (exact,
+        # as a zero weight contributes nothing); the contrast always runs, since it moves the queue and teachers
+        dense = weights["seg"] > 0 or weights["reg"] > 0
+        pseudo = self._pseudo_labels(model, x, y, box, step, dense)
         out = net(x, mode="train")
+        zero = 0 * out["seg"].sum()  # keeps the decoder in the graph (DDP expects every parameter to get a gradient)
         losses = {
             "cls": F.multilabel_soft_margin_loss(out["logits"], y),
             "cls_aux": F.multilabel_soft_margin_loss(out["aux_logits"], y),
             "ptc": self._ptc(out["feats"], pseudo["aux_cam"], y, box),
-            "seg": seg_loss(out["seg"], pseudo["seg_label"]),
-            "reg": ENERGY_SCALE * self._energy(x, out["seg"], box, pseudo["seg_label"]),
+            "seg": seg_loss(out["seg"], pseudo["seg_label"]) if dense else zero,
+            "reg": ENERGY_SCALE * self._energy(x, out["seg"], box, pseudo["seg_label"]) if dense else zero,
         }
         losses["lil"], losses["lig"] = self._contrast(net, model, batch, out["cls"], pseudo, step)
-        weights = loss_weights(step, s["schedule"])
         losses["loss"] = sum(weights[k] * losses[k] for k in weights)
         return losses
 
     @torch.no_grad()
-    def _pseudo_labels(self, model, x, y, box, step: int) -> dict[str, torch.Tensor]:
-        """(3.2) steps 2-5: multi-scale CAMs, PAR-refined segmentation labels, the ROI and the crops' tags."""
+    def _pseudo_labels(self, model, x, y, box, step: int, dense: bool = True) -> dict[str, torch.Tensor]:
+        """(3.2) steps 2-5: multi-scale CAMs, PAR-refined segmentation labels (if ``dense``), the ROI and the crops'
+        tags."""
         s, k = self.cfg, self.num_fg
         fused, _ = multi_scale_cam(_BothCAMs(model), x, self.cam["scales"], flip=True)
         cam, aux_cam = fused[:, :k], fused[:, k:]
-        seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (3.2 step 3)
-        valid, _ = cam_to_label(seg_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
-        image = _to_unit(x)
-        seg_label = refine_with_background(image, valid, y, s["high"], s["low"], box)
+        seg_label = None
+        if dense:
+            seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (3.2 step 3)
+            valid, _ = cam_to_label(seg_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
+            seg_label = refine_with_background(_to_unit(x), valid, y, s["high"], s["low"], box)
         roi_source = aux_cam if step < s["cam2mask"] else cam
         _, roi = cam_to_label(roi_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True, uncertain=-1)
         # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1)

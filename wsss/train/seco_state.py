@@ -74,7 +74,7 @@ SCHEDULES = {
 
 
 def loss_weights(step: int, schedule: str | dict = "voc") -> dict[str, float]:
-    """Weights of every term of (3.22) at 0-based iteration ``step``; all terms are computed, some weigh 0.
+    """Weights of every term of (3.22) at 0-based iteration ``step``; a term that weighs 0 contributes nothing.
 
     ``schedule`` names a row set of SCHEDULES or maps each term to (first iteration it is on, weight).
     """
