@@ -2,8 +2,8 @@
 
 Each pixel mixes its 48 dilated neighbours (dilations 1, 2, 4, 8, 12, 24; replicate padding; centre excluded)
 with weights ``kappa = softmax(a_rgb) + w2 * softmax(a_pos)`` computed once, then propagates ``T`` times. A
-propagation step accumulates the 48 weighted shifts in place rather than stacking them (48x less memory, about
-3x faster on CPU; ``tests/test_par.py`` checks it against the stacked form).
+propagation step accumulates the 48 weighted shifts in place rather than stacking them (48x less memory;
+``tests/test_par.py`` checks it against the stacked form).
 """
 
 from __future__ import annotations
