@@ -60,8 +60,8 @@ def main() -> None:
             train(cfg, data, run, seed=args.seed, resume=(run / CHECKPOINT).is_file(), progress=False,
                   max_steps=stop)  # fmt: skip
             stage.mkdir(parents=True, exist_ok=True)
-            for name in (CHECKPOINT, RESUME_STATE):  # a stage can seed a variant run (copy both into a new run folder)
-                shutil.copy2(run / name, stage / name)
+            for file in (CHECKPOINT, RESUME_STATE):  # a stage can seed a variant run (copy both into a new run folder)
+                shutil.copy2(run / file, stage / file)
         row = {"step": stop, **score(stage / CHECKPOINT, cfg, args.data, stage / "val")}
         rows.append(row)
         fa = row["context_false_activation"]
