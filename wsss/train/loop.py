@@ -221,7 +221,7 @@ def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, s
 def _log(log, bar, step: int, running: dict, every: int, optim, t0: float) -> None:
     """Average the on-device loss sums (the only host sync, once per ``every`` steps) and write them."""
     n = step % every or every
-    record = {"step": step, **{k: round(float(v) / n, 5) for k, v in running.items()}}
+    record = {"step": step, **{k: round(float(v) / n, 5) + 0.0 for k, v in running.items()}}  # + 0.0: no "-0.0"
     record["lr"] = optim.param_groups[0]["lr"]
     record["elapsed_s"] = round(time.perf_counter() - t0, 2)
     bar.set_postfix(loss=f"{record['loss']:.4f}")
