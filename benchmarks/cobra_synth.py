@@ -57,16 +57,19 @@ def cobra_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) ->
     return out
 
 
-def seed_scores(maps: list[tuple], source: str, percentile: float, num_classes: int) -> dict:
-    """Seed mIoU, per-class precision and the context false activation of one source at one percentile."""
+def seed_scores(maps: list[tuple], source: str, percentile: float, num_classes: int, context: bool = False) -> dict:
+    """Seed mIoU and per-class precision of one source at one percentile, and with ``context`` the context false
+    activation."""
     cm, fa = ConfusionMatrix(num_classes), ContextFalseActivation()
-    for m_cnn, m_tran, a_obj, tags, mask, context in maps:
+    for m_cnn, m_tran, a_obj, tags, mask, ctx in maps:
         cam = F.interpolate(fuse(m_cnn, m_tran, source), size=mask.shape, mode="bilinear", align_corners=False)
         _, seed = cam_to_label(cam, tags, attention_background(a_obj, percentile)[:, None, None])
         cm.update(seed[0], torch.from_numpy(mask))
-        fa.update(seed[0], torch.from_numpy(context))
+        if context:
+            fa.update(seed[0], torch.from_numpy(ctx))
     res = cm.compute()
-    return {"miou": res["miou"], "precision": res["precision"], "context_fa": fa.compute()["overall"]}
+    return {"miou": res["miou"], "precision": res["precision"],
+            "context_fa": fa.compute()["overall"] if context else None}  # fmt: skip
 
 
 def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
@@ -79,7 +82,7 @@ def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
     for source in SOURCES:
         scores = {p: seed_scores(search, source, p, val.num_classes)["miou"] for p in PERCENTILES}
         best = max(scores, key=scores.get)
-        held = seed_scores(held_out, source, best, val.num_classes)
+        held = seed_scores(held_out, source, best, val.num_classes, context=True)
         result[source] = {"percentile": best, "train_miou": scores[best], "val_miou": held["miou"],
                           "val_context_fa": held["context_fa"], "val_precision": held["precision"]}  # fmt: skip
     return result
@@ -101,14 +104,15 @@ def main() -> None:
             cfg = get_config("cobra-tiny-synth", VARIANTS[variant])
             train(cfg, VOCDataset(args.data, "train"), out, seed=seed, progress=False, resume=True)  # finishes a run
             cached = out / "seed_eval.json"
-            if not cached.is_file() or "val_context_fa" not in cached.read_text():
+            if not cached.is_file():
                 cached.write_text(json.dumps(evaluate(out / CHECKPOINT, args.data, args.search_images)))
             rows[variant][seed] = json.loads(cached.read_text())
             print(variant, seed, {s: round(100 * r["val_miou"], 1) for s, r in rows[variant][seed].items()})
     summary = {v: {s: _stats([r[s]["val_miou"] for r in per_seed.values()]) for s in SOURCES}
                for v, per_seed in rows.items()}  # fmt: skip
-    context = {v: {s: _stats([r[s]["val_context_fa"] for r in per_seed.values()]) for s in SOURCES}
-               for v, per_seed in rows.items()}  # fmt: skip
+    # evaluations cached before the context figure existed lack it; the context table averages those that have it
+    context = {v: {s: _stats([r[s]["val_context_fa"] for r in per_seed.values() if "val_context_fa" in r[s]])
+                   for s in SOURCES} for v, per_seed in rows.items()}  # fmt: skip
     for title, table in (("val seed mIoU", summary), ("val context false activation", context)):
         print(f"\n{title}, mean +- std over seeds {args.seeds}")
         print(f"{'variant':12s}" + "".join(f"{s:>14s}" for s in SOURCES))
@@ -119,6 +123,8 @@ def main() -> None:
 
 
 def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "values": []}
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
 
