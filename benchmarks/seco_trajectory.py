@@ -2,9 +2,12 @@
 
 Trains ``--config`` in stages of ``--every`` iterations (each stage resumes the last; resume is bit-exact, so
 the run is the same as an uninterrupted one), keeps each stage's checkpoint and scores validation seeds after it.
-``--set`` overrides apply to the config (e.g. ``seco.schedule.lil=[10000,0.5]`` to switch a loss off).
+``--set`` overrides apply to the config (e.g. ``seco.schedule.lil=[10000,0.5]`` to switch a loss off); ``--init``
+starts a variant from a stage of another run.
 
     python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30
+    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 60 --name no-roi-switch \
+        --set seco.cam2mask=100000 --init runs/seco_trajectory/seco-tiny-synth-s0/step00120
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from common import write_result
 from wsss.cam.infer import CAMSettings
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
+from wsss.models import load_checkpoint
 from wsss.runtime.backends import open_backend
 from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config
@@ -47,14 +51,24 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=30)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--name", default=None, help="run and results name (default: config-sSEED)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="a stage folder of another run: start from its checkpoint and state (a variant that "
+                             "differs only after that step)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/seco_trajectory"))
     args = parser.parse_args()
     cfg = get_config(args.config, args.overrides)
     name = args.name or f"{args.config}-s{args.seed}"
     run, data = args.work / name, VOCDataset(args.data, "train")
     names = (args.data / "classes.txt").read_text().split()
+    start = 0
+    if args.init is not None:
+        start = load_checkpoint(args.init / CHECKPOINT)[1]["step"]
+        if not (run / CHECKPOINT).is_file():
+            run.mkdir(parents=True, exist_ok=True)
+            for file in (CHECKPOINT, RESUME_STATE):
+                shutil.copy2(args.init / file, run / file)
     rows = []
-    for stop in range(args.every, cfg["train"]["iters"] + 1, args.every):
+    for stop in range(start + args.every, cfg["train"]["iters"] + 1, args.every):
         stage = run / f"step{stop:05d}"
         if not (stage / CHECKPOINT).is_file():
             train(cfg, data, run, seed=args.seed, resume=(run / CHECKPOINT).is_file(), progress=False,
