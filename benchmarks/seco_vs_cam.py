@@ -1,9 +1,13 @@
 """SeCo against the plain-CAM baseline on the synthetic benchmark: seed mIoU and context false activation.
 
 Trains ``cam-tiny-synth`` and ``seco-tiny-synth`` for each seed (a finished run folder is reused), computes
-validation seeds with the same CAM post-processing, and reports the mean over seeds.
+validation seeds with the same CAM post-processing, and reports the mean over seeds. ``--set`` overrides apply to
+one method's config (``--variant-of``, SeCo unless told) and need a ``--name``: that method's run folders and the
+result file carry it, while the other method's runs are shared.
 
     python benchmarks/seco_vs_cam.py --data demo_out/synth --seeds 0 1 2
+    python benchmarks/seco_vs_cam.py --data demo_out/synth --set seco.cam2mask=100000 --name roi-aux
+    python benchmarks/seco_vs_cam.py --data demo_out/synth --variant-of cam --set model.pooling=gap --name cam-gap
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from wsss.train.loop import CHECKPOINT, train
 METHODS = ("cam-tiny-synth", "seco-tiny-synth")
 
 
-def run(config: str, seed: int, data: Path, work: Path) -> dict:
-    cfg = get_config(config)
-    out = work / f"{config}-s{seed}"
+def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "") -> dict:
+    cfg = get_config(config, overrides)
+    out = work / f"{config}{'-' + name if name else ''}-s{seed}"
     if not (out / CHECKPOINT).is_file():
         train(cfg, VOCDataset(data, "train"), out, seed=seed, progress=False)
     backend, meta = open_backend(out / CHECKPOINT)
@@ -46,8 +50,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("runs/seco_vs_cam"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--variant-of", choices=("seco", "cam"), default="seco", help="the config --set applies to")
+    parser.add_argument("--name", default="", help="variant name (required with --set)")
     args = parser.parse_args()
-    rows = {m: {s: run(m, s, args.data, args.work) for s in args.seeds} for m in METHODS}
+    if args.overrides and not args.name:
+        parser.error("--set needs --name: a variant must not reuse the default runs")
+    rows = {}
+    for method in METHODS:
+        variant = method.startswith(args.variant_of + "-")
+        overrides, name = (args.overrides, args.name) if variant else ((), "")
+        rows[method] = {s: run(method, s, args.data, args.work, overrides, name) for s in args.seeds}
     summary = {}
     for method, per_seed in rows.items():
         miou = [r["miou"] for r in per_seed.values()]
@@ -58,7 +71,16 @@ def main() -> None:
             f"{method:16s} val seed mIoU {100 * np.mean(miou):5.1f} +- {100 * np.std(miou):.1f}   "
             f"context false activation {100 * np.mean(fa):5.1f} +- {100 * np.std(fa):.1f}  (seeds {args.seeds})"
         )
-    write_result("seco_vs_cam", {"seeds": args.seeds, "summary": summary, "runs": rows})
+    write_result(
+        "seco_vs_cam" + (f"_{args.name}" if args.name else ""),
+        {
+            "seeds": args.seeds,
+            "variant_of": args.variant_of,
+            "overrides": args.overrides,
+            "summary": summary,
+            "runs": rows,
+        },
+    )
 
 
 if __name__ == "__main__":
