@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from wsss.cam.cobra import _thresholds_from, attention_background, fuse, ir_thresholds, max_normalize
 from wsss.data.datasets import VOCDataset
 from wsss.models import build_model, load_model
-from wsss.train.cobra_losses import cam_l1_loss, cap_loss, pseudo_labels, sap_loss, stable_topk
+from wsss.train.cobra_losses import cam_l1_loss, cap_loss, cls_loss, pseudo_labels, sap_loss, stable_topk
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
@@ -240,6 +240,21 @@ def test_network_outputs_and_gradient_routing():
     assert model.vit_proj.weight.grad is not None and model.cnn_classifier.weight.grad is None
     logits, cams = model(x)
     assert logits.shape == (2, 3) and cams.shape == (2, 7, 6, 6)
+
+
+@pytest.mark.parametrize("pooling", ["gap", "gmp"])
+def test_image_logits_pool_the_foreground_maps(pooling):
+    cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, f"model.pooling={pooling}"])
+    model = build_model("cobra", cfg["model"], 3).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        out, logits = model.branches(x), model(x)[0]
+    pool = (lambda m: m[:, 1:].mean((2, 3))) if pooling == "gap" else (lambda m: m[:, 1:].flatten(2).max(-1).values)
+    torch.testing.assert_close(logits, (pool(out.m_cnn) + pool(out.m_tran)) / 2)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(cls_loss(out.m_cnn, y, pooling), F.multilabel_soft_margin_loss(pool(out.m_cnn), y))
+    with pytest.raises(ValueError, match="pooling"):
+        build_model("cobra", {**cfg["model"], "pooling": "avg"}, 3)
 
 
 def test_grid_mismatch_is_reported():

@@ -24,7 +24,8 @@ def build_model(method: str, model_cfg: dict, num_fg: int) -> nn.Module:
     if method == "cobra":
         if "cnn" not in model_cfg:
             raise ValueError("a CoBra model config needs a 'cnn' section (the ResNet branch)")
-        return CoBraNet(ResNetConfig.from_dict(model_cfg["cnn"]), backbone, num_fg, model_cfg.get("proj_dim", 256))
+        return CoBraNet(ResNetConfig.from_dict(model_cfg["cnn"]), backbone, num_fg, model_cfg.get("proj_dim", 256),
+                        model_cfg.get("pooling", "gap"))  # fmt: skip
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 

@@ -57,13 +57,27 @@ class AttentionRecorder:
         return torch.stack([a.mean(1) for a in maps]).sum(0)
 
 
+POOLINGS = ("gap", "gmp")
+
+
+def image_logits(m: torch.Tensor, pooling: str = "gap") -> torch.Tensor:
+    """(4.6) image logits (B, K) of a 21-channel CAM: GAP over the foreground channels, as the paper and code do.
+    ``"gmp"`` takes each map's spatial max instead: an experiment (see the README), not CoBra's design."""
+    fg = m[:, 1:]
+    return fg.mean((2, 3)) if pooling == "gap" else fg.amax((2, 3))
+
+
 class CoBraNet(nn.Module):
     """Two branches, ``K`` foreground classes; the CNN's output stride must equal the ViT patch size."""
 
     method = "cobra"
 
-    def __init__(self, cnn: ResNetConfig, vit: BackboneConfig, num_fg: int, proj_dim: int = 256):
+    def __init__(self, cnn: ResNetConfig, vit: BackboneConfig, num_fg: int, proj_dim: int = 256,
+                 pooling: str = "gap"):  # fmt: skip
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.cnn = ResNetTrunk(cnn)
         self.backbone = create_vit(vit)  # named like the other networks' ViT so --pretrained loads it
         self.patch_size = patch_size(self.backbone)
@@ -97,11 +111,6 @@ class CoBraNet(nn.Module):
         v_s = F.normalize(self.vit_proj(out.tokens).flatten(2).transpose(1, 2), dim=-1)
         return v_c, v_s
 
-    @staticmethod
-    def logits(m: torch.Tensor) -> torch.Tensor:
-        """(4.6) image logits: GAP over the foreground channels of a CAM."""
-        return m[:, 1:].mean((2, 3))
-
     def forward(self, x: torch.Tensor, mode: str = "cam"):
         """``mode="train"``: (CoBraOutputs, v^c, v^s). ``mode="cam"`` (inference, export): image logits (B, K) and
         raw CAM sources (B, 2K + 1, h, w) (METHODS 4.8).
@@ -116,7 +125,7 @@ class CoBraNet(nn.Module):
         if mode != "cam":
             raise ValueError(f"mode must be 'cam' or 'train', got {mode!r}")
         a_obj = out.a_obj[:, None]
-        logits = (self.logits(out.m_cnn) + self.logits(out.m_tran)) / 2
+        logits = (image_logits(out.m_cnn, self.pooling) + image_logits(out.m_tran, self.pooling)) / 2
         return logits, torch.cat([out.m_cnn[:, 1:], a_obj * out.m_tran[:, 1:], a_obj], dim=1)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

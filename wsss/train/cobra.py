@@ -47,6 +47,7 @@ class CoBraObjective(nn.Module):
         super().__init__()
         self.s = cobra_settings(cfg)
         self.crop = cfg["data"]["crop"]
+        self.pooling = cfg["model"].get("pooling", "gap")
         self.aux_start = round(cfg["train"]["iters"] * self.s["aux_start_epoch"] / self.s["epochs"])
         if not self.s["train_cnn_proj"]:
             model.cnn_proj.requires_grad_(False)
@@ -58,7 +59,7 @@ class CoBraObjective(nn.Module):
         out, v_c, v_s = net(batch["image"], mode="train")
         y, s = batch["labels"], self.s
         zero = 0.0 * (v_c.sum() + v_s.sum())  # keeps every head in the graph (DDP) while a term is off
-        losses = {"cls_cnn": cls_loss(out.m_cnn, y), "cls_tran": cls_loss(out.m_tran, y)}
+        losses = {"cls_cnn": cls_loss(out.m_cnn, y, self.pooling), "cls_tran": cls_loss(out.m_tran, y, self.pooling)}
         losses.update(cam=zero, sap=zero, cap=zero)
         if step >= self.aux_start:
             if s["cam_loss"]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import patch_infonce
+from ..models.cobra import image_logits
 
 
 def stable_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -21,9 +22,9 @@ def stable_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=largest, stable=True).indices[..., :k]
 
 
-def cls_loss(m: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(4.6) multilabel soft margin on ``GAP(M[:, 1:])`` (D10)."""
-    return F.multilabel_soft_margin_loss(m[:, 1:].mean((2, 3)), labels)
+def cls_loss(m: torch.Tensor, labels: torch.Tensor, pooling: str = "gap") -> torch.Tensor:
+    """(4.6) multilabel soft margin on ``GAP(M[:, 1:])`` (D10; ``pooling="gmp"``: the spatial max instead)."""
+    return F.multilabel_soft_margin_loss(image_logits(m, pooling), labels)
 
 
 def cam_l1_loss(m_cnn: torch.Tensor, m_tran: torch.Tensor, labels: torch.Tensor, size: int, terms: str = "both"):

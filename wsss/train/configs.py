@@ -98,7 +98,7 @@ _COBRA_CAM = {"input_size": None, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.
               "bkg_thresh": 0.5, "score_thresh": 0.5, "source": "fuse", "bg_percentile": 70.0}  # fmt: skip
 _COBRA_VOC = {
     "method": "cobra",
-    "model": {"backbone": _DEIT_S, "proj_dim": 256,
+    "model": {"backbone": _DEIT_S, "proj_dim": 256, "pooling": "gap",  # image logits (4.6); gmp: an experiment
               "cnn": {"name": "resnet152", "strides": [1, 2, 2, 1], "fixed_bn": True, "frozen_stages": 2}},
     "pretrained": None,  # DeiT-S weights (deit_small_patch16_224-cd65a155.pth); --pretrained
     "pretrained_cnn": None,  # torchvision resnet152-b121ed2d.pth; --set pretrained_cnn=PATH
@@ -115,7 +115,7 @@ CONFIGS["cobra-r50-deits-voc"] = copy.deepcopy(_COBRA_VOC)
 CONFIGS["cobra-r50-deits-voc"]["model"]["cnn"]["name"] = "resnet50"
 CONFIGS["cobra-tiny-synth"] = {
     "method": "cobra",
-    "model": {"backbone": _TINY_VIT, "proj_dim": 128,
+    "model": {"backbone": _TINY_VIT, "proj_dim": 128, "pooling": "gap",
               "cnn": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "block": "basic",
                       "strides": [1, 2, 1, 1], "fixed_bn": False, "frozen_stages": 0}},
     "pretrained": "builtin:vit-tiny-synth",
