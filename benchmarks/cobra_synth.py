@@ -1,6 +1,7 @@
 """CoBra on the synthetic benchmark: seed mIoU per seed source, and a loss ablation, over several seeds.
 
-For each seed and variant (all losses; no CAP; no SAP; no L_cam) ``cobra-tiny-synth`` is trained (an interrupted
+For each seed and variant (all losses; no CAP; no SAP; no L_cam; all losses with max- instead of
+mean-pooled image logits) ``cobra-tiny-synth`` is trained (an interrupted
 run resumes, a finished one and its evaluation are reused). Its multi-scale CAM sources are computed once per
 image; every seed source (cnn, vit, avg, max, fuse) then gets the attention-percentile background searched on
 training images, as CoBra's eval_cam does (METHODS 4.9), and is scored on the validation split with it.
@@ -31,7 +32,8 @@ from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT, train
 
 VARIANTS = {"all": [], "no_cap": ["cobra.cap=false"], "no_sap": ["cobra.sap=false"],
-            "no_cam_loss": ["cobra.cam_loss=false"]}  # fmt: skip
+            "no_cam_loss": ["cobra.cam_loss=false"],
+            "gmp": ["model.pooling=gmp"]}  # all losses, max-pooled image logits: tests the GAP explanation  # fmt: skip
 PERCENTILES = tuple(range(40, 96, 5))
 
 
