@@ -13,6 +13,7 @@ result file carry it, while the other method's runs are shared.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from common import write_result
 from wsss.cam.infer import CAMSettings
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
+from wsss.models import load_checkpoint
 from wsss.runtime.backends import open_backend
 from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config
@@ -34,6 +36,9 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
     out = work / f"{config}{'-' + name if name else ''}-s{seed}"
     if not (out / CHECKPOINT).is_file():
         train(cfg, VOCDataset(data, "train"), out, seed=seed, progress=False)
+    stale = _changed(json.loads(json.dumps(cfg)), load_checkpoint(out / CHECKPOINT)[1]["config"])
+    if stale:  # a config edited since the run: never report a stale run
+        raise SystemExit(f"{out} was trained with another {config} config ({', '.join(stale)}); move it away")
     backend, meta = open_backend(out / CHECKPOINT)
     settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
     val = VOCDataset(data, "val")
@@ -43,6 +48,19 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
                            context_dir=data / "ContextMask", ids=val.ids)  # fmt: skip
     return {"miou": res["miou"], "context_false_activation": res["context_false_activation"]["overall"],
             "iou": res["iou"], "precision": res["precision"]}  # fmt: skip
+
+
+def _changed(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ; keys the trained config lacks (settings added to the code since) are skipped."""
+    diff = []
+    for key, value in wanted.items():
+        if key not in trained:
+            continue
+        if isinstance(value, dict) and isinstance(trained[key], dict):
+            diff += _changed(value, trained[key], f"{prefix}{key}.")
+        elif value != trained[key]:
+            diff.append(prefix + key)
+    return diff
 
 
 def main() -> None:
