@@ -6,8 +6,10 @@ the run is the same as an uninterrupted one), keeps each stage's checkpoint and 
 starts a variant from a stage of another run.
 
     python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30
-    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 60 --name no-roi-switch \
-        --set seco.cam2mask=100000 --init runs/seco_trajectory/seco-tiny-synth-s0/step00120
+    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30 --name seco-s0-switch150 \
+        --set seco.cam2mask=150
+    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 60 --name seco-s0-no-roi-switch \
+        --set seco.cam2mask=100000 --init runs/seco_trajectory/seco-s0-switch150/step00120
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
                              "differs only after that step)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path("runs/seco_trajectory"))
     args = parser.parse_args()
+    if args.overrides and not args.name:
+        parser.error("--set needs --name: a variant must not reuse the run folder of the plain config")
     cfg = get_config(args.config, args.overrides)
     name = args.name or f"{args.config}-s{args.seed}"
     run, data = args.work / name, VOCDataset(args.data, "train")
