@@ -6,8 +6,8 @@ one method's config (``--variant-of``, SeCo unless told) and need a ``--name``: 
 result file carry it, while the other method's runs are shared.
 
     python benchmarks/seco_vs_cam.py --data demo_out/synth --seeds 0 1 2
-    python benchmarks/seco_vs_cam.py --data demo_out/synth --set seco.cam2mask=100000 --name roi-aux
-    python benchmarks/seco_vs_cam.py --data demo_out/synth --variant-of cam --set model.pooling=gap --name cam-gap
+    python benchmarks/seco_vs_cam.py --data demo_out/synth --set seco.cam2mask=150 --name switch150
+    python benchmarks/seco_vs_cam.py --data demo_out/synth --variant-of cam --set model.pooling=gap --name gap --seeds 0
 """
 
 from __future__ import annotations
