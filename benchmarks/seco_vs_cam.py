@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--variant-of", choices=("seco", "cam"), default="seco", help="the config --set applies to")
     parser.add_argument("--name", default="", help="variant name (required with --set)")
+    parser.add_argument("--result", default=None, help="results/RESULT.json (default: seco_vs_cam[_NAME])")
     args = parser.parse_args()
     if args.overrides and not args.name:
         parser.error("--set needs --name: a variant must not reuse the default runs")
@@ -90,7 +91,7 @@ def main() -> None:
             f"context false activation {100 * np.mean(fa):5.1f} +- {100 * np.std(fa):.1f}  (seeds {args.seeds})"
         )
     write_result(
-        "seco_vs_cam" + (f"_{args.name}" if args.name else ""),
+        args.result or "seco_vs_cam" + (f"_{args.name}" if args.name else ""),
         {
             "seeds": args.seeds,
             "variant_of": args.variant_of,
