@@ -1,8 +1,8 @@
 """CoBra on the synthetic benchmark: seed mIoU per seed source, and a loss ablation, over several seeds.
 
-For each seed and variant (all losses; no CAP; no SAP; no L_cam; all losses with max- instead of
-mean-pooled image logits) ``cobra-tiny-synth`` is trained (an interrupted
-run resumes, a finished one and its evaluation are reused). Its multi-scale CAM sources are computed once per
+For each seed and variant (all losses; no CAP; no SAP; no L_cam; ``gmp``: all losses with max- instead of
+mean-pooled image logits) ``cobra-tiny-synth`` is trained (an interrupted run resumes, a finished one and its
+evaluation are reused). Its multi-scale CAM sources are computed once per
 image; every seed source (cnn, vit, avg, max, fuse) then gets the attention-percentile background searched on
 training images, as CoBra's eval_cam does (METHODS 4.9), and is scored on the validation split with it.
 
