@@ -95,7 +95,7 @@ class SeCoObjective(nn.Module):
         # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1)
         rng = torch.Generator().manual_seed(step)
         positions, flags = crop_and_tag(roi, k, s["n_crops"], s["local_crop"], s["tag_thresh"], generator=rng)
-        return {"aux_cam": aux_cam, "seg_label": seg_label, "positions": positions, "flags": flags}
+        return {"aux_cam": aux_cam, "seg_label": seg_label, "roi": roi, "positions": positions, "flags": flags}
 
     def _ptc(self, feats, aux_cam, y, box) -> torch.Tensor:
         """(3.10) pairs from the aux CAM at the token grid, applied to the final tokens."""
