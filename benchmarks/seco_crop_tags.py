@@ -1,7 +1,7 @@
 """What SeCo's crop-and-tag (METHODS 3.4) feeds LIL/LIG: how many class-tagged crops lie on context, not object.
 
 For each checkpoint, the training images (resized to the config's crop) go through the training code's own ROI and
-tagging (``SeCoObjective._pseudo_labels``: multi-scale aux CAM, ``cam_to_label`` with the uncertain band,
+tagging (``SeCoObjective.pseudo_labels``: multi-scale aux CAM, ``cam_to_label`` with the uncertain band,
 ``crop_and_tag``). Each crop tagged with a context class k (boat, train, cow) is then scored against the ground
 truth: the shares of its window that are object k and that are k's context (``ContextMask``). A crop whose window
 holds more context than object teaches LIL/LIG that context looks like k. "lent" crops hold no confident pixel of
@@ -60,7 +60,7 @@ def crop_stats(ckpt: Path, cfg: dict, data: tuple, batch: int = 16) -> dict:
     for step, start in enumerate(range(0, len(images), batch)):
         x, y = images[start : start + batch], labels[start : start + batch]
         box = torch.tensor([[0, size, 0, size]]).expand(len(x), 4)
-        pseudo = objective._pseudo_labels(model, x, y, box, step, dense=False)
+        pseudo = objective.pseudo_labels(model, x, y, box, step, dense=False)
         pos, tags = pseudo["positions"], pseudo["flags"][:, 2:]  # local crops only
         obj, ctx = (crop_windows(m[start : start + batch, None], pos, s)[:, :, 0] for m in (masks, contexts))
         conf = crop_windows(pseudo["roi"][:, None], pos, s)[:, :, 0]  # confident pixels are 1..K

@@ -122,9 +122,9 @@ def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
     objective = SeCoObjective(model, cfg)
     x, y = torch.randn(2, 3, 48, 48), torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6])
     box = torch.tensor([[0, 48, 0, 48]] * 2)
-    before, after = (objective._pseudo_labels(model, x, y, box, step)["seg_label"] for step in (4, 5))
+    before, after = (objective.pseudo_labels(model, x, y, box, step)["seg_label"] for step in (4, 5))
     with torch.no_grad():  # the heads differ, so the two sources give different labels on random weights
         model.aux_classifier.weight.mul_(-1)
-    flipped = objective._pseudo_labels(model, x, y, box, 4)["seg_label"]
+    flipped = objective.pseudo_labels(model, x, y, box, 4)["seg_label"]
     assert not torch.equal(before, flipped), "before the switch the label follows the aux CAM"
-    assert torch.equal(after, objective._pseudo_labels(model, x, y, box, 5)["seg_label"])
+    assert torch.equal(after, objective.pseudo_labels(model, x, y, box, 5)["seg_label"])

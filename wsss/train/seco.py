@@ -64,7 +64,7 @@ class SeCoObjective(nn.Module):
         # the PAR labels feed only seg and reg: before those switch on they are skipped and logged as 0 (exact,
         # as a zero weight contributes nothing); the contrast always runs, since it moves the queue and teachers
         dense = weights["seg"] > 0 or weights["reg"] > 0
-        pseudo = self._pseudo_labels(model, x, y, box, step, dense)
+        pseudo = self.pseudo_labels(model, x, y, box, step, dense)
         out = net(x, mode="train")
         zero = 0 * out["seg"].sum()  # keeps the decoder in the graph (DDP expects every parameter to get a gradient)
         losses = {
@@ -79,9 +79,9 @@ class SeCoObjective(nn.Module):
         return losses
 
     @torch.no_grad()
-    def _pseudo_labels(self, model, x, y, box, step: int, dense: bool = True) -> dict[str, torch.Tensor]:
-        """(3.2) steps 2-5: multi-scale CAMs, PAR-refined segmentation labels (if ``dense``), the ROI and the crops'
-        tags."""
+    def pseudo_labels(self, model, x, y, box, step: int, dense: bool = True) -> dict[str, torch.Tensor]:
+        """(3.2) steps 2-5 as a dict: ``aux_cam``, PAR-refined ``seg_label`` (None unless ``dense``), the ``roi``
+        (-1 uncertain), and the crops' ``positions`` and ``flags``."""
         s, k = self.cfg, self.num_fg
         fused, _ = multi_scale_cam(_BothCAMs(model), x, self.cam["scales"], flip=True)
         cam, aux_cam = fused[:, :k], fused[:, k:]
