@@ -46,8 +46,10 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
                                                                quiet=True, resume=True))  # fmt: skip
     res = evaluate_folders(out / "val" / "seeds", data / "SegmentationClass", meta["class_names"],
                            context_dir=data / "ContextMask", ids=val.ids)  # fmt: skip
-    return {"miou": res["miou"], "context_false_activation": res["context_false_activation"]["overall"],
-            "iou": res["iou"], "precision": res["precision"]}  # fmt: skip
+    fa, names = res["context_false_activation"], meta["class_names"]
+    return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
+            "precision": res["precision"],
+            "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip
 
 
 def _changed(wanted: dict, trained: dict, prefix: str = "") -> list[str]:
@@ -84,11 +86,16 @@ def main() -> None:
     for method, per_seed in rows.items():
         miou = [r["miou"] for r in per_seed.values()]
         fa = [r["context_false_activation"] for r in per_seed.values()]
+        per_class = {c: float(np.mean([r["context_false_activation_per_class"][c] for r in per_seed.values()]))
+                     for c in next(iter(per_seed.values()))["context_false_activation_per_class"]}  # fmt: skip
         summary[method] = {"miou_mean": float(np.mean(miou)), "miou_std": float(np.std(miou)),
-                           "context_fa_mean": float(np.mean(fa)), "context_fa_std": float(np.std(fa))}  # fmt: skip
+                           "context_fa_mean": float(np.mean(fa)), "context_fa_std": float(np.std(fa)),
+                           "context_fa_per_class_mean": per_class}  # fmt: skip
+        by_class = ", ".join(f"{c} {100 * v:.1f}" for c, v in per_class.items())
         print(
             f"{method:16s} val seed mIoU {100 * np.mean(miou):5.1f} +- {100 * np.std(miou):.1f}   "
-            f"context false activation {100 * np.mean(fa):5.1f} +- {100 * np.std(fa):.1f}  (seeds {args.seeds})"
+            f"context false activation {100 * np.mean(fa):5.1f} +- {100 * np.std(fa):.1f} ({by_class})"
+            f"  (seeds {args.seeds})"
         )
     write_result(
         args.result or "seco_vs_cam" + (f"_{args.name}" if args.name else ""),
