@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from common import write_result
-from wsss.cam.infer import CAMSettings, predict_cams
-from wsss.cam.multiscale import cam_to_label
+from wsss.cam.labels import cam_to_label
+from wsss.cam.pipeline import predict_cams
 from wsss.data.datasets import VOCDataset
 from wsss.eval.metrics import ConfusionMatrix
-from wsss.models import load_model
+from wsss.models import LoadedModel, load_model
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
@@ -34,13 +34,15 @@ OPTIONS = {
 THRESHOLDS = [round(t, 2) for t in np.arange(0.1, 0.65, 0.05)]
 
 
-def seed_miou_curve(model, data: VOCDataset, settings: CAMSettings, limit: int) -> list[float]:
-    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs."""
+def seed_miou_curve(loaded: LoadedModel, data: VOCDataset, limit: int) -> list[float]:
+    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs (the network's CAM settings)."""
+    spec = loaded.spec
     matrices = [ConfusionMatrix(data.num_classes) for _ in THRESHOLDS]
     n = min(len(data), limit)
     for start in range(0, n, 16):
         samples = [data[i] for i in range(start, min(start + 16, n))]
-        results = predict_cams(model, [s.image for s in samples], [s.labels for s in samples], settings)
+        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
+                               mean=spec.mean, std=spec.std)  # fmt: skip
         for s, r in zip(samples, results, strict=True):
             for t, cm in zip(THRESHOLDS, matrices, strict=True):
                 cm.update(cam_to_label(r.cam[None], r.tags[None], t)[1][0], torch.from_numpy(s.mask))
@@ -62,10 +64,9 @@ def main() -> None:
         tic = time.perf_counter()
         ckpt = train(cfg, train_set, args.out / name, progress=False)
         train_s = time.perf_counter() - tic
-        model, _ = load_model(ckpt)
-        settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
-        train_curve = seed_miou_curve(model, train_set, settings, args.eval_images)
-        val_curve = seed_miou_curve(model, val_set, settings, args.eval_images)
+        loaded = load_model(ckpt)
+        train_curve = seed_miou_curve(loaded, train_set, args.eval_images)
+        val_curve = seed_miou_curve(loaded, val_set, args.eval_images)
         best = int(np.argmax(train_curve))
         rows[name] = {
             "train_seconds": round(train_s, 1), "iters": args.iters, "threshold": THRESHOLDS[best],

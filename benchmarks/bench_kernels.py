@@ -3,8 +3,9 @@
 Per kernel and shape: median time (forward + backward for the losses) and peak extra memory
 (``torch.cuda.max_memory_allocated`` above the inputs, CUDA only; on CPU it is reported as n/a, not estimated)
 of the Triton kernel, the vectorised reference and, for CoBra's losses, the official per-patch loop
-(``official_loops.py``). The loss pipelines share the index construction (pseudo labels, ``torch.topk``), so all
-three compute the same number; the largest difference to the reference is reported as a check.
+(``official_loops.py``). The losses are the library's own (``wsss.train.cobra_losses`` in the official code's
+mode, the kernel backend chosen through ``WSSS_KERNELS``), so all three compute the same number; the largest
+difference to the reference is reported as a check.
 
     python benchmarks/bench_kernels.py --quick --threads 1   # small shapes on CPU, ~15 s (no Triton: needs CUDA);
                                                              # one thread keeps timings stable on a shared CPU
@@ -14,9 +15,11 @@ three compute the same number; the largest difference to the reference is report
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 
 from common import write_result
 from official_loops import official_cap_loop, official_sap_loop
-from wsss.kernels import cam_postprocess, masked_ptc, patch_infonce
-from wsss.kernels.dispatch import triton_available
+from wsss.kernels import cam_postprocess, masked_ptc
+from wsss.kernels.dispatch import ENV_VAR, triton_available
+from wsss.train.cobra_losses import cap_loss, sap_loss
 
 NA_TRITON = "n/a (needs CUDA)"
 BACKENDS = {"triton": "triton", "reference": "torch"}  # column -> wsss.kernels backend
@@ -64,26 +68,37 @@ def quick_cases() -> list[Case]:
 # ------------------------------------------------------------------------------------------- workloads
 
 
-def sap_vectorised(v_s, m_cnn, labels, k_pos, k_neg, tau, backend):
-    """cll_v1 semantics without loops: per-class top/bottom-k of the raw CAM, gathered by each patch's class."""
-    b, _, h, w = m_cnn.shape
-    y_bg = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
-    pseudo = torch.softmax(m_cnn * y_bg[:, :, None, None], dim=1).argmax(1).flatten(1)  # (B, N)
-    cam = m_cnn.flatten(2)  # (B, C+1, N)
-    index = pseudo[:, :, None]
-    pos = cam.topk(k_pos, dim=-1).indices.gather(1, index.expand(-1, -1, k_pos))
-    neg = cam.topk(k_neg, dim=-1, largest=False).indices.gather(1, index.expand(-1, -1, k_neg))
-    v = v_s.flatten(2).transpose(1, 2)
-    return patch_infonce(v, pos, neg, tau, "code", backend=backend).sum() / (h * w * b * k_pos)
+@contextmanager
+def kernel_backend(backend: str | None) -> Iterator[None]:
+    """Run library code that takes no ``backend=`` (the CoBra losses) on one kernel backend, by ``WSSS_KERNELS``
+    (``wsss.kernels.dispatch``); None leaves the choice as it is."""
+    if backend is None:
+        yield
+        return
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR)
+        else:
+            os.environ[ENV_VAR] = old
 
 
-def cap_vectorised(v_c, affinity, k_pos, k_neg, tau, backend):
-    """cll_v2 semantics without loops."""
-    b, _, h, w = v_c.shape
-    pos = affinity.topk(k_pos, dim=-1).indices
-    neg = affinity.topk(k_neg, dim=-1, largest=False).indices
-    v = v_c.flatten(2).transpose(1, 2)
-    return patch_infonce(v, pos, neg, tau, "paper", backend=backend).sum() / (h * w * b * k_pos)
+def _tokens(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+def sap_library(v_s, m_cnn, labels, k_pos, k_neg, tau):
+    """``wsss.train.cobra_losses.sap_loss`` in ``cll_v1``'s mode: raw-CAM ranking, absent classes zeroed, every
+    patch an anchor, exp before /tau in the negatives (D2)."""
+    return sap_loss(_tokens(v_s), m_cnn, labels, k_pos, k_neg, tau, "raw_cam", "zero", "all", "code")
+
+
+def cap_library(v_c, affinity, k_pos, k_neg, tau):
+    """``wsss.train.cobra_losses.cap_loss`` (``cll_v2``'s semantics)."""
+    return cap_loss(_tokens(v_c), affinity, k_pos, k_neg, tau)
 
 
 def loss_workloads(case: Case, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
@@ -91,10 +106,11 @@ def loss_workloads(case: Case, device: torch.device) -> dict[str, Callable[[], t
     p, g = case.shape, torch.Generator(device="cpu").manual_seed(0)
     v = F.normalize(torch.randn(p["b"], p["d"], p["h"], p["w"], generator=g), dim=1).to(device).requires_grad_(True)
 
-    def step(loss_fn):
+    def step(loss_fn, backend=None):
         def run():
-            loss = loss_fn()
-            torch.autograd.grad(loss.sum(), v)
+            with kernel_backend(backend):
+                loss = loss_fn()
+                torch.autograd.grad(loss.sum(), v)
             return loss.detach().reshape(())
 
         return run
@@ -103,13 +119,13 @@ def loss_workloads(case: Case, device: torch.device) -> dict[str, Callable[[], t
         m_cnn = torch.randn(p["b"], p["c"] + 1, p["h"], p["w"], generator=g).to(device)
         labels = (torch.rand(p["b"], p["c"], generator=g) < 0.15).float().to(device)
         args = (m_cnn, labels, p["k_pos"], p["k_neg"], 0.1)
-        runs = {name: step(lambda be=be: sap_vectorised(v, *args, be)) for name, be in BACKENDS.items()}
+        runs = {name: step(lambda: sap_library(v, *args), be) for name, be in BACKENDS.items()}
         runs["official"] = step(lambda: official_sap_loop(v, *args))
     elif case.kernel == "cap":
         n = p["h"] * p["w"]
         affinity = torch.rand(p["b"], n, n, generator=g).to(device)
         args = (affinity, p["k_pos"], p["k_neg"], 0.1)
-        runs = {name: step(lambda be=be: cap_vectorised(v, *args, be)) for name, be in BACKENDS.items()}
+        runs = {name: step(lambda: cap_library(v, *args), be) for name, be in BACKENDS.items()}
         runs["official"] = step(lambda: official_cap_loop(v, *args))
     else:  # masked_ptc
         labels = torch.randint(0, 4, (p["b"], p["h"], p["w"]), generator=g)

@@ -20,7 +20,7 @@ from common import write_result
 from wsss.data.datasets import VOCDataset
 from wsss.data.transforms import AugmentConfig
 from wsss.models import build_model
-from wsss.train.configs import get_config
+from wsss.train.configs import get_config, model_spec
 from wsss.train.loop import OBJECTIVES, TrainSet, _batches
 
 
@@ -81,7 +81,7 @@ def aff_loop(label):
 
 
 def ptc_loop(feats, labels):
-    """The official PTC: the (B, N, N) pair mask built per image, then masked |cos| sums (METHODS 3.10)."""
+    """The official PTC: the (B, N, N) pair mask built per image, then masked |cos| sums (§3.10)."""
     aff = aff_loop(labels)
     tokens = torch.nn.functional.normalize(feats.flatten(2), dim=1, eps=1e-8)
     cos = (tokens.transpose(1, 2) @ tokens).abs()
@@ -95,7 +95,7 @@ def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
         seco.lil_loss, seco.lig_loss, seco.ptc_loss = lil_loop, lig_loop, ptc_loop
     try:
         torch.manual_seed(0)
-        model = build_model("seco", cfg["model"], data.num_fg).to(device)
+        model = build_model(model_spec(cfg, data.classes)).to(device)
         objective = OBJECTIVES["seco"](model, cfg).to(device)
         optim = torch.optim.AdamW([*model.parameters(), *objective.trainable()], lr=1e-5)
         d = cfg["data"]

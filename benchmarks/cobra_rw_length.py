@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from common import write_result
-from wsss.cam.infer import preprocess
 from wsss.cam.irn import cobra_mask, random_walk
-from wsss.data.datasets import VOCDataset
+from wsss.data.datasets import VOCDataset, check_classes
+from wsss.data.transforms import normalize_images
 from wsss.eval.metrics import ConfusionMatrix
 from wsss.models import load_model
 from wsss.train.cobra_masks import cobra_maps
@@ -35,15 +35,18 @@ def main() -> None:
     parser.add_argument("--exp-times", type=int, nargs="+", default=[0, 2, 4, 8])
     parser.add_argument("--pad-size", type=int, default=128)
     args = parser.parse_args()
-    model, meta = load_model(args.ckpt)
+    loaded = load_model(args.ckpt)
+    if loaded.spec.family != "cobra":
+        parser.error(f"{args.ckpt}: a {loaded.spec.family} network, not CoBra")
     irn, cfg = load_irn(args.irn)
     data = VOCDataset(args.data, args.split)
+    check_classes(data, loaded.spec.class_names)
     scores = {(e, crf): ConfusionMatrix(data.num_classes) for e in args.exp_times for crf in (True, False)}
     for i in range(min(args.images, len(data))):
         sample = data[i]
-        maps = cobra_maps(model, sample.image, data.labels(i), meta["config"]["cam"]["scales"])
-        edge = irn.infer_edge(preprocess([sample.image], None, "cpu")[0], args.pad_size)
-        source = maps.stride4(maps.tran)
+        maps = cobra_maps(loaded.model, sample.image, data.labels(i), loaded.spec.cam)
+        edge = irn.infer_edge(normalize_images(sample.image), args.pad_size)
+        source = maps.tran4  # M_tran^{/4}, the random walk's input (rw_source="tran", as write_masks)
         for e in args.exp_times:
             rw = random_walk(source, edge, cfg.beta, e, cfg.radius_infer) if e else source
             for crf in (True, False):

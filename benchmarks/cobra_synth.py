@@ -2,9 +2,9 @@
 
 For each seed and variant (all losses; no CAP; no SAP; no L_cam; ``gmp``: all losses with max- instead of
 mean-pooled image logits) ``cobra-tiny-synth`` is trained (an interrupted run resumes, a finished one and its
-evaluation are reused). Its multi-scale CAM sources are computed once per
-image; every seed source (cnn, vit, avg, max, fuse) then gets the attention-percentile background searched on
-training images, as CoBra's eval_cam does (METHODS 4.9), and is scored on the validation split with it.
+evaluation are reused). Its multi-scale CAM stack is computed once per image; every seed source (cnn, vit, avg,
+max, fuse) then gets the attention-percentile background searched on training images, as CoBra's eval_cam does
+(§4.9), and is scored on the validation split with it.
 
     python benchmarks/cobra_synth.py --data demo_out/synth --seeds 0 1 2
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,74 +20,92 @@ import torch
 import torch.nn.functional as F
 
 from common import write_result
-from wsss.cam.cobra import SOURCES, attention_background, fuse
-from wsss.cam.infer import CAMSettings, postprocess, preprocess
-from wsss.cam.multiscale import cam_to_label, multi_scale_stack
-from wsss.data.datasets import VOCDataset
+from wsss.cam.labels import cam_to_label
+from wsss.cam.pipeline import forward_pyramid, image_pyramid, postprocess, stack_maps
+from wsss.data.datasets import VOCDataset, check_classes
 from wsss.data.palette import read_label_png
 from wsss.eval.metrics import ConfusionMatrix, ContextFalseActivation
-from wsss.models import load_model
+from wsss.models import LoadedModel, load_model
+from wsss.models.spec import SEED_SOURCES
 from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT, train
 
 VARIANTS = {"all": [], "no_cap": ["cobra.cap=false"], "no_sap": ["cobra.sap=false"],
             "no_cam_loss": ["cobra.cam_loss=false"],
             "gmp": ["model.pooling=gmp"]}  # all losses, max-pooled image logits: tests the GAP explanation  # fmt: skip
-PERCENTILES = tuple(range(5, 96, 5))  # the all/no_* caches searched 40..95; their optima (60-90) lie inside
+PERCENTILES = tuple(range(5, 96, 5))  # the optima of earlier runs (60-90) lie well inside
+CACHE = "seed_eval.json"  # per run: {"cam": the CAM settings it was computed with, "sources": per-source scores}
 
 
 @torch.no_grad()
-def cobra_sources(model, data: VOCDataset, ids: range, settings: CAMSettings) -> list[tuple]:
-    """Per image: normalised ``M_cnn`` and ``M_tran``, ``A_obj`` (at the CAM input size), tags, ground truth and
-    the context mask.
+def seed_scores(loaded: LoadedModel, data: VOCDataset, n: int, grid: list[tuple[str, float]],
+                context: bool = False) -> dict[tuple[str, float], dict]:  # fmt: skip
+    """Seed mIoU and per-class precision of the first ``n`` images for every (source, percentile) of ``grid``,
+    and with ``context`` the context false activation.
 
-    The same calls as ``wsss.cam.infer.predict_cams``; only the source fusion and the background percentile,
-    which the search varies, are applied later.
+    The CAM stack of a batch is computed once by the one CAM path (``wsss.cam.pipeline``); each grid point is
+    then ``postprocess`` with the network's settings, ``source`` and ``bg_percentile`` replaced. As
+    ``predict_cams`` does at a fixed input size, the normalised maps are resized to the image and labelled there
+    with the image's background score.
     """
-    out = []
-    for start in range(ids.start, ids.stop, 16):
-        samples = [data[i] for i in range(start, min(start + 16, ids.stop))]
-        stack, _ = multi_scale_stack(model, preprocess([s.image for s in samples], settings.input_size, "cpu"),
-                                     settings.scales, settings.flip)  # fmt: skip
+    spec = loaded.spec
+    settings = spec.cam
+    cms = {key: ConfusionMatrix(data.num_classes) for key in grid}
+    fas = {key: ContextFalseActivation() for key in grid}
+    for start in range(0, n, 16):
+        samples = [data[i] for i in range(start, min(start + 16, n))]
+        inputs = image_pyramid([s.image for s in samples], settings, "cpu", spec.mean, spec.std)
+        stack = stack_maps(forward_pyramid(loaded.model, inputs, settings), tuple(inputs[0].shape[-2:]), settings)
         y = torch.stack([torch.from_numpy(s.labels).float() for s in samples])
-        m_cnn, _, _ = postprocess(stack, y, replace(settings, source="cnn"))
-        m_tran, _, _ = postprocess(stack, y, replace(settings, source="vit"))
-        a_obj = stack[:, :, :, 2 * y.shape[1]].relu().sum((0, 1))
-        out += [(m_cnn[i : i + 1], m_tran[i : i + 1], a_obj[i : i + 1], y[i : i + 1], s.mask,
-                 read_label_png(data.root / "ContextMask" / f"{s.id}.png")) for i, s in enumerate(samples)]  # fmt: skip
+        masks = [torch.from_numpy(s.mask) for s in samples]
+        ctx = [torch.from_numpy(read_label_png(data.root / "ContextMask" / f"{s.id}.png")) for s in samples
+               ] if context else []  # fmt: skip
+        for source, percentile in grid:
+            cams, bkg, _ = postprocess(stack, y, settings.replace(source=source, bg_percentile=float(percentile)))
+            for i, mask in enumerate(masks):
+                cam = F.interpolate(cams[i : i + 1], size=mask.shape, mode="bilinear", align_corners=False)
+                _, seed = cam_to_label(cam, y[i : i + 1], bkg[i])
+                cms[source, percentile].update(seed[0], mask)
+                if context:
+                    fas[source, percentile].update(seed[0], ctx[i])
+    out = {}
+    for key, cm in cms.items():
+        res = cm.compute()
+        out[key] = {"miou": res["miou"], "precision": res["precision"],
+                    "context_fa": fas[key].compute()["overall"] if context else None}  # fmt: skip
     return out
 
 
-def seed_scores(maps: list[tuple], source: str, percentile: float, num_classes: int, context: bool = False) -> dict:
-    """Seed mIoU and per-class precision of one source at one percentile, and with ``context`` the context false
-    activation."""
-    cm, fa = ConfusionMatrix(num_classes), ContextFalseActivation()
-    for m_cnn, m_tran, a_obj, tags, mask, ctx in maps:
-        cam = F.interpolate(fuse(m_cnn, m_tran, source), size=mask.shape, mode="bilinear", align_corners=False)
-        _, seed = cam_to_label(cam, tags, attention_background(a_obj, percentile)[:, None, None])
-        cm.update(seed[0], torch.from_numpy(mask))
-        if context:
-            fa.update(seed[0], torch.from_numpy(ctx))
-    res = cm.compute()
-    return {"miou": res["miou"], "precision": res["precision"],
-            "context_fa": fa.compute()["overall"] if context else None}  # fmt: skip
-
-
-def evaluate(ckpt: Path, data: Path, n_search: int) -> dict:
-    model, meta = load_model(ckpt)
-    settings = CAMSettings(**{**meta["config"]["cam"], "scales": tuple(meta["config"]["cam"]["scales"])})
+def evaluate(loaded: LoadedModel, data: Path, n_search: int) -> dict:
+    """Per source: the percentile searched on training images, and the validation scores with it."""
     train_set, val = VOCDataset(data, "train"), VOCDataset(data, "val")
-    search = cobra_sources(model, train_set, range(min(n_search, len(train_set))), settings)
-    held_out = cobra_sources(model, val, range(len(val)), settings)
+    for split in (train_set, val):
+        check_classes(split, loaded.spec.class_names)
+    search = seed_scores(loaded, train_set, min(n_search, len(train_set)),
+                         [(source, p) for source in SEED_SOURCES for p in PERCENTILES])  # fmt: skip
+    best = {}
+    for source in SEED_SOURCES:
+        scores = {p: search[source, p]["miou"] for p in PERCENTILES}
+        best[source] = (max(scores, key=scores.get), scores)
+    held_out = seed_scores(loaded, val, len(val), [(source, p) for source, (p, _) in best.items()], context=True)
     result = {}
-    for source in SOURCES:
-        scores = {p: seed_scores(search, source, p, val.num_classes)["miou"] for p in PERCENTILES}
-        best = max(scores, key=scores.get)
-        held = seed_scores(held_out, source, best, val.num_classes, context=True)
-        result[source] = {"percentile": best, "train_miou": scores[best], "val_miou": held["miou"],
+    for source, (p, scores) in best.items():
+        held = held_out[source, p]
+        result[source] = {"percentile": p, "train_miou": scores[p], "val_miou": held["miou"],
                           "val_context_fa": held["context_fa"], "val_precision": held["precision"],
                           "search_curve": scores}  # fmt: skip
     return result
+
+
+def cached_evaluation(out: Path, data: Path, n_search: int) -> dict:
+    """The run's per-source scores, recomputed when the cache is missing or was made with other CAM settings
+    (files of earlier versions hold the scores alone; the CAM path has changed since)."""
+    cached, loaded = out / CACHE, load_model(out / CHECKPOINT)
+    record = json.loads(cached.read_text()) if cached.is_file() else {}
+    if record.get("cam") != loaded.spec.cam.to_dict():
+        record = {"cam": loaded.spec.cam.to_dict(), "sources": evaluate(loaded, data, n_search)}
+        cached.write_text(json.dumps(record))
+    return record["sources"]
 
 
 def main() -> None:
@@ -106,19 +123,15 @@ def main() -> None:
             out = args.work / f"{variant}-s{seed}"
             cfg = get_config("cobra-tiny-synth", VARIANTS[variant])
             train(cfg, VOCDataset(args.data, "train"), out, seed=seed, progress=False, resume=True)  # finishes a run
-            cached = out / "seed_eval.json"
-            if not cached.is_file():
-                cached.write_text(json.dumps(evaluate(out / CHECKPOINT, args.data, args.search_images)))
-            rows[variant][seed] = json.loads(cached.read_text())
+            rows[variant][seed] = cached_evaluation(out, args.data, args.search_images)
             print(variant, seed, {s: round(100 * r["val_miou"], 1) for s, r in rows[variant][seed].items()})
-    summary = {v: {s: _stats([r[s]["val_miou"] for r in per_seed.values()]) for s in SOURCES}
+    summary = {v: {s: _stats([r[s]["val_miou"] for r in per_seed.values()]) for s in SEED_SOURCES}
                for v, per_seed in rows.items()}  # fmt: skip
-    # evaluations cached before the context figure existed lack it; the context table averages those that have it
-    context = {v: {s: _stats([r[s]["val_context_fa"] for r in per_seed.values() if "val_context_fa" in r[s]])
-                   for s in SOURCES} for v, per_seed in rows.items()}  # fmt: skip
+    context = {v: {s: _stats([r[s]["val_context_fa"] for r in per_seed.values()]) for s in SEED_SOURCES}
+               for v, per_seed in rows.items()}  # fmt: skip
     for title, table in (("val seed mIoU", summary), ("val context false activation", context)):
         print(f"\n{title}, mean +- std over seeds {args.seeds}")
-        print(f"{'variant':12s}" + "".join(f"{s:>14s}" for s in SOURCES))
+        print(f"{'variant':12s}" + "".join(f"{s:>14s}" for s in SEED_SOURCES))
         for variant, per_source in table.items():
             cells = "".join(f"{100 * m['mean']:8.1f} +- {100 * m['std']:3.1f}" for m in per_source.values())
             print(f"{variant:12s}{cells}")

@@ -1,4 +1,4 @@
-"""Loop-style transcriptions of CoBra's official contrastive losses, for benchmarking only (METHODS 4.6).
+"""Loop-style transcriptions of CoBra's official contrastive losses, for benchmarking only (§4.6).
 
 They compute what [CoBra] ``loss_modules.py`` computes, the way it computes it: pseudo labels and top/bottom-k
 indices for the whole batch, per-image gathers that build (B, N, k, D) key tensors, then a Python loop over the

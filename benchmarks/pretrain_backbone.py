@@ -18,7 +18,7 @@ import torch
 from common import write_result
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
-from wsss.models import load_checkpoint, save_checkpoint
+from wsss.models import load_checkpoint, load_model, save_checkpoint, spec_from_meta
 from wsss.train.configs import get_config
 from wsss.train.loop import BUILTIN_WEIGHTS, train, validate
 
@@ -41,10 +41,8 @@ def main() -> None:
     seconds = time.perf_counter() - tic
     export_backbone(ckpt, args.out, {"corpus": synth.__dict__, "iters": args.iters, "train_seconds": seconds})
 
-    from wsss.models import load_model
-
-    model, _ = load_model(ckpt)
-    val = validate(model, VOCDataset(corpus, "val"), cfg, "cpu", 300)
+    loaded = load_model(ckpt)
+    val = validate(loaded.model, VOCDataset(corpus, "val"), loaded.spec, "cpu", 300)
     write_result("pretrain_backbone", {"iters": args.iters, "train_seconds": seconds, "corpus_val": val,
                                        "file": str(args.out), "bytes": args.out.stat().st_size})  # fmt: skip
 
@@ -53,7 +51,8 @@ def export_backbone(ckpt: Path, out: Path, provenance: dict) -> None:
     """Keep the ``backbone.*`` tensors of a CAM checkpoint, in fp16, under timm's own key names."""
     state, meta = load_checkpoint(ckpt)
     backbone = {k.removeprefix("backbone."): v.half() for k, v in state.items() if k.startswith("backbone.")}
-    save_checkpoint(out, backbone, {"kind": "backbone", "model": meta["model"]["backbone"], **provenance})
+    arch = spec_from_meta(meta, ckpt).arch["backbone"]
+    save_checkpoint(out, backbone, {"kind": "backbone", "model": arch, **provenance})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {sum(v.numel() for v in backbone.values())} params)")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from common import write_result
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
-from wsss.models import load_checkpoint, save_checkpoint
+from wsss.models import load_checkpoint, save_checkpoint, spec_from_meta
 from wsss.train.configs import get_config
 from wsss.train.loop import BUILTIN_WEIGHTS, train
 
@@ -44,7 +44,8 @@ def main() -> None:
     trunk = {k.removeprefix("cnn.net."): v.half() if v.is_floating_point() else v
              for k, v in state.items() if k.startswith("cnn.net.")}  # fmt: skip
     provenance = {"corpus": synth.__dict__, "iters": args.iters, "train_seconds": seconds}
-    save_checkpoint(args.out, trunk, {"kind": "resnet_trunk", "model": meta["model"]["cnn"], **provenance})
+    arch = spec_from_meta(meta, ckpt).arch["cnn"]
+    save_checkpoint(args.out, trunk, {"kind": "resnet_trunk", "model": arch, **provenance})
     params = sum(v.numel() for v in trunk.values())
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {params} params)")
     write_result("pretrain_cnn", {"iters": args.iters, "train_seconds": seconds, "file": str(args.out),

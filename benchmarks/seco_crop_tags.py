@@ -1,11 +1,11 @@
-"""What SeCo's crop-and-tag (METHODS 3.4) feeds LIL/LIG: how many class-tagged crops lie on context, not object.
+"""What SeCo's crop-and-tag (§3.4) feeds LIL/LIG: how many class-tagged crops lie on context, not object.
 
 For each checkpoint, the training images (resized to the config's crop) go through the training code's own ROI and
 tagging (``SeCoObjective.pseudo_labels``: multi-scale aux CAM, ``cam_to_label`` with the uncertain band,
 ``crop_and_tag``). Each crop tagged with a context class k (boat, train, cow) is then scored against the ground
 truth: the shares of its window that are object k and that are k's context (``ContextMask``). A crop whose window
 holds more context than object teaches LIL/LIG that context looks like k. "lent" crops hold no confident pixel of
-k: their tag comes from the single-class rule that counts uncertain pixels as the image's class (3.4 step 3).
+k: their tag comes from the single-class rule that counts uncertain pixels as the image's class (§3.4 step 3).
 
     python benchmarks/seco_crop_tags.py --data demo_out/synth --name seco-s3 \
         runs/seco_trajectory/seco-tiny-synth-s3/step00{060,120}
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common import write_result
-from wsss.data.datasets import VOCDataset
+from wsss.data.datasets import VOCDataset, check_classes
 from wsss.data.palette import read_label_png
 from wsss.data.transforms import to_tensor
 from wsss.models import load_model
@@ -33,8 +33,9 @@ from wsss.train.seco import SeCoObjective
 from wsss.train.seco_crops import crop_windows
 
 
-def load_set(data: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Train images (N,3,s,s), labels (N,K), masks and context masks (N,s,s), all resized to ``size``."""
+def load_set(data: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, VOCDataset]:
+    """Train images (N,3,s,s), labels (N,K), masks and context masks (N,s,s), all resized to ``size``, and the
+    split itself."""
     ds = VOCDataset(data, "train")
     images, labels, masks, contexts = [], [], [], []
     for i in range(len(ds)):
@@ -45,14 +46,16 @@ def load_set(data: Path, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         for maps, arr in ((masks, sample.mask), (contexts, read_label_png(data / "ContextMask" / f"{ds.ids[i]}.png"))):
             t = torch.from_numpy(arr.astype(np.int64))[None, None].float()
             maps.append(F.interpolate(t, size=(size, size), mode="nearest")[0, 0].long())
-    return torch.stack(images), torch.stack(labels), torch.stack(masks), torch.stack(contexts), list(ds.classes)
+    return torch.stack(images), torch.stack(labels), torch.stack(masks), torch.stack(contexts), ds
 
 
 @torch.no_grad()
 def crop_stats(ckpt: Path, cfg: dict, data: tuple, batch: int = 16) -> dict:
     """Per context class: class-tagged crops, the share lying mostly on context, and the share of lent tags."""
-    images, labels, masks, contexts, names = data
-    model, _ = load_model(ckpt)
+    images, labels, masks, contexts, ds = data
+    loaded = load_model(ckpt)
+    check_classes(ds, loaded.spec.class_names, str(ckpt))
+    model, names = loaded.model, loaded.spec.class_names
     objective = SeCoObjective(model, cfg).eval()
     s, k = cfg["seco"]["local_crop"], len(names) - 1
     size = images.shape[-1]

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 from common import write_result
-from wsss.cam.infer import CAMSettings
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
 from wsss.models import load_checkpoint
@@ -30,16 +29,16 @@ from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT, RESUME_STATE, train
 
 
-def score(ckpt: Path, cfg: dict, data: Path, out: Path) -> dict:
-    """Validation seeds of ``ckpt``: mIoU, per-class IoU and precision, context false activation per class."""
-    backend, meta = open_backend(ckpt)
-    settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
+def score(ckpt: Path, data: Path, out: Path) -> dict:
+    """Validation seeds of ``ckpt`` with its own CAM settings: mIoU, per-class IoU and precision, context false
+    activation per class."""
+    backend, spec, meta = open_backend(ckpt)
     val = VOCDataset(data, "val")
-    label_dataset(backend, meta, val, out, LabelConfig(settings, seed_dir="seeds", label_dir=None, quiet=True,
-                                                       resume=True))  # fmt: skip
-    res = evaluate_folders(out / "seeds", data / "SegmentationClass", meta["class_names"],
-                           context_dir=data / "ContextMask", ids=val.ids)  # fmt: skip
-    names = meta["class_names"]
+    label_dataset(backend, spec, meta, val, out, LabelConfig(spec.cam, seed_dir="seeds", label_dir=None, quiet=True,
+                                                             resume=True))  # fmt: skip
+    names = list(spec.class_names)
+    res = evaluate_folders(out / "seeds", data / "SegmentationClass", names, context_dir=data / "ContextMask",
+                           ids=val.ids)  # fmt: skip
     return {"miou": res["miou"], "context_false_activation": res["context_false_activation"],
             "iou": dict(zip(names, res["iou"], strict=True)),
             "precision": dict(zip(names, res["precision"], strict=True))}  # fmt: skip
@@ -63,7 +62,7 @@ def main() -> None:
     cfg = get_config(args.config, args.overrides)
     name = args.name or f"{args.config}-s{args.seed}"
     run, data = args.work / name, VOCDataset(args.data, "train")
-    names = (args.data / "classes.txt").read_text().split()
+    names = data.classes
     start = 0
     if args.init is not None:
         start = load_checkpoint(args.init / CHECKPOINT)[1]["step"]
@@ -80,7 +79,7 @@ def main() -> None:
             stage.mkdir(parents=True, exist_ok=True)
             for file in (CHECKPOINT, RESUME_STATE):  # a stage can seed a variant run (copy both into a new run folder)
                 shutil.copy2(run / file, stage / file)
-        row = {"step": stop, **score(stage / CHECKPOINT, cfg, args.data, stage / "val")}
+        row = {"step": stop, **score(stage / CHECKPOINT, args.data, stage / "val")}
         rows.append(row)
         fa = row["context_false_activation"]
         ctx = {names[int(k)]: round(100 * v, 1) for k, v in fa["per_class"].items()}

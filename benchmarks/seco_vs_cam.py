@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result
-from wsss.cam.infer import CAMSettings
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
-from wsss.models import load_checkpoint
+from wsss.models import load_model
 from wsss.runtime.backends import open_backend
 from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config
@@ -36,17 +35,17 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
     out = work / f"{config}{'-' + name if name else ''}-s{seed}"
     if not (out / CHECKPOINT).is_file():
         train(cfg, VOCDataset(data, "train"), out, seed=seed, progress=False)
-    stale = _changed(json.loads(json.dumps(cfg)), load_checkpoint(out / CHECKPOINT)[1]["config"])
+    stale = _changed(json.loads(json.dumps(cfg)), load_model(out / CHECKPOINT).meta["config"])
     if stale:  # a config edited since the run: never report a stale run
         raise SystemExit(f"{out} was trained with another {config} config ({', '.join(stale)}); move it away")
-    backend, meta = open_backend(out / CHECKPOINT)
-    settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
+    backend, spec, meta = open_backend(out / CHECKPOINT)
     val = VOCDataset(data, "val")
-    label_dataset(backend, meta, val, out / "val", LabelConfig(settings, seed_dir="seeds", label_dir=None,
-                                                               quiet=True, resume=True))  # fmt: skip
-    res = evaluate_folders(out / "val" / "seeds", data / "SegmentationClass", meta["class_names"],
+    label_dataset(backend, spec, meta, val, out / "val", LabelConfig(spec.cam, seed_dir="seeds", label_dir=None,
+                                                                     quiet=True, resume=True))  # fmt: skip
+    names = list(spec.class_names)
+    res = evaluate_folders(out / "val" / "seeds", data / "SegmentationClass", names,
                            context_dir=data / "ContextMask", ids=val.ids)  # fmt: skip
-    fa, names = res["context_false_activation"], meta["class_names"]
+    fa = res["context_false_activation"]
     return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
             "precision": res["precision"],
             "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
+from wsss.models import CheckpointError, LoadReport
 from wsss.models.backbone import (
     BackboneConfig,
-    LoadReport,
     create_vit,
     forward_tokens,
     load_backbone_weights,
     patch_size,
+    resize_pos_grid,
 )
 from wsss.models.cam_net import CAMNet
 
@@ -24,9 +25,9 @@ OVERRIDES = {"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
 TINY = BackboneConfig("vit_tiny_patch16_224", 32, OVERRIDES)
 
 
-def _vit(img_size: int = 32, seed: int = 0) -> torch.nn.Module:
+def _vit(img_size: int = 32, seed: int = 0, pos_resize: str = "size") -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_vit(BackboneConfig("vit_tiny_patch16_224", img_size, OVERRIDES)).eval()
+    return create_vit(BackboneConfig("vit_tiny_patch16_224", img_size, OVERRIDES, pos_resize=pos_resize)).eval()
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
@@ -101,12 +102,13 @@ def test_prefixes_are_stripped(tmp_path: Path, prefix: str, suffix: str) -> None
     before = {k: v.clone() for k, v in target.state_dict().items()}
     path = _save({prefix + k: v for k, v in source.state_dict().items()}, tmp_path / f"w{suffix}")
     report = load_backbone_weights(target, path)
-    assert isinstance(report, LoadReport)
-    assert report.loaded == sorted(source.state_dict())
-    assert report.missing == [] and report.unexpected == [] and report.resized == []
+    assert isinstance(report, LoadReport) and report.layout == "timm-vit" and report.source == str(path)
+    assert report.loaded == len(source.state_dict())
+    assert report.missing == report.unexpected == report.mismatched == report.resized == [] and not report.skipped
+    assert report.check() is report
     _assert_same_weights(source, target)
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], target.state_dict()["blocks.0.attn.qkv.weight"])
-    assert str(report).startswith(f"loaded {len(report.loaded)} tensors, missing 0, unexpected 0")
+    assert str(report) == f"{path} (timm-vit): loaded {len(source.state_dict())} tensors"
 
 
 def test_classifier_heads_are_dropped(tmp_path: Path) -> None:
@@ -119,8 +121,10 @@ def test_classifier_heads_are_dropped(tmp_path: Path) -> None:
         "fc_norm.bias": torch.zeros(48),
     })  # fmt: skip
     report = load_backbone_weights(target, _save(state, tmp_path / "with_head.pth"))
-    assert report.unexpected == [] and report.missing == []
-    assert not any(k.startswith(("head", "fc_norm")) for k in report.loaded)
+    assert report.unexpected == [] and report.missing == [] and report.loaded == len(source.state_dict())
+    assert report.skipped == dict.fromkeys(["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"],
+                                           "classifier head")  # fmt: skip
+    assert "skipped 4 (classifier head)" in str(report)
     _assert_same_weights(source, target)
 
 
@@ -132,8 +136,12 @@ def test_unknown_keys_are_reported_not_fatal(tmp_path: Path) -> None:
     report = load_backbone_weights(target, _save(state, tmp_path / "w.safetensors"))
     assert report.unexpected == ["decoder.conv.weight"]
     assert report.missing == ["norm.weight"]
-    assert "norm.weight" not in report.loaded
-    assert "missing: norm.weight" in str(report) and "unexpected: decoder.conv.weight" in str(report)
+    assert report.loaded == len(source.state_dict()) - 1
+    assert "missing (1): norm.weight" in str(report) and "unexpected (1): decoder.conv.weight" in str(report)
+    with pytest.raises(CheckpointError, match=r"missing \(1\): norm\.weight; unexpected \(1\)") as info:
+        report.check()
+    assert "\n" not in str(info.value) and "timm-vit" in str(info.value)
+    assert report.check(allow_missing=True, allow_unexpected=True) is report
 
 
 def test_shape_mismatches_are_reported_and_not_loaded(tmp_path: Path) -> None:
@@ -142,18 +150,20 @@ def test_shape_mismatches_are_reported_and_not_loaded(tmp_path: Path) -> None:
     state = dict(source.state_dict())
     state["blocks.0.mlp.fc1.weight"] = torch.randn(96, 48)
     report = load_backbone_weights(target, _save(state, tmp_path / "w.pth"))
-    assert report.unexpected == ["blocks.0.mlp.fc1.weight (96, 48) != (192, 48)"]
+    assert report.mismatched == ["blocks.0.mlp.fc1.weight (96, 48) != (192, 48)"] and report.unexpected == []
     assert report.missing == ["blocks.0.mlp.fc1.weight"]
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        report.check(allow_missing=True)  # a mismatch is never allowed
     assert torch.equal(target.state_dict()["blocks.0.mlp.fc1.weight"], before)
     _assert_same_weights(source, target, skip=("blocks.0.mlp.fc1.weight",))
 
 
 def test_unrelated_file_raises(tmp_path: Path) -> None:
     path = _save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.bias": torch.zeros(4)}, tmp_path / "resnet.pth")
-    with pytest.raises(ValueError, match="no tensor matches"):
+    with pytest.raises(CheckpointError, match="no tensor matches"):
         load_backbone_weights(_vit(), path)
     heads_only = _save({"head.weight": torch.zeros(10, 48)}, tmp_path / "head.safetensors")
-    with pytest.raises(ValueError, match="right file"):
+    with pytest.raises(CheckpointError, match="right file"):
         load_backbone_weights(_vit(), heads_only)
 
 
@@ -162,8 +172,8 @@ def test_pos_embed_is_resampled_from_another_img_size(tmp_path: Path) -> None:
     assert source.pos_embed.shape == (1, 65, 48)
     init = target.pos_embed.detach().clone()
     report = load_backbone_weights(target, _save(source.state_dict(), tmp_path / "w64.safetensors"))
-    assert report.resized == ["pos_embed"] and "pos_embed" in report.loaded
-    assert report.missing == [] and report.unexpected == []
+    assert report.resized == ["pos_embed"] and report.loaded == len(source.state_dict())
+    assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     assert "resampled pos_embed" in str(report)
     got = target.pos_embed.detach()
     assert got.shape == (1, 17, 48) and not torch.allclose(got, init)
@@ -261,11 +271,76 @@ def test_param_groups_split_backbone_and_head() -> None:
     assert {id(p) for p in backbone} | {id(p) for p in head} == {id(p) for p in net.parameters()}
 
 
-def test_input_size_must_be_a_patch_multiple() -> None:
+def test_any_input_size_floors_the_token_grid() -> None:
+    """Rows and columns past the last whole patch are dropped, as a stride-p convolution does."""
     net = _cam("gmp")
-    net(torch.zeros(1, 3, 32, 40))
-    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):
-        net(torch.zeros(1, 3, 32, 41))
+    x = torch.randn(1, 3, 39, 47, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, cams = net(x)
+        logits_c, cams_c = net(x[..., :32, :40])
+    assert cams.shape == (1, 3, 4, 5)
+    torch.testing.assert_close(cams, cams_c, rtol=0, atol=0)
+    torch.testing.assert_close(logits, logits_c, rtol=0, atol=0)
+
+
+def test_a_voc_sized_image_at_patch_16_gives_17_by_31() -> None:
+    cfg = BackboneConfig("vit_tiny_patch16_224", 32, {"depth": 1, "embed_dim": 48, "num_heads": 2})
+    net = CAMNet(cfg, 2).eval()
+    with torch.no_grad():
+        _, cams = net(torch.zeros(1, 3, 281, 500))
+    assert cams.shape == (1, 2, 17, 31)
+
+
+# ------------------------------------------------------------------------------------------- position grid rules
+
+
+def _pos(g: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, g[0] * g[1], 5, generator=torch.Generator().manual_seed(seed))
+
+
+def test_size_rule_is_bicubic_to_the_token_grid() -> None:
+    pos = _pos((4, 4))
+    grid = pos.reshape(1, 4, 4, 5).permute(0, 3, 1, 2)
+    for target in ((6, 2), (3, 5), (4, 4)):
+        want = F.interpolate(grid, size=target, mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        got = resize_pos_grid(pos, (4, 4), target, (8 * target[0], 8 * target[1]), "size")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # at the native grid it is an identity (resampled anyway: one graph branch)
+    torch.testing.assert_close(resize_pos_grid(pos, (4, 4), (4, 4), (32, 32)), pos, rtol=0, atol=1e-6)
+
+
+def test_dino_rule_keeps_the_stored_grid_only_for_square_images_of_its_token_count() -> None:
+    """§4.4: DINO's ``interpolate_pos_encoding``: kept as is when N == stored N and w == h, else bicubic by the
+    scale factor ``(h + 0.1) / g0``, which maps coordinates by that factor and not by ``h / g0``."""
+    pos = _pos((4, 4), 1)
+    assert resize_pos_grid(pos, (4, 4), (4, 4), (32, 32), "dino") is pos
+    grid = pos.reshape(1, 4, 4, 5).permute(0, 3, 1, 2)
+    for target, image in (((6, 3), (48, 24)), ((2, 8), (16, 64)), ((4, 4), (32, 35)), ((5, 5), (40, 40))):
+        want = F.interpolate(grid, scale_factor=((target[0] + 0.1) / 4, (target[1] + 0.1) / 4), mode="bicubic")
+        got = resize_pos_grid(pos, (4, 4), target, image, "dino")
+        assert got.shape == (1, target[0] * target[1], 5)
+        torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    # the two rules differ off the stored grid (the scale factor shifts the sampling positions)
+    a = resize_pos_grid(pos, (4, 4), (6, 3), (48, 24), "dino")
+    b = resize_pos_grid(pos, (4, 4), (6, 3), (48, 24), "size")
+    assert not torch.allclose(a, b)
+    # a non-square image of the stored token count is resampled: 4.1 / 4 keeps the 4 x 4 size, not the values
+    same_n = resize_pos_grid(pos, (4, 4), (4, 4), (32, 35), "dino")
+    assert same_n.shape == pos.shape and not torch.allclose(same_n, pos)
+
+
+def test_backbones_follow_their_pos_resize_rule() -> None:
+    size, dino = _vit(pos_resize="size"), _vit(pos_resize="dino")
+    dino.load_state_dict(size.state_dict())
+    assert size.pos_resize == "size" and dino.pos_resize == "dino"
+    square = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(forward_tokens(dino, square)[0], dino.forward_features(square), rtol=0, atol=0)
+        torch.testing.assert_close(forward_tokens(size, square)[0], forward_tokens(dino, square)[0])
+        wide = torch.randn(1, 3, 32, 56, generator=torch.Generator().manual_seed(5))
+        assert not torch.allclose(forward_tokens(size, wide)[0], forward_tokens(dino, wide)[0])
+    with pytest.raises(ValueError, match="pos_resize must be one of"):
+        create_vit(BackboneConfig("vit_tiny_patch16_224", 32, OVERRIDES, pos_resize="nearest"))
 
 
 def test_conv_stem_keeps_the_token_grid() -> None:

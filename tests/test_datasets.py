@@ -158,7 +158,7 @@ def test_voc_classes_file_and_count_mismatch(tmp_path: Path) -> None:
     ds = VOCDataset(root)
     assert ds.classes == ("background", "cat", "dog") and ds.num_fg == 2
     np.save(root / "cls_labels_onehot.npy", {"a": _onehot(1)})
-    with pytest.raises(DatasetError, match=r"class count mismatch: entry 'a' has shape \(20,\).*classes\.txt has 2"):
+    with pytest.raises(DatasetError, match=r"npy: entry 'a': vector has length 20, but .*classes\.txt has 2 fore"):
         VOCDataset(root)
     (root / "classes.txt").write_text("cat\ndog\n")
     with pytest.raises(DatasetError, match=r"classes\.txt:1: first class must be the background"):
@@ -211,15 +211,112 @@ def test_voc_label_file_errors(tmp_path: Path) -> None:
     (root / "cls_labels.json").write_text('{"a": ["cat", "dragon"]}')
     with pytest.raises(DatasetError, match=r"cls_labels\.json: entry 'a': 'dragon' is not a known class"):
         VOCDataset(root)
-    (root / "cls_labels.json").write_text('{"a": ["background"]}')
-    with pytest.raises(DatasetError, match="'background' is the background, not a foreground class"):
-        VOCDataset(root)
+    (root / "cls_labels.json").write_text('{"a": ["background", "cat"]}')  # background is dropped from tags
+    np.testing.assert_array_equal(VOCDataset(root).labels(0), _onehot(8))
     (root / "cls_labels.json").write_text('{"a": ["cat",]}')
     with pytest.raises(DatasetError, match=r"cls_labels\.json: malformed JSON at line 1, column \d+"):
         VOCDataset(root)
     (root / "cls_labels.json").write_text('{"a": "cat"}')
-    with pytest.raises(DatasetError, match="entry 'a' must be a list of class names"):
+    with pytest.raises(DatasetError, match="entry 'a': must be a list of class names, class indices or a 0/1 vector"):
         VOCDataset(root)
+
+
+# ------------------------------------------------------------------------------------------------- tag file forms
+
+SYN_CLASSES = "background\nbird\ncat\ndog\nfish\n"  # K = 4
+SYN_NAMES = {"tr_00000": ["dog"], "tr_00001": ["bird", "fish"], "tr_00002": []}
+
+
+def _voc_tags(root: Path, name: str, tags: object) -> VOCDataset:
+    """A VOC folder with classes.txt (K = 4) and one tag file; returns the dataset."""
+    if not (root / "classes.txt").is_file():
+        _voc(root, tuple(SYN_NAMES))
+        (root / "classes.txt").write_text(SYN_CLASSES)
+    for old in ("cls_labels.json", "cls_labels_onehot.npy", "cls_labels.npy"):
+        (root / old).unlink(missing_ok=True)
+    if name.endswith(".npy"):
+        np.save(root / name, tags)
+    else:
+        (root / name).write_text(json.dumps(tags))
+    return VOCDataset(root)
+
+
+def _tag_rows(ds: WSSSDataset, n: int | None = None) -> list[list[float]]:
+    """Tags of the first ``n`` images (all by default) as lists."""
+    return [ds.labels(i).tolist() for i in range(len(ds) if n is None else n)]
+
+
+def test_voc_index_tags_match_names(tmp_path: Path) -> None:
+    """The issue's file: {"tr_00000": [3]}, indices into classes.txt with background at 0."""
+    by_names = _tag_rows(_voc_tags(tmp_path, "cls_labels.json", SYN_NAMES))
+    indices = {"tr_00000": [3], "tr_00001": [1, 4], "tr_00002": [0]}  # 0 (background) is dropped
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels.json", indices)) == by_names
+    assert by_names == [[0, 0, 1, 0], [1, 0, 0, 1], [0, 0, 0, 0]]
+
+
+def test_voc_multi_hot_tags_k_and_k_plus_1(tmp_path: Path) -> None:
+    expected = _tag_rows(_voc_tags(tmp_path, "cls_labels.json", SYN_NAMES))
+    k = {"tr_00000": [0, 0, 1, 0], "tr_00001": [1, 0, 0, 1], "tr_00002": [0, 0, 0, 0]}
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels.json", k)) == expected
+    k1 = {key: [1, *v] for key, v in k.items()}  # background first: dropped
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels.json", k1)) == expected
+    floats = {key: [float(x) for x in v] for key, v in k.items()}
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels.json", floats)) == expected
+
+
+def test_voc_npy_dicts_irn_and_seco(tmp_path: Path) -> None:
+    expected = _tag_rows(_voc_tags(tmp_path, "cls_labels.json", SYN_NAMES))
+    vecs = {key: np.asarray(v, np.float32) for key, v in zip(SYN_NAMES, expected, strict=True)}
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels_onehot.npy", vecs)) == expected
+    assert _tag_rows(_voc_tags(tmp_path, "cls_labels.npy", vecs)) == expected
+    np.save(tmp_path / "cls_labels_onehot.npy", {k: np.zeros(4, np.float32) for k in vecs})
+    assert _tag_rows(VOCDataset(tmp_path))[0] == [0, 0, 0, 0]  # cls_labels_onehot.npy wins over cls_labels.npy
+
+
+def test_voc_npy_irn_integer_ids(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("2007_000032", "2007_000039"))
+    np.save(root / "cls_labels.npy", {np.int32(2007000032): _onehot(1), 2007000039: _onehot(15, 20)})
+    ds = VOCDataset(root)
+    np.testing.assert_array_equal(ds.labels(0), _onehot(1))
+    np.testing.assert_array_equal(ds.labels(1), _onehot(15, 20))
+
+
+def test_voc_tag_file_errors(tmp_path: Path) -> None:
+    cases = [
+        (
+            {"tr_00000": [5]},
+            r"cls_labels\.json: entry 'tr_00000': class index 5 is out of range 0\.\.4 \(.*classes",
+        ),
+        ({"tr_00000": [0, 1, 0]}, r"entry 'tr_00000': vector has length 3, but .*classes\.txt has 4 foreground"),
+        ({"tr_00000": ["dog", 2]}, r"cls_labels\.json: entry 'tr_00000': mixes class names and numbers"),
+        ({"tr_00000": ["dog"], "tr_00001": [2]}, r"entry 'tr_00001': numbers, but entry 'tr_00000' has class names"),
+        ({"tr_00000": [0, 0, 2.0, 0]}, r"entry 'tr_00000': vector value 2\.0 is not 0 or 1"),
+    ]
+    for tags, msg in cases:
+        with pytest.raises(DatasetError, match=msg) as err:
+            _voc_tags(tmp_path, "cls_labels.json", tags)
+        assert "\n" not in str(err.value)
+
+
+def test_voc_ambiguous_tag_file(tmp_path: Path) -> None:
+    root = _voc(tmp_path, ("a", "b"))
+    (root / "classes.txt").write_text("background\ncat\n")  # K + 1 == 2: [1, 0] is {bg, cat} or "not cat"
+    (root / "cls_labels.json").write_text(json.dumps({"a": [1, 0], "b": [0, 1]}))
+    with pytest.raises(DatasetError, match=r"cls_labels\.json: ambiguous tags: entry 'a' = \[1, 0\].*class names"):
+        VOCDataset(root)
+    (root / "cls_labels.json").write_text(json.dumps({"a": [1, 0], "b": [1]}))  # lengths differ: indices
+    assert _tag_rows(VOCDataset(root)) == [[1], [1]]
+    (root / "cls_labels.json").write_text(json.dumps({"a": ["cat"], "b": []}))  # the fix the error suggests
+    assert _tag_rows(VOCDataset(root)) == [[1], [0]]
+
+
+def test_coco_index_tags(tmp_path: Path) -> None:
+    root = _coco(tmp_path)
+    (root / "cls_labels.json").write_text(json.dumps({TR: [1, 80]}))
+    assert np.flatnonzero(COCODataset(root).labels(0)).tolist() == [0, 79]
+    (root / "cls_labels.json").write_text(json.dumps({TR: [81]}))
+    with pytest.raises(DatasetError, match=rf"entry '{TR}': class index 81 is out of range 0\.\.80"):
+        COCODataset(root)
 
 
 def test_voc_bad_masks(tmp_path: Path) -> None:
@@ -327,6 +424,25 @@ def test_folder_json_with_given_classes(tmp_path: Path) -> None:
     js.write_text(json.dumps({"x.jpg": ["cat", "kitten"]}))
     with pytest.raises(DatasetError, match=r"labels\.json: entry 'x': 'kitten' is not a known class"):
         FolderDataset(d, js, classes=VOC_CLASSES)
+
+
+def test_folder_index_and_vector_tags(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs")
+    classes = ("background", "bird", "cat", "dog")
+    f = tmp_path / "tags.csv"
+    f.write_text("image,labels\nx.jpg,3;2\ny,1\n")
+    ds = FolderDataset(d, f, classes=classes)
+    assert _tag_rows(ds, 2) == [[0, 1, 1], [1, 0, 0]] and ds.labels(2) is None
+    f.write_text("image,labels\nx.jpg,0 1 1\ny,1;0;0\n")  # K-long vectors: spaces or ; separate numbers
+    assert _tag_rows(FolderDataset(d, f, classes=classes), 2) == [[0, 1, 1], [1, 0, 0]]
+    js = tmp_path / "tags.json"
+    js.write_text(json.dumps({"x": [1, 0, 1, 1], "y": [0, 1, 0, 0]}))  # K+1-long vectors
+    assert _tag_rows(FolderDataset(d, js, classes=classes), 2) == [[0, 1, 1], [1, 0, 0]]
+    with pytest.raises(DatasetError, match=r"tags\.json: entry 'x': class indices and 0/1 vectors need the class list"):
+        FolderDataset(d, js)
+    f.write_text("image,labels\nx.jpg,4\n")
+    with pytest.raises(DatasetError, match=r"tags\.csv: entry 'x': class index 4 is out of range 0\.\.3"):
+        FolderDataset(d, f, classes=classes)
 
 
 def test_folder_without_labels(tmp_path: Path) -> None:

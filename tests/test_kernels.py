@@ -11,18 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.cam.multiscale import cam_to_label, multi_scale_cam, scaled_size
+from wsss.cam.labels import cam_to_label
+from wsss.cam.pipeline import forward_pyramid, stack_maps, tensor_pyramid
 from wsss.kernels import (
+    NORM_EPS,
     backend_for,
     cam_postprocess,
     cam_postprocess_reference,
+    combine_sources,
     masked_ptc,
     masked_ptc_reference,
+    normalize_maps,
     pair_counts,
     patch_infonce,
     patch_infonce_reference,
 )
 from wsss.kernels.dispatch import interpreter_enabled, triton_available
+from wsss.models import CAMSettings
 from wsss.train.seco_losses import label_to_aff_mask
 
 # Tolerances, relative to the largest magnitude of the expected tensor (max |a - b| <= REL * max(1, max |b|)).
@@ -227,7 +232,7 @@ def test_masked_ptc_accepts_flat_tokens_and_rejects_mismatches():
 
 
 class _ConvCAM(nn.Module):
-    """A stand-in CAM network for ``multi_scale_cam``: a 1x1 convolution, (logits, cams)."""
+    """A stand-in CAM network for the CAM pipeline: a 1x1 convolution, (logits, cams) at any input size."""
 
     def __init__(self, k: int):
         super().__init__()
@@ -239,29 +244,35 @@ class _ConvCAM(nn.Module):
 
 
 def aligned_stack(model, x, scales):
-    """(S, 2, B, K, H, W): each scale's CAMs of the image and of its flip, resized to (H, W), flip undone."""
+    """(S, 2, B, K, H, W): each scale's CAMs of the image and of its flip, resized to (H, W), flip undone; scale
+    1.0 first, inputs ``Bil(x; floor(sH), floor(sW))`` (§1.3; the sizes are no longer rounded to a patch multiple)."""
     b, _, h, w = x.shape
     out = []
     for s in [1.0, *[s for s in scales if s != 1.0]]:
-        xs = x if s == 1.0 else F.interpolate(x, scaled_size((h, w), s, 1), mode="bilinear", align_corners=False)
+        xs = x if s == 1.0 else F.interpolate(x, (int(s * h), int(s * w)), mode="bilinear", align_corners=False)
         a = F.interpolate(model(torch.cat([xs, xs.flip(-1)]))[1], size=(h, w), mode="bilinear", align_corners=False)
         out.append(torch.stack([a[:b], a[b:].flip(-1)]))
     return torch.stack(out)
 
 
-def test_cam_postprocess_reference_matches_the_multiscale_pipeline():
+def test_cam_postprocess_reference_matches_the_multiscale_formulas():
     torch.manual_seed(0)
-    model, x = _ConvCAM(5).eval(), torch.randn(2, 3, 12, 16)
+    model, x = _ConvCAM(5).eval(), torch.randn(2, 3, 12, 17)
     tags = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]], dtype=torch.float32)
     scales = (1.0, 0.5, 1.5)
+    settings = CAMSettings(input_size=None, scales=scales)
     with torch.no_grad():
-        want_cam, _ = multi_scale_cam(model, x, scales, flip=True)
+        stack = aligned_stack(model, x, scales)
+        m = torch.maximum(stack[:, 0], stack[:, 1]).relu().sum(0)  # (1.3), (1.4)
+        want_cam = normalize_maps(m, "minmax")  # (1.5)
         _, want_label = cam_to_label(want_cam, tags, 0.4)
-        got_cam, label, conf = cam_postprocess_reference(aligned_stack(model, x, scales), tags, 0.4, "max", "minmax",
-                                                         return_cams=True)  # fmt: skip
+        raw = forward_pyramid(model, tensor_pyramid(x, settings), settings)
+        piped = stack_maps(raw, (12, 17), settings)  # the pipeline's stack: the kernels' input
+        got_cam, label, conf = cam_postprocess_reference(piped, tags, 0.4, "max", "minmax", return_cams=True)
+    torch.testing.assert_close(piped, stack)
     assert_close_rel(got_cam, want_cam, CAM_ABS)
     assert torch.equal(label, want_label)
-    assert torch.equal(conf, (tags[:, :, None, None] * want_cam).amax(1).clamp_min(0.4))
+    assert torch.equal(conf, (tags[:, :, None, None] * got_cam).amax(1).clamp_min(0.4))
 
 
 def test_cam_postprocess_fusion_is_cobra_4_19():
@@ -319,6 +330,76 @@ def test_cam_postprocess_triton_matches_reference(shape, dtype, flip_merge, norm
     assert (label[0] == 1).all()  # no tag: every class ties at 0 > bkg, the first one wins
 
 
+def merged_reference(cams, flip_merge, norm):
+    """(1.3)/(4.17) written out: ReLU, flip merge, scale sum, normalisation (float32)."""
+    a = cams.float().relu()
+    return normalize_maps((a.amax(1) if flip_merge == "max" else a.sum(1)).sum(0), norm)
+
+
+@pytest.mark.parametrize("combine", ["fuse", "avg", "max"])
+@pytest.mark.parametrize(("flip_merge", "norm"), [("sum", "max"), ("max", "minmax")])
+def test_cam_postprocess_combine_is_combine_sources_of_the_normalised_maps(combine, flip_merge, norm):
+    cams, tags, cams2 = cam_inputs((3, 2, 2, 4, 6, 7), torch.float32, seed=2, fuse=True)
+    m1, m2 = merged_reference(cams, flip_merge, norm), merged_reference(cams2, flip_merge, norm)
+    assert_close_rel(cam_postprocess_reference(cams, tags, 0.3, flip_merge, norm, return_cams=True)[0], m1, CAM_ABS)
+    bkg = torch.tensor([0.3, 0.55], device=DEVICE)
+    got, label, conf = cam_postprocess_reference(cams, tags, bkg, flip_merge, norm, cams2, True, combine)
+    want = combine_sources(m1, m2, combine)
+    assert_close_rel(got, want, CAM_ABS)
+    expected = {"fuse": torch.maximum((m1 + m2) / 2, m2), "avg": (m1 + m2) / 2, "max": torch.maximum(m1, m2)}
+    assert torch.equal(want, expected[combine])
+    value, idx = (tags[:, :, None, None] * got).max(1)
+    assert torch.equal(label, torch.where(value <= bkg[:, None, None], 0, idx + 1))
+    assert torch.equal(conf, torch.maximum(value, bkg[:, None, None]))
+    # the default combine is the paper's fusion (4.19)
+    default, _, _ = cam_postprocess_reference(cams, tags, bkg, flip_merge, norm, cams2, True)
+    assert torch.equal(default, cam_postprocess_reference(cams, tags, bkg, flip_merge, norm, cams2, True, "fuse")[0])
+
+
+def test_combine_sources_rules_on_normalised_maps():
+    g = torch.Generator().manual_seed(4)
+    m1, m2 = (normalize_maps(torch.randn(2, 3, 5, 6, generator=g), "minmax") for _ in range(2))
+    fused = combine_sources(m1, m2, "fuse")
+    assert_close_rel(fused, (torch.maximum(m1, m2) + m2) / 2, CAM_ABS)  # the code's form (D14)
+    assert (fused >= m2).all() and (fused <= torch.maximum(m1, m2)).all()
+    assert torch.equal(combine_sources(m1, m2, "avg"), (m1 + m2) / 2)
+    assert torch.equal(combine_sources(m1, m2, "max"), torch.maximum(m1, m2))
+    assert torch.equal(combine_sources(m1, m1, "fuse"), m1) and torch.equal(combine_sources(m1, m1, "avg"), m1)
+    assert (combine_sources(m1, m2, "max") < 1).all() and NORM_EPS == 1e-5  # normalised inputs stay in [0, 1)
+    with pytest.raises(ValueError, match="combine"):
+        combine_sources(m1, m2, "sum")
+
+
+@requires_triton
+@pytest.mark.parametrize("combine", ["fuse", "avg", "max"])
+@pytest.mark.parametrize(
+    ("shape", "dtype", "flip_merge", "norm"),
+    [
+        ((3, 2, 2, 4, 33, 35), torch.float32, "sum", "max"),  # CoBra; several pixel blocks
+        ((2, 1, 2, 4, 7, 9), torch.float32, "max", "minmax"),  # no flip, min-max
+        ((2, 2, 2, 4, 8, 8), torch.float16, "sum", "max"),
+    ],
+)
+def test_cam_postprocess_combine_triton_matches_reference(shape, dtype, flip_merge, norm, combine):
+    cams, tags, cams2 = cam_inputs(shape, dtype, seed=5, fuse=True)
+    b = shape[2]
+    for bkg in (0.45, torch.linspace(0.05, 0.6, b, device=DEVICE)):
+        want = cam_postprocess(cams, tags, bkg, flip_merge, norm, cams2, True, "torch", combine)
+        got = cam_postprocess(cams, tags, bkg, flip_merge, norm, cams2, True, "triton", combine)
+        assert_close_rel(got[0], want[0], CAM_ABS)
+        assert torch.equal(got[1], want[1])
+        assert_close_rel(got[2], want[2], CAM_ABS)
+        assert not (got[1] == 3).any()  # class 3 (index 2) only ties class 2, which comes first
+    # labels only: the same labels without writing the maps
+    _, label, conf = cam_postprocess(cams, tags, 0.45, flip_merge, norm, cams2, False, "triton", combine)
+    assert torch.equal(label, cam_postprocess(cams, tags, 0.45, flip_merge, norm, cams2, backend="torch",
+                                              combine=combine)[1])  # fmt: skip
+    # the combines really differ on these inputs
+    if combine != "fuse":
+        fused = cam_postprocess(cams, tags, 0.45, flip_merge, norm, cams2, True, "triton", "fuse")[0]
+        assert (got[0] - fused).abs().max() > 1e-3
+
+
 @requires_triton
 def test_cam_postprocess_background_wins_ties():
     cams, tags, _ = cam_inputs((2, 2, 2, 3, 6, 7), torch.float32, seed=3)
@@ -339,6 +420,8 @@ def test_cam_postprocess_without_cams_and_bad_inputs():
         cam_postprocess(torch.cat([cams, cams[:, :1]], 1), tags, 0.5)
     with pytest.raises(ValueError, match="flip_merge"):
         cam_postprocess(cams, tags, 0.5, flip_merge="mean")
+    with pytest.raises(ValueError, match="combine"):
+        cam_postprocess(cams, tags, 0.5, cams2=cams, combine="sum")
     with pytest.raises(ValueError, match="one score per image"):
         cam_postprocess(cams, tags, torch.zeros(3))
 

@@ -13,7 +13,8 @@ from conftest import TINY
 from wsss.cli import cli
 from wsss.data.datasets import VOCDataset
 from wsss.data.palette import read_label_png
-from wsss.models import load_checkpoint
+from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.models import load_checkpoint, load_model, spec_from_meta
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
@@ -40,8 +41,13 @@ def test_train_cam_eval(cli_synth, tmp_path):
     sets = [x for item in [*TINY, "train.iters=4"] for x in ("--set", item)]
     _invoke(["train", "--config", "cam-tiny-synth", "--data", f"voc:{synth}:train", "--out", run, *sets])
     state, meta = load_checkpoint(run / "last.safetensors")
-    assert meta["method"] == "cam" and meta["step"] == 4 and meta["class_names"][1] == "boat"
-    assert meta["mean"] == [0.485, 0.456, 0.406] and "package_version" in meta
+    spec = spec_from_meta(meta)
+    assert spec.family == "cam" and meta["step"] == 4 and spec.class_names[1] == "boat"
+    assert spec.mean == IMAGENET_MEAN and spec.std == IMAGENET_STD and "package_version" in meta
+    assert meta["config_name"] == "cam-tiny-synth" and meta["seed"] == 0 and meta["config"]["method"] == "cam"
+    assert not {"method", "model", "class_names", "mean", "std"} & set(meta)  # all inside the spec
+    assert spec.cam.input_size == 48 and spec.cam.scales == (1.0, 0.5) and spec.cam.background == "threshold"
+    assert load_model(run / "last.safetensors").spec == spec
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and all(np.isfinite(r["loss"]) for r in records)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wsss.data.datasets import VOCDataset
-from wsss.models import SeCoNet, load_checkpoint, load_model
-from wsss.train.configs import get_config
+from wsss.models import SeCoNet, load_checkpoint, load_model, spec_from_meta
+from wsss.train.configs import get_config, model_spec
 from wsss.train.loop import RESUME_STATE, train
 
 MICRO = [
@@ -63,8 +63,11 @@ def test_training_state_is_saved_and_the_student_loads_as_seconet(seco_run):
     assert int(state["queue.ptr"]) == (3 * 4 * 4) % 32  # 3 steps x 4 images x (2 global + 2 local) keys
     torch.testing.assert_close(state["bank.prototypes"].norm(dim=1), torch.ones(8))
     assert "key_encoder.pos_embed" in state and "head_teacher.mlp.0.weight" in state
-    model, meta = load_model(out / "last.safetensors")
-    assert isinstance(model, SeCoNet) and meta["method"] == "seco"
+    loaded = load_model(out / "last.safetensors")
+    model, spec = loaded.model, loaded.spec
+    assert isinstance(model, SeCoNet) and spec.family == "seco" and spec_from_meta(loaded.meta) == spec
+    assert spec.arch["aux_layer"] == -3 and spec.num_fg == 8 and loaded.meta["step"] == 3
+    assert spec.cam.input_size == 48 and spec.cam.scales == (1.0, 0.5) and spec.cam.flip_merge == "max"
     logits, cams = model(torch.randn(1, 3, 48, 64))
     assert logits.shape == (1, 8) and cams.shape == (1, 8, 6, 8)
     assert model.segment(torch.randn(1, 3, 48, 64)).shape == (1, 9, 6, 8)
@@ -76,8 +79,9 @@ def test_seco_resume_reproduces_the_uninterrupted_run(synth, tmp_path):
     straight = train(cfg, data, tmp_path / "a", progress=False)
     train(cfg, data, tmp_path / "b", progress=False, max_steps=2)
     resumed = train(cfg, data, tmp_path / "b", resume=True, progress=False)
-    a, _ = load_checkpoint(straight)
-    b, _ = load_checkpoint(resumed)
+    a, meta_a = load_checkpoint(straight)
+    b, meta_b = load_checkpoint(resumed)
+    assert meta_a["step"] == meta_b["step"] == 3 and meta_a["spec"] == meta_b["spec"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
@@ -85,9 +89,9 @@ def test_seco_resume_reproduces_the_uninterrupted_run(synth, tmp_path):
 def test_validation_reports_cam_aux_cam_and_segmentation(seco_run, synth):
     from wsss.train.loop import validate
 
-    out, cfg = seco_run
-    model, _ = load_model(out / "last.safetensors")
-    result = validate(model, VOCDataset(synth, "val"), cfg, "cpu", 6)
+    out, _ = seco_run
+    loaded = load_model(out / "last.safetensors")
+    result = validate(loaded.model, VOCDataset(synth, "val"), loaded.spec, "cpu", 6)
     assert set(result) == {"val_seed_miou", "val_aux_seed_miou", "val_seg_miou"}
     assert all(0 <= v <= 1 for v in result.values())
 
@@ -111,6 +115,7 @@ def test_two_process_gloo_ddp_run(synth, tmp_path):
 
 def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
     """(3.2) step 3: on COCO the segmentation pseudo-label uses the auxiliary CAM while n < 12 000."""
+    from wsss.data.synth import DEMO_CLASSES
     from wsss.models import build_model
     from wsss.train.seco import SeCoObjective
 
@@ -118,7 +123,8 @@ def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
     assert get_config("seco-vitb16-voc")["seco"]["seg_from_aux_until"] == 0
     cfg = get_config("seco-tiny-synth", [*MICRO, "seco.seg_from_aux_until=5"])
     torch.manual_seed(0)
-    model = build_model("seco", cfg["model"], 8).eval()
+    model = build_model(model_spec(cfg, ("background", *(c.name for c in DEMO_CLASSES)))).eval()
+    assert model.classifier.out_channels == 8
     objective = SeCoObjective(model, cfg)
     x, y = torch.randn(2, 3, 48, 48), torch.tensor([[1.0] + [0.0] * 7, [0.0, 1.0] + [0.0] * 6])
     box = torch.tensor([[0, 48, 0, 48]] * 2)

@@ -186,23 +186,26 @@ def _cam_options(command):
 
 
 def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source):
-    """Backend, metadata, CAM settings and dataset of a labeling job, with the dataset's classes checked."""
-    runner, meta = _open_backend(ckpt, engine, backend, device, use_compile)
-    settings = _settings(meta, scales, flip, bkg_thresh, input_size, seed_source)
-    dataset = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
-    if tuple(dataset.classes) != tuple(meta["class_names"]):
-        raise click.BadParameter(f"dataset classes {dataset.classes} differ from the network's "
-                                 f"{tuple(meta['class_names'])}", param_hint="--data")  # fmt: skip
-    return runner, meta, settings, dataset
+    """Backend, spec, metadata, CAM settings and dataset of a labeling job."""
+    runner, spec, meta = _open_backend(ckpt, engine, backend, device, use_compile)
+    try:
+        settings = spec.cam.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    dataset = _dataset(data_spec, spec.class_names if data_spec.startswith("folder:") else None)
+    return runner, spec, meta, settings, dataset
 
 
-def _run_labeler(runner, meta, dataset, out, cfg) -> dict:
+def _run_labeler(runner, spec, meta, dataset, out, cfg) -> dict:
+    from .data.datasets import DatasetError
     from .runtime.labeler import label_dataset
 
     try:
-        return label_dataset(runner, meta, dataset, out, cfg)
+        return label_dataset(runner, spec, meta, dataset, out, cfg)
     except FileExistsError as err:
         raise click.ClickException(str(err)) from None
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
 
 
 @cli.command()
@@ -210,7 +213,7 @@ def _run_labeler(runner, meta, dataset, out, cfg) -> dict:
 @click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
-              help="crf: also write dense-CRF masks (METHODS 5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
+              help="crf: also write dense-CRF masks (§5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
 def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, batch, workers, overlays,
         device):  # fmt: skip
@@ -224,15 +227,19 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     """
     from .runtime.labeler import LabelConfig
 
-    job = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip, bkg_thresh, input_size, seed_source)
-    cfg = LabelConfig(job[2], refine, "masks" if refine != "none" else None, "seeds", batch, workers, overlays=overlays)
-    summary = _run_labeler(job[0], job[1], job[3], out, cfg)
+    runner, spec, meta, settings, dataset = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip,
+                                                     bkg_thresh, input_size, seed_source)  # fmt: skip
+    cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch, workers,
+                      overlays=overlays)  # fmt: skip
+    summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
     click.echo(f"{summary['ok']} images ({summary['failed']} failed), {summary['images_per_s']} images/s -> {out}")
 
 
 @cli.command("cobra-masks")
 @click.option("--ckpt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A CoBra checkpoint (wsss train --config cobra-...).")  # fmt: skip
+              help="A CoBra checkpoint (wsss train --config cobra-...) or a file of the official pair.")  # fmt: skip
+@click.option("--vit-ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Official CoBra only: the ViT file (default: found next to --ckpt by name).")  # fmt: skip
 @click.option("--data", "data_spec", required=True, help=DATA_HELP + " Images need their tags.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--irn", "irn_preset", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True,
@@ -258,9 +265,9 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     help="Random-walk length: T is squared this many times (default 8, T^256; 0 skips the walk).",
 )
 @click.option("--seed", default=0, show_default=True)
-def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, ir_thresholds,
-                rw_exp_times, seed) -> None:  # fmt: skip
-    """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (METHODS 4.9, 4.10).
+def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size,
+                ir_thresholds, rw_exp_times, seed) -> None:  # fmt: skip
+    """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (§4.9, §4.10).
 
     \b
     Example:
@@ -269,32 +276,20 @@ def cobra_masks(ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw
     Writes OUT/ir_labels/ID.png, OUT/irn.safetensors and OUT/masks/ID.png; rerunning resumes where it stopped.
     IRN's ResNet has the CoBra CNN's architecture (output stride 16); score the masks with `wsss eval`.
     """
-    from dataclasses import replace
+    from .data.datasets import DatasetError
+    from .models import CheckpointError
+    from .train.cobra_masks import cobra_masks as run
 
-    from .models import load_model
-    from .models.resnet import ResNetConfig
-    from .train.cobra_masks import fit_irn, write_ir_labels, write_masks
-    from .train.irn import IRNConfig
-
-    model, meta = load_model(ckpt)
-    if meta["method"] != "cobra":
-        raise click.BadParameter(f"{ckpt} is a {meta['method']} checkpoint, not CoBra", param_hint="--ckpt")
-    data = _dataset(data_spec, tuple(meta["class_names"]) if data_spec.startswith("folder:") else None)
-    scales = meta["config"]["cam"]["scales"]
-    trunk = replace(ResNetConfig.from_dict(meta["model"]["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
-    cfg = (IRNConfig.tiny if irn_preset == "tiny" else IRNConfig)(backbone=trunk, pretrained=irn_pretrained,
-                                                                 num_classes=data.num_classes)  # fmt: skip
-    if irn_epochs:
-        cfg = replace(cfg, epochs=irn_epochs)
     fixed = None if ir_thresholds == "dynamic" else _floats(ir_thresholds)
     if fixed is not None and len(fixed) != 2:
         raise click.BadParameter("give 'dynamic' or two numbers FG,BG", param_hint="--ir-thresholds")
-    write_ir_labels(model, data, out / "ir_labels", scales, fixed=fixed)
-    irn = out / "irn.safetensors"
-    if not irn.is_file():
-        fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)
-    write_masks(model, irn, data, out / "masks", scales, rw_source, pad_size, rw_exp_times)
-    click.echo(f"masks -> {out / 'masks'}")
+    data = _dataset(data_spec)
+    try:
+        masks = run(ckpt, data, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, fixed, rw_exp_times,
+                    seed, vit_ckpt=vit_ckpt)  # fmt: skip
+    except (CheckpointError, DatasetError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"masks -> {masks}")
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -395,13 +390,6 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
 )
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network (torch backend).")
 @click.option(
-    "--source",
-    type=click.Choice(["cam"]),
-    default="cam",
-    show_default=True,
-    help="Label source (segmentation-decoder labels arrive with SeCo training).",
-)
-@click.option(
     "--refine",
     type=click.Choice(["none", "crf", "par"]),
     default="crf",
@@ -431,7 +419,6 @@ def label(
     out,
     backend,
     use_compile,
-    source,
     refine,
     shard,
     resume,
@@ -469,12 +456,12 @@ def label(
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    runner, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip,
-                                               bkg_thresh, input_size, seed_source)  # fmt: skip
+    runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales,
+                                                     flip, bkg_thresh, input_size, seed_source)  # fmt: skip
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
                       save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet)  # fmt: skip
-    summary = _run_labeler(runner, meta, dataset, out, cfg)
+    summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
     click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary['images_per_s']} images/s -> {out}")
     if fail_on_error and summary["failed"]:
         sys.exit(1)
@@ -511,22 +498,6 @@ def _open_backend(ckpt, engine, backend, device, use_compile):
         return open_backend(ckpt, engine, backend, device, use_compile)
     except (CheckpointError, ValueError) as err:
         raise click.BadParameter(str(err)) from None
-
-
-def _settings(meta, scales, flip, bkg_thresh, input_size, seed_source=None):
-    from .cam.infer import CAMSettings
-
-    settings = {**meta["config"]["cam"], "flip": flip}
-    settings["input_size"] = settings["input_size"] if input_size is None else (input_size or None)
-    settings["scales"] = _floats(scales) if scales else tuple(settings["scales"])
-    cobra = settings.get("source") is not None
-    if bkg_thresh is not None:
-        settings["bg_percentile" if cobra else "bkg_thresh"] = bkg_thresh
-    if seed_source is not None:
-        if not cobra:
-            raise click.BadParameter("only CoBra networks have several seed sources", param_hint="--seed-source")
-        settings["source"] = seed_source
-    return CAMSettings(**settings)
 
 
 @cli.command()
@@ -638,8 +609,8 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, refine, scales, 
 
     from .runtime.bench import bench_label
 
-    _, meta = _open_backend(ckpt, None, "torch", device, False)
-    settings = _settings(meta, scales, True, None, None)
+    _, spec, _ = _open_backend(ckpt, None, "torch", device, False)
+    settings = spec.cam.override(scales=scales and _floats(scales))
     result = bench_label(ckpt, _dataset(data_spec), settings, images, [int(b) for b in batches.split(",")],
                          backends.split(","), refine, workers, device)  # fmt: skip
     click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'img/s':>8s} {'speedup':>8s}")

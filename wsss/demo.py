@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from .cam.infer import CAMSettings
 from .data.datasets import VOCDataset
 from .data.synth import SynthConfig, generate_synth
 from .eval.evaluate import evaluate_folders, write_json
@@ -35,15 +34,15 @@ def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 30
     cfg = get_config(config, overrides)
     click.echo(f"[2/4] training {config} ({cfg['train']['iters']} iterations, pretrained {cfg['pretrained']})")
     ckpt = train(cfg, VOCDataset(synth, "train"), out / "run")
-    backend, meta = open_backend(ckpt)
-    settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
+    backend, spec, meta = open_backend(ckpt)
+    settings = spec.cam
 
     click.echo("[3/4] seeds and dense-CRF masks")
-    names = tuple(meta["class_names"])
+    names = spec.class_names
     results: dict = {"config": cfg, "checkpoint": str(ckpt)}
     for split in ("train", "val"):
         job = LabelConfig(settings, refine="crf", label_dir="masks", seed_dir="seeds", overlays=8 * (split == "train"))
-        summary = label_dataset(backend, meta, VOCDataset(synth, split), out / f"cam_{split}", job)
+        summary = label_dataset(backend, spec, meta, VOCDataset(synth, split), out / f"cam_{split}", job)
         results[f"{split}_cam_images_per_s"] = summary["ok"] / summary["stages_s"]["cam_s"]
         results[f"{split}_end_to_end_images_per_s"] = summary["images_per_s"]
         for kind in ("seeds", "masks"):

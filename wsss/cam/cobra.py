@@ -1,8 +1,6 @@
-"""CoBra seeds (METHODS 4.8, 4.9): two max-normalised CAM sources, their fusion and the attention background.
+"""CoBra's attention rules (§4.9): the per-image background score (4.20) and the IR-label thresholds (4.21).
 
-The network's inference output stacks ``[M_cnn (K), A_obj * M_tran (K), A_obj (1)]``; after the multi-scale
-flip-summed accumulation (4.17, 4.18) these helpers turn it into one K-channel map and a per-image background
-score, and give the IR-label thresholds (4.21).
+The fusion of the two sources (4.19) is part of the one CAM path (``wsss.kernels.cam_postprocess``).
 """
 
 from __future__ import annotations
@@ -10,37 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-SOURCES = ("cnn", "vit", "avg", "max", "fuse")
-NORM_EPS = 1e-5
-
-
-def split_sources(maps: torch.Tensor, num_fg: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, 2K + 1, H, W) -> ``M_cnn`` (B, K, H, W), ``M_tran`` (B, K, H, W), ``A_obj`` (B, H, W)."""
-    if maps.shape[1] != 2 * num_fg + 1:
-        raise ValueError(f"expected 2K + 1 = {2 * num_fg + 1} CoBra channels, got {maps.shape[1]}")
-    return maps[:, :num_fg], maps[:, num_fg : 2 * num_fg], maps[:, 2 * num_fg]
-
-
-def max_normalize(m: torch.Tensor) -> torch.Tensor:
-    """(4.17) per-channel ``M / (max_p M + 1e-5)``; the maps are non-negative, no minimum is subtracted."""
-    return m / (m.amax(dim=(-2, -1), keepdim=True) + NORM_EPS)
-
-
-def fuse(m_cnn: torch.Tensor, m_tran: torch.Tensor, source: str = "fuse") -> torch.Tensor:
-    """The seed source (Table 5). ``"fuse"`` is (4.19) ``M_fuse = max((M_cnn + M_tran) / 2, M_tran)``, which
-    equals the code's ``(max(M_cnn, M_tran) + M_tran) / 2`` (D14)."""
-    if source == "cnn":
-        return m_cnn
-    if source == "vit":
-        return m_tran
-    if source == "avg":
-        return (m_cnn + m_tran) / 2
-    if source == "max":
-        return torch.maximum(m_cnn, m_tran)
-    if source == "fuse":
-        return torch.maximum((m_cnn + m_tran) / 2, m_tran)
-    raise ValueError(f"seed source must be one of {SOURCES}, got {source!r}")
 
 
 def attention_background(a_obj: torch.Tensor, percentile: float) -> torch.Tensor:

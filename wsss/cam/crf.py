@@ -65,3 +65,9 @@ def crf_from_labels(image: np.ndarray, label: np.ndarray, keys: np.ndarray, para
     unary = unary_from_labels(idx, len(keys), gt_prob=params.gt_prob, zero_unsure=True)
     q = dense_crf(image, unary, params)
     return keys[q.argmax(0)].astype(np.uint8)
+
+
+def refine_seed_crf(image: np.ndarray, seed: np.ndarray, tags: np.ndarray, preset: str = "seed") -> np.ndarray:
+    """Dense-CRF mask from a seed (§5.3 row C): labels restricted to background + the image's tags."""
+    keys = np.concatenate([[0], np.flatnonzero(tags) + 1]).astype(np.int64)
+    return crf_from_labels(image, seed, keys, CRF_PRESETS[preset])

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .multiscale import box_mask
+from .labels import box_mask
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
 # 3x3 stencil in row-major order without its centre (2.2)

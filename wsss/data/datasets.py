@@ -3,6 +3,9 @@
 Every reader validates its inputs when constructed (folders, split lists, image files, label files) and raises
 :class:`DatasetError` naming the offending file and line. Per-image sources (masks, VOC XML annotations) are read
 lazily, so their errors surface on first access, still as :class:`DatasetError`.
+
+Image-level tags in every form (class names, class indices, K or K+1 multi-hot vectors, IRN/SeCo ``.npy`` dicts)
+are parsed by :mod:`wsss.data.tags`, the one tag parser of all readers; the background is dropped from tags.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +24,34 @@ import numpy as np
 
 from wsss.data.io import IMAGE_EXTENSIONS, decode_image
 from wsss.data.palette import COCO_CLASSES, IGNORE_INDEX, VOC_CLASSES, read_label_png
+from wsss.data.tags import (
+    BACKGROUND,
+    BACKGROUND_ALIASES,
+    TagError,
+    classes_from_tags,
+    describe_classes,
+    load_npy_dict,
+    names_to_tags,
+    parse_tags,
+    split_tag_cell,
+)
 
-BACKGROUND = "background"
-_BACKGROUND_ALIASES = (BACKGROUND, "_background_", "__background__", "bg")
+TAG_FILES = ("cls_labels.json", "cls_labels_onehot.npy", "cls_labels.npy")  # looked for in this order
 _SPEC_FORMS = "voc:ROOT[:SPLIT], coco:ROOT[:SPLIT], folder:DIR[:LABELS_FILE]"
 _Dirs = tuple[Path, Path | None, tuple[str, ...]]  # (image folder, mask folder, candidate mask stems)
 
 
 class DatasetError(ValueError):
     """A dataset is missing files or has malformed/inconsistent metadata; the message names the file."""
+
+
+@contextmanager
+def _as_dataset_error() -> Iterator[None]:
+    """Re-raise a :class:`~wsss.data.tags.TagError` as :class:`DatasetError` (same one-line message)."""
+    try:
+        yield
+    except TagError as e:
+        raise DatasetError(str(e)) from e
 
 
 @dataclass
@@ -121,6 +143,20 @@ class WSSSDataset:
 # ----------------------------------------------------------------------------------------------------- label helpers
 
 
+def check_classes(dataset: WSSSDataset, class_names: Sequence[str], owner: str = "the network") -> None:
+    """Refuse a dataset whose classes (background first) are not ``owner``'s, naming the first difference."""
+    ours, theirs = tuple(dataset.classes), tuple(class_names)
+    if ours == theirs:
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    raise DatasetError(f"dataset classes differ from {owner}'s: {len(ours)} vs {len(theirs)} classes, first "
+                       f"difference at index {diff} ({_at(ours, diff)!r} vs {_at(theirs, diff)!r})")  # fmt: skip
+
+
+def _at(names: tuple[str, ...], i: int) -> str | None:
+    return names[i] if i < len(names) else None
+
+
 def labels_from_mask(mask: np.ndarray, num_fg: int, where: str | Path = "mask") -> np.ndarray:
     """Multi-hot (num_fg,) float32 vector of the classes present in a mask (0 and 255 excluded)."""
     values = np.unique(mask)
@@ -130,24 +166,6 @@ def labels_from_mask(mask: np.ndarray, num_fg: int, where: str | Path = "mask") 
     vec = np.zeros(num_fg, dtype=np.float32)
     vec[values.astype(np.int64) - 1] = 1.0
     return vec
-
-
-def names_to_labels(names: Iterable[str], classes: Sequence[str], where: str) -> np.ndarray:
-    """Multi-hot vector from foreground class names; unknown names raise :class:`DatasetError`."""
-    index = {c: k for k, c in enumerate(classes)}
-    vec = np.zeros(len(classes) - 1, dtype=np.float32)
-    for name in names:
-        k = index.get(name, 0)
-        if k == 0:
-            reason = "is the background, not a foreground class" if name in index else "is not a known class"
-            raise DatasetError(f"{where}: {name!r} {reason} (known: {_describe(classes)})")
-        vec[k - 1] = 1.0
-    return vec
-
-
-def _describe(classes: Sequence[str]) -> str:
-    fg = list(classes[1:])
-    return ", ".join(fg) if len(fg) <= 25 else ", ".join(fg[:25]) + f", ... ({len(fg)} in all)"
 
 
 # ------------------------------------------------------------------------------------------------------ file readers
@@ -165,7 +183,7 @@ def read_classes_file(path: Path) -> tuple[str, ...]:
         names.append(name)
     if len(names) < 2:
         raise DatasetError(f"{path}: needs background plus at least one class, found {len(names)} name(s)")
-    if names[0] not in _BACKGROUND_ALIASES:
+    if names[0] not in BACKGROUND_ALIASES:
         raise DatasetError(f"{path}:1: first class must be the background (e.g. 'background'), got {names[0]!r}")
     return (BACKGROUND, *names[1:])
 
@@ -183,80 +201,30 @@ def read_split_file(path: Path) -> list[tuple[int, str]]:
     return entries
 
 
-def read_json_labels(path: Path, classes: Sequence[str]) -> dict[str, np.ndarray]:
-    """``{key: [class names]}`` JSON -> {key: multi-hot vector}."""
+def read_tag_file(path: Path, classes: Sequence[str], class_source: str) -> dict[str, np.ndarray]:
+    """Image-level tags of a ``.json`` ({id: tags}) or ``.npy`` (pickled dict) file, in any form of :mod:`.tags`.
+
+    Args:
+        path: the tag file.
+        classes: class names, background first.
+        class_source: where ``classes`` came from, named in errors.
+
+    Returns:
+        {image id: (K,) float32 multi-hot}.
+    """
+    with _as_dataset_error():
+        raw = load_npy_dict(path) if path.suffix.lower() == ".npy" else _read_json_object(path)
+        return parse_tags(raw, classes, path, class_source)
+
+
+def _read_json_object(path: Path) -> dict[str, object]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object {{image: [class names]}}, got {type(data).__name__}")
-    table = {}
-    for key, names in data.items():
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DatasetError(f"{path}: entry {key!r} must be a list of class names, got {names!r}")
-        table[key] = names_to_labels(names, classes, f"{path}: entry {key!r}")
-    return table
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """The one use of ``_codecs.encode`` that array pickles need (no other codec is reachable)."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing codec call encode(..., {encoding!r})")
-    return text.encode("latin1")
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can only rebuild numpy arrays and dtypes (plus builtin containers)."""
-
-    _RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
-    _SCALAR = np.float32(0).__reduce__()[0]
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-        ("numpy.core.multiarray", "scalar"): _SCALAR,
-        ("numpy._core.multiarray", "scalar"): _SCALAR,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,  # protocol-2 pickles (e.g. SeCo's) store bytes as encode(str, "latin1")
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        found = self._ALLOWED.get((module, name))
-        if found is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return found
-
-
-def read_npy_labels(path: Path, num_fg: int, class_source: str) -> dict[str, np.ndarray]:
-    """SeCo's ``cls_labels_onehot.npy``: a pickled dict {id: float32 (K,) vector}.
-
-    The official format is a pickle, which can run arbitrary code when loaded with ``np.load(allow_pickle=True)``.
-    It is therefore decoded with an unpickler that can only build numpy arrays; anything else is rejected.
-    """
-    try:
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = header(f)
-            obj = _ArrayOnlyUnpickler(f).load() if dtype.hasobject and shape == () else None
-        if isinstance(obj, np.ndarray) and obj.shape == ():  # np.save pickles the 0-d object array holding the dict
-            obj = obj.item()
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
-        raise DatasetError(f"{path}: malformed label .npy ({e})") from e
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{path}: expected a pickled dict {{id: label vector}} (as saved by np.save)")
-    table = {}
-    for key, vec in obj.items():
-        if not isinstance(key, str) or not isinstance(vec, np.ndarray) or vec.dtype.kind not in "biuf":
-            raise DatasetError(f"{path}: entry {key!r} is not a numeric array keyed by an image id")
-        if vec.shape != (num_fg,):
-            raise DatasetError(
-                f"{path}: class count mismatch: entry {key!r} has shape {vec.shape}, but {class_source} "
-                f"has {num_fg} foreground classes"
-            )
-        table[key] = vec.astype(np.float32)
-    return table
+        raise DatasetError(f"{path}: expected a JSON object {{image: [tags]}}, got {type(data).__name__}")
+    return data
 
 
 _UNSAFE_XML = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
@@ -302,12 +270,9 @@ def _check_listed(missing: list[str], split_file: Path) -> None:
 
 
 def _label_table(root: Path, classes: Sequence[str], class_source: str) -> dict[str, np.ndarray]:
-    """Image-level labels from ``cls_labels.json`` or else ``cls_labels_onehot.npy`` in ``root`` ({} if neither)."""
-    if (root / "cls_labels.json").is_file():
-        return read_json_labels(root / "cls_labels.json", classes)
-    if (root / "cls_labels_onehot.npy").is_file():
-        return read_npy_labels(root / "cls_labels_onehot.npy", len(classes) - 1, class_source)
-    return {}
+    """Image-level labels from the first of :data:`TAG_FILES` in ``root`` ({} if none)."""
+    path = next((root / name for name in TAG_FILES if (root / name).is_file()), None)
+    return {} if path is None else read_tag_file(path, classes, class_source)
 
 
 # ------------------------------------------------------------------------------------------------------------ VOC
@@ -318,8 +283,9 @@ class VOCDataset(WSSSDataset):
 
     Layout: ``JPEGImages/ID.jpg``, masks in ``SegmentationClassAug/`` if present else ``SegmentationClass/``,
     ids in ``ImageSets/Segmentation/SPLIT.txt`` (default ``train_aug`` if listed, else ``train``).
-    Classes from ``classes.txt`` if present, else the 21 VOC classes. Labels: ``cls_labels.json`` ({id: [names]}),
-    else ``cls_labels_onehot.npy`` (SeCo); ids absent there fall back to the mask, then ``Annotations/ID.xml``.
+    Classes from ``classes.txt`` if present, else the 21 VOC classes. Tags: ``cls_labels.json`` ({id: names,
+    indices or 0/1 vector}), else ``cls_labels_onehot.npy`` (SeCo), else ``cls_labels.npy`` (IRN); ids absent
+    there fall back to the mask, then ``Annotations/ID.xml``.
     """
 
     def __init__(self, root: str | Path, split: str | None = None) -> None:
@@ -339,7 +305,8 @@ class VOCDataset(WSSSDataset):
         vec = super()._derive_labels(i)
         xml = self._xml_dir / f"{self.ids[i]}.xml"
         if vec is None and xml.is_file():
-            vec = names_to_labels(read_voc_xml_names(xml), self.classes, str(xml))
+            with _as_dataset_error():
+                vec = names_to_tags(read_voc_xml_names(xml), self.classes, str(xml))
         return vec
 
 
@@ -391,8 +358,8 @@ class COCODataset(WSSSDataset):
     work too), masks ``SegmentationClass/{train2014,val2014}/000000000009.png`` (the id without its
     ``COCO_<set><year>_`` prefix, as SeCo strips it; a mask named by the full id is accepted too).
     Id list ``SPLIT.txt`` in ``list_dir`` (default: ``root``, else ``root/ImageSets``), e.g. SeCo's
-    ``datasets/coco/{train,val,val_part}.txt``. Labels: ``cls_labels.json`` or ``cls_labels_onehot.npy`` in the
-    list folder or root, else the mask. Ids without the prefix use the split name to pick the folder.
+    ``datasets/coco/{train,val,val_part}.txt``. Tags: the first of :data:`TAG_FILES` in the list folder or root,
+    else the mask. Ids without the prefix use the split name to pick the folder.
     """
 
     def __init__(self, root: str | Path, split: str = "train", list_dir: str | Path | None = None) -> None:
@@ -438,7 +405,7 @@ def _first_dir(parent: Path, names: Sequence[str]) -> Path | None:
 
 
 def _has_label_file(folder: Path) -> bool:
-    return (folder / "cls_labels.json").is_file() or (folder / "cls_labels_onehot.npy").is_file()
+    return any((folder / name).is_file() for name in TAG_FILES)
 
 
 # --------------------------------------------------------------------------------------------------------- folder
@@ -447,9 +414,10 @@ def _has_label_file(folder: Path) -> bool:
 class FolderDataset(WSSSDataset):
     """A flat folder of images (sorted, non-recursive, dotfiles skipped; id = file stem) with optional labels.
 
-    ``labels_file`` is CSV (header ``image,labels``; names separated by ``;`` or ``|``) or JSON
-    (``{image: [names]}``); ``image`` is a file name or a stem. Images without an entry get labels None.
-    Without ``classes``, the classes are background + the sorted union of names in the labels file.
+    ``labels_file`` is CSV (header ``image,labels``; tags separated by ``;`` or ``|``, numbers also by spaces) or
+    JSON (``{image: [tags]}``); ``image`` is a file name or a stem; tags are names, class indices or 0/1 vectors
+    (:mod:`wsss.data.tags`). Images without an entry get labels None. Without ``classes``, the classes are
+    background + the sorted union of names in the labels file (indices and vectors need ``classes``).
     """
 
     def __init__(
@@ -458,19 +426,27 @@ class FolderDataset(WSSSDataset):
         folder = _require_dir(Path(dir).expanduser(), "image")
         images = _scan_images(folder)
         ids = [p.stem for p in images]
-        raw: dict[str, list[str]] = {}
-        if labels_file is not None:
-            raw = _read_folder_labels(Path(labels_file).expanduser(), images)
-        if classes is None:
-            classes = (BACKGROUND, *sorted({n for names in raw.values() for n in names} - {BACKGROUND}))
-        elif not classes:
+        if classes is not None and not classes:
             raise DatasetError("classes must include the background at index 0")
-        table = {id_: names_to_labels(names, classes, f"{labels_file}: entry {id_!r}") for id_, names in raw.items()}
+        if labels_file is None:
+            classes, table = classes or (BACKGROUND,), {}
+        else:
+            classes, table = _folder_tags(Path(labels_file).expanduser(), images, classes)
         super().__init__(classes, ids, images, None, table)
         self.root = folder
 
     def _derive_labels(self, i: int) -> np.ndarray | None:
         return None
+
+
+def _folder_tags(
+    path: Path, images: list[Path], classes: Sequence[str] | None
+) -> tuple[Sequence[str], dict[str, np.ndarray]]:
+    """(classes, tag table) of a folder's labels file; classes default to the names the file uses."""
+    raw = _read_folder_labels(path, images)
+    with _as_dataset_error():
+        classes = classes_from_tags(raw, path) if classes is None else classes
+        return classes, parse_tags(raw, classes, path, "the given classes")
 
 
 def _scan_images(folder: Path) -> list[Path]:
@@ -489,8 +465,8 @@ def _scan_images(folder: Path) -> list[Path]:
     return images
 
 
-def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, list[str]]:
-    """{id: [names]} from a CSV or JSON labels file, checking each entry names an existing image."""
+def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, object]:
+    """{id: tags} from a CSV or JSON labels file, checking each entry names an existing image."""
     if not path.is_file():
         raise DatasetError(f"{path}: labels file not found")
     suffix = path.suffix.lower()
@@ -502,7 +478,7 @@ def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, list[str]]:
         raise DatasetError(f"{path}: labels file must be .csv or .json, got {suffix or 'no extension'!r}")
     by_name = {p.name: p.stem for p in images}
     stems = set(by_name.values())
-    out: dict[str, list[str]] = {}
+    out: dict[str, object] = {}
     for where, key, names in rows:
         id_ = by_name.get(key, key if key in stems else None)
         if id_ is None:
@@ -513,7 +489,7 @@ def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, list[str]]:
     return out
 
 
-def _read_csv_labels(path: Path) -> list[tuple[str, str, list[str]]]:
+def _read_csv_labels(path: Path) -> list[tuple[str, str, object]]:
     rows = list(csv.reader(_read_text(path).splitlines()))
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if header != ["image", "labels"]:
@@ -524,24 +500,12 @@ def _read_csv_labels(path: Path) -> list[tuple[str, str, list[str]]]:
             continue
         if len(row) != 2:
             raise DatasetError(f"{path}:{lineno}: expected 2 columns (image,labels), got {len(row)}")
-        names = [n.strip() for n in re.split(r"[;|]", row[1]) if n.strip()]
-        out.append((f"line {lineno}", row[0].strip(), names))
+        out.append((f"line {lineno}", row[0].strip(), split_tag_cell(row[1])))
     return out
 
 
-def _read_json_rows(path: Path) -> list[tuple[str, str, list[str]]]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object {{image: [class names]}}, got {type(data).__name__}")
-    out = []
-    for key, names in data.items():
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DatasetError(f"{path}: entry {key!r} must be a list of class names, got {names!r}")
-        out.append((f"entry {key!r}", key, [n.strip() for n in names]))
-    return out
+def _read_json_rows(path: Path) -> list[tuple[str, str, object]]:
+    return [(f"entry {key!r}", key, tags) for key, tags in _read_json_object(path).items()]
 
 
 # ----------------------------------------------------------------------------------------------------------- spec
@@ -565,7 +529,7 @@ def parse_data_spec(spec: str, classes: Sequence[str] | None = None) -> WSSSData
     ds = VOCDataset(path, extra) if kind == "voc" else COCODataset(path, extra or "train")
     if classes is not None and tuple(classes) != ds.classes:
         raise DatasetError(
-            f"dataset {spec!r} has {ds.num_classes} classes ({_describe(ds.classes)}), which differ from the "
-            f"{len(classes)} requested ({_describe(classes)})"
+            f"dataset {spec!r} has {ds.num_classes} classes ({describe_classes(ds.classes)}), which differ from the "
+            f"{len(classes)} requested ({describe_classes(classes)})"
         )
     return ds

@@ -75,10 +75,17 @@ def augment(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tu
     return random_crop(np.ascontiguousarray(img), cfg.crop, rng)
 
 
+def normalize_images(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None) -> torch.Tensor:
+    """uint8 HxWx3 RGB -> normalised float32 3xHxW, ``(x / 255 - mean) / std`` (the one normalisation)."""
+    x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device).permute(2, 0, 1).float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
 def to_tensor(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 HxWx3 RGB -> normalised float32 3xHxW."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    """uint8 HxWx3 RGB -> normalised float32 3xHxW on the CPU."""
+    return normalize_images(img, mean, std)
 
 
 def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -86,6 +93,14 @@ def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
     m = torch.tensor(mean, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, device=x.device).view(3, 1, 1)
     return (x * s + m).clamp(0, 1)
+
+
+def to_uint8_levels(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Normalised (..., 3, H, W) -> the official code's ``uint8`` image, as float: ``x * std + mean`` in 0-255
+    units, truncated toward zero and wrapped like a ``uint8`` cast (§2.1, Q2.4)."""
+    m = torch.tensor(mean, device=x.device).view(3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(3, 1, 1) * 255
+    return (x * s + m).trunc().to(torch.int64).remainder(256).float()
 
 
 def random_resized_crop(

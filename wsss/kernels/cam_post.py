@@ -6,7 +6,9 @@ Per source (``cams``, and ``cams2`` when given), with every map already resized 
   ``M = sum_s ReLU(A_s) + ReLU(A'_s)`` (``flip_merge="sum"``);
 * (1.5) ``norm="minmax"``: ``M <- (M - min_p M) / (max_p(M - min_p M) + 1e-5)`` per (b, k); (4.17) ``norm="max"``:
   ``M <- M / (max_p M + 1e-5)``;
-* (4.19) with ``cams2``: ``M_fuse = max((M1 + M2) / 2, M2)``, ``M1`` from ``cams`` (CNN), ``M2`` from ``cams2`` (ViT);
+* with ``cams2``, the two sources combined by ``combine``: ``"fuse"`` is (4.19) ``M_fuse = max((M1 + M2) / 2, M2)``,
+  ``"avg"`` ``(M1 + M2) / 2``, ``"max"`` ``max(M1, M2)`` (CoBra's Table 5), ``M1`` from ``cams`` (CNN), ``M2`` from
+  ``cams2`` (ViT);
 * (1.6) ``V = y * M``; ``label = argmax_k V + 1`` (first index on ties), ``0`` where ``max_k V <= bkg`` (the
   background wins ties), ``conf = max(max_k V, bkg)``. ``bkg`` is a threshold ``tau_bkg`` or per-image background
   scores (B,) such as CoBra's attention percentile ``b(theta)`` (4.20).
@@ -26,9 +28,10 @@ triton = triton_module()
 if triton is not None:
     import triton.language as tl
 
-NORM_EPS = 1e-5
+NORM_EPS = 1e-5  # (1.5), (4.17)
 FLIP_MERGES = ("max", "sum")
 NORMS = ("minmax", "max")
+COMBINES = ("fuse", "avg", "max")
 BLOCK = 1024  # pixels per program
 
 
@@ -42,6 +45,7 @@ def cam_postprocess(
     cams2: torch.Tensor | None = None,
     return_cams: bool = False,
     backend: str | None = None,
+    combine: str = "fuse",
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Fused CAM -> (normalised maps or None, label, confidence) (module docstring).
 
@@ -50,18 +54,19 @@ def cam_postprocess(
         tags: (B, K) multi-hot image labels ``y``.
         bkg: background threshold (float) or per-image background scores, a (B,) tensor.
         flip_merge: ``"max"`` (SeCo) or ``"sum"`` (CoBra); norm: ``"minmax"`` (SeCo 1.5) or ``"max"`` (CoBra 4.17).
-        cams2: optional second source (the ViT CAMs of CoBra), same shape, fused with (4.19).
+        cams2: optional second source (the ViT CAMs of CoBra), same shape, combined by ``combine``.
         return_cams: also return the normalised (fused) maps (B, K, H, W) float32.
         backend: ``"triton"``, ``"torch"`` or None (automatic, see ``wsss.kernels.dispatch``).
+        combine: ``"fuse"`` (4.19), ``"avg"`` or ``"max"``.
 
     Returns:
         (maps or None, label (B, H, W) int64, conf (B, H, W) float32).
     """
-    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2)
+    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2, combine)
     inputs = [t for t in (cams, tags, cams2) if t is not None]
     if backend_for(*inputs, backend=backend) == "torch":
-        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
-    return _triton(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
+        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams, combine)
+    return _triton(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams, combine)
 
 
 def cam_postprocess_reference(
@@ -72,14 +77,34 @@ def cam_postprocess_reference(
     norm: str = "minmax",
     cams2: torch.Tensor | None = None,
     return_cams: bool = False,
+    combine: str = "fuse",
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The PyTorch reference and CPU path of ``cam_postprocess``."""
-    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2)
+    bkg_t = _check_inputs(cams, tags, bkg, flip_merge, norm, cams2, combine)
     with torch.no_grad():
-        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams)
+        return _reference(cams, tags, bkg_t, flip_merge, norm, cams2, return_cams, combine)
 
 
-def _check_inputs(cams, tags, bkg, flip_merge, norm, cams2) -> torch.Tensor:
+def normalize_maps(m: torch.Tensor, norm: str = "minmax") -> torch.Tensor:
+    """Per-channel normalisation over the spatial axes: (1.5) min-max to [0, 1), or (4.17) ``M / (max M + eps)``."""
+    if norm == "minmax":
+        m = m - m.amin(dim=(-2, -1), keepdim=True)
+    return m / (m.amax(dim=(-2, -1), keepdim=True) + NORM_EPS)
+
+
+def combine_sources(m1: torch.Tensor, m2: torch.Tensor, combine: str = "fuse") -> torch.Tensor:
+    """Two normalised sources as one map: ``"fuse"`` (4.19) ``max((M1 + M2) / 2, M2)``, which equals the code's
+    ``(max(M1, M2) + M2) / 2`` (D14); ``"avg"``; ``"max"``."""
+    if combine == "fuse":
+        return torch.maximum((m1 + m2) / 2, m2)
+    if combine == "avg":
+        return (m1 + m2) / 2
+    if combine == "max":
+        return torch.maximum(m1, m2)
+    raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+
+
+def _check_inputs(cams, tags, bkg, flip_merge, norm, cams2, combine) -> torch.Tensor:
     """Validate; return the background as a (B,) float32 tensor on the CAMs' device."""
     if cams.dim() != 6 or not cams.is_floating_point() or cams.shape[1] not in (1, 2):
         raise ValueError(f"cams must be a floating (S, F, B, K, H, W) tensor with F = 1 or 2, got {cams.dtype} of "
@@ -94,6 +119,8 @@ def _check_inputs(cams, tags, bkg, flip_merge, norm, cams2) -> torch.Tensor:
         raise ValueError(f"flip_merge must be 'max' or 'sum', got {flip_merge!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be 'minmax' or 'max', got {norm!r}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     for name, t in (("tags", tags), ("cams2", cams2), ("bkg", bkg)):
         if isinstance(t, torch.Tensor) and t.device != cams.device:
             raise ValueError(f"{name} is on {t.device} but cams on {cams.device}")
@@ -104,11 +131,10 @@ def _check_inputs(cams, tags, bkg, flip_merge, norm, cams2) -> torch.Tensor:
     return torch.full((b,), float(bkg), dtype=torch.float32, device=cams.device)
 
 
-def _reference(cams, tags, bkg, flip_merge, norm, cams2, return_cams):
+def _reference(cams, tags, bkg, flip_merge, norm, cams2, return_cams, combine="fuse"):
     m = _merged(cams, flip_merge, norm)
     if cams2 is not None:
-        m2 = _merged(cams2, flip_merge, norm)
-        m = torch.maximum((m + m2) / 2, m2)  # (4.19)
+        m = combine_sources(m, _merged(cams2, flip_merge, norm), combine)
     valid = tags[:, :, None, None].to(m.dtype) * m  # (1.6) V
     value, idx = valid.max(dim=1)  # the first maximal index on ties
     bkg = bkg[:, None, None]
@@ -121,14 +147,12 @@ def _merged(cams: torch.Tensor, flip_merge: str, norm: str) -> torch.Tensor:
     a = cams.float().relu()
     per_scale = a.amax(1) if flip_merge == "max" else a.sum(1)
     m = per_scale[0]
-    for s in range(1, per_scale.shape[0]):  # the scale order of the fused kernel (and of multi_scale_cam)
+    for s in range(1, per_scale.shape[0]):  # in scale order, like the fused kernel
         m = m + per_scale[s]
-    if norm == "minmax":
-        m = m - m.amin(dim=(-2, -1), keepdim=True)
-    return m / (m.amax(dim=(-2, -1), keepdim=True) + NORM_EPS)
+    return normalize_maps(m, norm)
 
 
-def _triton(cams, tags, bkg, flip_merge, norm, cams2, return_cams):
+def _triton(cams, tags, bkg, flip_merge, norm, cams2, return_cams, combine="fuse"):
     s, f, b, k, h, w = cams.shape
     hw = h * w
     fuse = cams2 is not None
@@ -144,6 +168,7 @@ def _triton(cams, tags, bkg, flip_merge, norm, cams2, return_cams):
     grid = (-(-hw // BLOCK), b)
     _label_kernel[grid](cams, cams2, lo, hi, lo2, hi2, tags.float().contiguous(), bkg.contiguous(), label, conf, out,
                         s, f, b, k, hw, NORM_EPS, MAX_MERGE=flip_merge == "max", FUSE=fuse,
+                        COMBINE=COMBINES.index(combine),
                         WRITE_CAMS=return_cams, BLOCK=BLOCK)  # fmt: skip
     return (out if return_cams else None), label, conf
 
@@ -188,8 +213,8 @@ if triton is not None:
 
     @triton.jit
     def _label_kernel(cams, cams2, lo, hi, lo2, hi2, tags, bkg, label, conf, out, S, F, B, K, HW, eps,
-                      MAX_MERGE: tl.constexpr, FUSE: tl.constexpr, WRITE_CAMS: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      MAX_MERGE: tl.constexpr, FUSE: tl.constexpr, COMBINE: tl.constexpr,
+                      WRITE_CAMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         b = tl.program_id(1).to(tl.int64)
         pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = pix < HW
@@ -205,7 +230,12 @@ if triton is not None:
                 low2 = tl.load(lo2 + plane)
                 m2 = _merged_block(cams2, plane, pix, ok, S, F, B * K, HW, MAX_MERGE) - low2
                 m2 = tl.math.div_rn(m2, tl.zeros_like(m2) + (tl.load(hi2 + plane) - low2 + eps))
-                m = tl.maximum((m + m2) * 0.5, m2)  # (4.19); halving is exact
+                if COMBINE == 0:
+                    m = tl.maximum((m + m2) * 0.5, m2)  # (4.19); halving is exact
+                elif COMBINE == 1:
+                    m = (m + m2) * 0.5
+                else:
+                    m = tl.maximum(m, m2)
             if WRITE_CAMS:
                 tl.store(out + plane * HW + pix, m, mask=ok)
             v = tl.load(tags + plane) * m

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from torch import nn
 
-from .checkpoint import read_state_dict
+from .checkpoint import CheckpointError, read_state_dict
+from .report import LoadReport, fit_state
 
 # Prefixes under which a backbone's tensors may sit in a foreign checkpoint (DDP, our CAM nets, SeCo's student).
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+POS_RESIZE = ("size", "dino")
 
 
 @dataclass
@@ -22,9 +24,10 @@ class BackboneConfig:
     """A timm ViT: a registered architecture name plus optional overrides (empty overrides = the named model)."""
 
     name: str = "vit_base_patch16_224"
-    img_size: int = 224  # size the position embeddings are stored at; any multiple of the patch size runs
+    img_size: int = 224  # size the position embeddings are stored at; any input size runs
     overrides: dict = field(default_factory=dict)  # e.g. {"patch_size": 8, "embed_dim": 192, "depth": 4}
     stem: str = "patch"  # "patch": one strided conv (standard ViT); "conv": stacked 3x3 convs (Xiao et al. 2021)
+    pos_resize: str = "size"  # position-grid resize rule: "size" (SeCo, §1.1) or "dino" (CoBra's DeiT, §4.4)
 
 
 class ConvStemEmbed(PatchEmbed):
@@ -51,6 +54,8 @@ def create_vit(cfg: BackboneConfig) -> nn.Module:
     """A headless timm ViT; run it with ``forward_tokens`` to accept any input size."""
     if cfg.stem not in ("patch", "conv"):
         raise ValueError(f"stem must be 'patch' or 'conv', got {cfg.stem!r}")
+    if cfg.pos_resize not in POS_RESIZE:
+        raise ValueError(f"pos_resize must be one of {POS_RESIZE}, got {cfg.pos_resize!r}")
     extra = {"embed_layer": ConvStemEmbed} if cfg.stem == "conv" else {}
     vit = timm.create_model(
         cfg.name, pretrained=False, num_classes=0, global_pool="", img_size=cfg.img_size, **cfg.overrides, **extra
@@ -58,25 +63,27 @@ def create_vit(cfg: BackboneConfig) -> nn.Module:
     if vit.no_embed_class or vit.cls_token is None:
         raise ValueError(f"{cfg.name}: ViTs without a class token or with unembedded prefix tokens are not supported")
     vit.patch_embed.strict_img_size = False
+    vit.pos_resize = cfg.pos_resize
     return vit
 
 
 def forward_tokens(vit: nn.Module, x: torch.Tensor, aux_index: int | None = None):
-    """Tokens of a timm ViT at any input size, as SeCo's encoder computes them (METHODS 1.1).
+    """Tokens of a timm ViT at any input size, as the official encoders compute them (§1.1, §4.4).
 
-    The learned patch position grid is resized with bicubic interpolation (``align_corners=False``, no
-    antialiasing: exportable to ONNX and TensorRT) at every call; the class-token position is kept.
+    The patch embedding floors: rows and columns beyond the last whole patch are dropped, as a stride-p
+    convolution does (281 x 500 gives a 17 x 31 grid at p = 16). The learned patch position grid is resized to
+    the token grid by ``vit.pos_resize`` (``resize_pos_grid``); the class-token position is kept.
+
     Returns the final LayerNorm-ed tokens (B, T, D) and, with ``aux_index``, the output of block ``aux_index``
     before the final norm (SeCo's ``F_aux`` for ``aux_layer=-3`` is ``aux_index=depth-3``), else None.
     """
-    h, w = x.shape[-2] // patch_size(vit), x.shape[-1] // patch_size(vit)
-    tokens = vit.patch_embed(x)
+    p = patch_size(vit)
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    tokens = vit.patch_embed(x[..., : h * p, : w * p])
     n_prefix = vit.num_prefix_tokens
-    grid = vit.patch_embed.grid_size
-    pos = vit.pos_embed[:, n_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-    # Always resample (identity at the native grid): a size test would freeze one branch into exported graphs.
-    pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
-    pos = torch.cat([vit.pos_embed[:, :n_prefix], pos.flatten(2).transpose(1, 2)], dim=1)
+    pos = resize_pos_grid(vit.pos_embed[:, n_prefix:], vit.patch_embed.grid_size, (h, w), x.shape[-2:],
+                          getattr(vit, "pos_resize", "size"))  # fmt: skip
+    pos = torch.cat([vit.pos_embed[:, :n_prefix], pos], dim=1)
     prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
     tokens = vit.pos_drop(torch.cat([*prefix, tokens], dim=1) + pos)
     tokens = vit.norm_pre(tokens)
@@ -88,54 +95,63 @@ def forward_tokens(vit: nn.Module, x: torch.Tensor, aux_index: int | None = None
     return vit.norm(tokens), aux
 
 
+def resize_pos_grid(pos: torch.Tensor, grid: tuple[int, int], target: tuple[int, int], image: tuple[int, int],
+                    rule: str = "size") -> torch.Tensor:  # fmt: skip
+    """Patch position embeddings (1, g0*g1, D) resized to the ``target`` token grid (1, h*w, D), bicubic.
+
+    * ``"size"`` (SeCo, §1.1): ``Bic(pos; (h, w), ac=False)``, resampled even at the native grid (an identity
+      there), so exported graphs keep one branch.
+    * ``"dino"`` (CoBra's DeiT, §4.4): kept as is when the token count equals the stored grid's and the *image*
+      is square; otherwise ``scale_factor = ((h + 0.1) / g0, (w + 0.1) / g1)``, which maps coordinates by that
+      factor rather than by ``h / g0``.
+    """
+    g0, g1 = grid
+    h, w = target
+    if rule == "dino" and h * w == g0 * g1 and image[0] == image[1]:
+        return pos
+    grid_map = pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2)
+    if rule == "dino":
+        out = F.interpolate(grid_map, scale_factor=((h + 0.1) / g0, (w + 0.1) / g1), mode="bicubic")
+    else:
+        out = F.interpolate(grid_map, size=(h, w), mode="bicubic", align_corners=False)
+    return out.flatten(2).transpose(1, 2)
+
+
+def token_map(tokens: torch.Tensor, n_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """ViT tokens (B, T, D) -> the patch-token feature map (B, D, h, w), prefix tokens dropped."""
+    return tokens[:, n_prefix:].transpose(1, 2).unflatten(2, grid)
+
+
+def token_grid(x: torch.Tensor, patch: int) -> tuple[int, int]:
+    """The token grid of an input: ``(floor(H / p), floor(W / p))``."""
+    return x.shape[-2] // patch, x.shape[-1] // patch
+
+
 def patch_size(vit: nn.Module) -> int:
     return int(vit.patch_embed.patch_size[0])
 
 
-@dataclass
-class LoadReport:
-    loaded: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    resized: list[str]
-
-    def __str__(self) -> str:
-        return (
-            f"loaded {len(self.loaded)} tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}"
-            + (f", resampled {', '.join(self.resized)}" if self.resized else "")
-            + (f"\n  missing: {', '.join(self.missing[:8])}" if self.missing else "")
-            + (f"\n  unexpected: {', '.join(self.unexpected[:8])}" if self.unexpected else "")
-        )
-
-
 def load_backbone_weights(vit: nn.Module, path: str | Path) -> LoadReport:
-    """Load a local timm/torchvision-style state dict (.safetensors, .pth, .bin) into ``vit``.
+    """Local timm-style ViT weights (.safetensors, .pth, .bin) into ``vit`` (the timm family filter).
 
-    Common wrappers (``module.``, ``backbone.``, ``encoder.``, ``model.``) are stripped, classifier heads dropped,
-    and position embeddings resampled to the model's grid. Tensors whose shapes still differ are reported as
-    missing. Raises ValueError if nothing matches: a wrong file should not pass silently.
+    Common wrappers (``module.``, ``backbone.``, ``encoder.``, ``model.``) are stripped, classifier heads skipped
+    and position embeddings resampled to the model's grid. Raises CheckpointError if nothing matches: a wrong
+    file should not pass silently.
     """
     source = {_strip(k): v for k, v in read_state_dict(path).items()}
+    report = LoadReport(str(path), "timm-vit")
     target = vit.state_dict()
-    loaded, resized, unexpected = {}, [], []
-    for key, tensor in source.items():
-        if key.startswith(("head.", "fc_norm.", "head_drop.")) and key not in target:
-            continue
-        if key not in target:
-            unexpected.append(key)
-            continue
-        if key == "pos_embed" and tensor.shape != target[key].shape:
-            tensor = _resample_pos_embed(vit, tensor)
-            resized.append(key)
-        if tensor.shape != target[key].shape:
-            unexpected.append(f"{key} {tuple(tensor.shape)} != {tuple(target[key].shape)}")
-            continue
-        loaded[key] = tensor.to(target[key].dtype)
-    if not loaded:
-        raise ValueError(f"{path}: no tensor matches the backbone {type(vit).__name__}; is this the right file?")
-    vit.load_state_dict(loaded, strict=False)
-    missing = [k for k in target if k not in loaded]
-    return LoadReport(sorted(loaded), missing, unexpected, resized)
+    for key in [k for k in source if k.startswith(("head.", "fc_norm.", "head_drop.")) and k not in target]:
+        report.skipped[key] = "classifier head"
+        del source[key]
+    if "pos_embed" in source and "pos_embed" in target and source["pos_embed"].shape != target["pos_embed"].shape:
+        source["pos_embed"] = _resample_pos_embed(vit, source["pos_embed"])
+        report.resized.append("pos_embed")
+    fitting = fit_state(vit, source, report)
+    if not fitting:
+        raise CheckpointError(f"{path}: no tensor matches the backbone {type(vit).__name__}; is this the right file?")
+    vit.load_state_dict(fitting, strict=False)
+    return report
 
 
 def _strip(key: str) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
+from .spec import register_family
 
 
 class CAMNet(nn.Module):
     """ViT features ``F`` (B, D, h, w) with a bias-free 1x1 classifier ``W`` (K x D).
 
-    Logits (METHODS 1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``.
+    Logits (1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``.
     ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM.
     """
 
@@ -25,12 +26,9 @@ class CAMNet(nn.Module):
         self.classifier = nn.Conv2d(self.backbone.embed_dim, num_fg, 1, bias=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm-ed patch tokens as a (B, D, h, w) map (prefix tokens dropped)."""
-        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        """Final LayerNorm-ed patch tokens as a (B, D, h, w) map (prefix tokens dropped; the grid floors)."""
         tokens, _ = forward_tokens(self.backbone, x)
-        return tokens[:, self.backbone.num_prefix_tokens :].transpose(1, 2).unflatten(2, (h, w))
+        return token_map(tokens, self.backbone.num_prefix_tokens, token_grid(x, self.patch_size))
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         pooled = feats.amax(dim=(2, 3), keepdim=True) if self.pooling == "gmp" else feats.mean((2, 3), keepdim=True)
@@ -42,5 +40,10 @@ class CAMNet(nn.Module):
         return self.pool(feats), self.classifier(feats)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, head parameters): heads train at 10x the base learning rate (METHODS 3.14)."""
+        """(backbone parameters, head parameters): heads train at 10x the base learning rate (§3.14)."""
         return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+
+@register_family("cam")
+def build_cam_net(arch: dict, num_fg: int) -> CAMNet:
+    return CAMNet(BackboneConfig(**arch["backbone"]), num_fg, pooling=arch.get("pooling", "gmp"))

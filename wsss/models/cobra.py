@@ -1,6 +1,8 @@
-"""CoBra: a CNN (class-aware, CAK) and a ViT (semantic-aware, SAK) branch trained together (METHODS 4.3, 4.4).
+"""CoBra: a CNN (class-aware, CAK) and a ViT (semantic-aware, SAK) branch trained together (§4.3, §4.4).
 
-Both branches produce ``K + 1`` CAM channels (channel 0 is background) on the same patch grid, a projection for
+Both branches produce ``K + 1`` CAM channels (channel 0 is background) on their own grids (equal at training
+crops that are multiples of the patch size, e.g. 224; at 281 x 500 the ResNet gives 18 x 32 and the ViT 17 x 31),
+a projection for
 the patch contrast, and the ViT gives its layer-summed attention: the patch affinity ``P`` and the class-token
 attention ``A_obj`` that weights its CAMs at inference and sets the background threshold.
 """
@@ -13,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
 from .resnet import ResNetConfig, ResNetTrunk
+from .spec import register_family
 
 
 @dataclass
 class CoBraOutputs:
-    """One forward pass of both branches; maps are (B, C, h, w) on the ViT patch grid, C = K + 1."""
+    """One forward pass of both branches; maps are (B, C, h, w), C = K + 1, each on its branch's grid."""
 
     m_cnn: torch.Tensor  # (4.1) M_cnn = W_c * F_cnn
     m_tran: torch.Tensor  # (4.2) M_tran = W_t * T
@@ -90,18 +93,9 @@ class CoBraNet(nn.Module):
         self._recorder = AttentionRecorder(self.backbone)
 
     def branches(self, x: torch.Tensor) -> CoBraOutputs:
-        p = self.patch_size
-        if x.shape[-1] % p or x.shape[-2] % p:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
-        h, w = x.shape[-2] // p, x.shape[-1] // p
         f_cnn = self.cnn(x)
-        if f_cnn.shape[-2:] != (h, w):
-            raise ValueError(
-                f"CNN grid {tuple(f_cnn.shape[-2:])} != ViT grid {(h, w)}: the CNN output stride must equal the "
-                f"patch size {p} (set the ResNet strides)"
-            )
         tokens, _ = forward_tokens(self.backbone, x)
-        tokens = tokens[:, self.backbone.num_prefix_tokens :].transpose(1, 2).unflatten(2, (h, w))
+        tokens = token_map(tokens, self.backbone.num_prefix_tokens, token_grid(x, self.patch_size))
         attn = self._recorder.take_sum()
         return CoBraOutputs(self.cnn_classifier(f_cnn), self.vit_classifier(tokens), f_cnn, tokens, attn)
 
@@ -112,24 +106,36 @@ class CoBraNet(nn.Module):
         return v_c, v_s
 
     def forward(self, x: torch.Tensor, mode: str = "cam"):
-        """``mode="train"``: (CoBraOutputs, v^c, v^s). ``mode="cam"`` (inference, export): image logits (B, K) and
-        raw CAM sources (B, 2K + 1, h, w) (METHODS 4.8).
+        """``mode="train"``: (CoBraOutputs, v^c, v^s). ``mode="cam"`` (inference, export): image logits (B, K),
+        the CNN CAM ``M_cnn`` (B, K, h_c, w_c) and the ViT maps (B, K + 1, h_t, w_t) (§4.8).
 
-        Channels ``[:K]`` are the CNN CAM ``M_cnn``, ``[K:2K]`` the ViT CAM weighted by the class-token attention
-        ``A_obj * M_tran`` (4.5), ``[2K]`` is ``A_obj``; all foreground-only and pre-ReLU (post-processing applies
-        the ReLU). Logits average the two branches'.
+        The ViT maps are the CAM weighted by the class-token attention ``A_obj * M_tran`` (4.5) in ``[:K]`` and
+        ``A_obj`` in ``[K]``. All are foreground-only and pre-ReLU; the CAM path applies the ReLU on these grids,
+        before upsampling, as the official code does. Logits average the two branches'.
         """
         out = self.branches(x)
         if mode == "train":
+            if out.m_cnn.shape[-2:] != out.m_tran.shape[-2:]:
+                raise ValueError(f"CNN grid {tuple(out.m_cnn.shape[-2:])} != ViT grid {tuple(out.m_tran.shape[-2:])}"
+                                 f": train at crops that are multiples of the patch size {self.patch_size}, with the "
+                                 "ResNet's output stride equal to it")  # fmt: skip
             return (out, *self.projections(out))
         if mode != "cam":
             raise ValueError(f"mode must be 'cam' or 'train', got {mode!r}")
         a_obj = out.a_obj[:, None]
         logits = (image_logits(out.m_cnn, self.pooling) + image_logits(out.m_tran, self.pooling)) / 2
-        return logits, torch.cat([out.m_cnn[:, 1:], a_obj * out.m_tran[:, 1:], a_obj], dim=1)
+        return logits, out.m_cnn[:, 1:], torch.cat([a_obj * out.m_tran[:, 1:], a_obj], dim=1)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(trunks at the base LR, heads at 10x: W_c, W_t and both projections; METHODS 4.7, D13)."""
         heads = [*self.cnn_classifier.parameters(), *self.cnn_proj.parameters(), *self.vit_classifier.parameters(),
                  *self.vit_proj.parameters()]  # fmt: skip
         return [*self.cnn.parameters(), *self.backbone.parameters()], heads
+
+
+@register_family("cobra")
+def build_cobra_net(arch: dict, num_fg: int) -> CoBraNet:
+    if "cnn" not in arch:
+        raise ValueError("a CoBra architecture needs a 'cnn' section (the ResNet branch)")
+    return CoBraNet(ResNetConfig.from_dict(arch["cnn"]), BackboneConfig(**arch["backbone"]), num_fg,
+                    arch.get("proj_dim", 256), arch.get("pooling", "gap"))  # fmt: skip

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .resnet import ResNetConfig, ResNetTrunk
+from .spec import register_family
 
 EDGE_CH = 32  # width of each edge projection (6.4)
 EDGE_LAYERS = ("edge1", "edge2", "edge3", "edge4", "edge5", "edge6")  # trained at 1x LR
@@ -151,3 +152,9 @@ def stage_channels(trunk: ResNetTrunk) -> list[int]:
     if not info or len(info) != 5:
         raise ValueError("the trunk does not report five stages (stem + layer1..4) in feature_info")
     return [int(f["num_chs"]) for f in info]
+
+
+@register_family("irn")
+def build_irn(arch: dict, num_fg: int) -> EdgeDisplacement:
+    """IRN's heads on a ResNet trunk; ``arch = {"backbone": ResNetConfig fields}`` (classes are not needed)."""
+    return EdgeDisplacement(ResNetConfig.from_dict(arch["backbone"]))

@@ -21,18 +21,16 @@ The tables below map every key; aliases of one tensor are merged only when their
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..data.palette import COCO_CLASSES, VOC_CLASSES
-from .backbone import BackboneConfig
-from .checkpoint import CheckpointError, file_sha256, load_checkpoint, read_state_dict
-from .cobra import CoBraNet
-from .resnet import ResNetConfig
-from .seco import SeCoNet
+from .checkpoint import CheckpointError, read_state_dict
+from .report import LoadReport, fit_state
+from .spec import CAMSettings, ModelSpec, build_model
 
 # (pattern, replacement); a key matching no rule is "unexpected", one matching a None rule is skipped.
 SECO_KEYS: list[tuple[str, str | None]] = [
@@ -76,47 +74,49 @@ COBRA_VIT_KEYS: list[tuple[str, str | None]] = [
 ]
 # Training-only projections: imported when present, else initialised deterministically (they never touch CAMs).
 COBRA_OPTIONAL = ("cnn_proj.weight", "vit_proj.weight")
-COBRA_CONFIG = "cobra-r152-deits-voc"
 # (block, blocks per stage) of the torchvision/timm ResNets with the standard widths (64, 128, 256, 512).
 RESNETS = {("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
            ("bottleneck", (3, 8, 36, 3)): "resnet152", ("basic", (2, 2, 2, 2)): "resnet18",
            ("basic", (3, 4, 6, 3)): "resnet34"}  # fmt: skip
 
-SECO_CAM = {"input_size": 448, "scales": [1.0, 0.5, 0.75, 1.5], "flip": True, "bkg_thresh": 0.5, "score_thresh": 0.5}
+# The official architectures (§1.1, §4.3, §4.4); the position grid is read from the weights.
+SECO_ARCH = {"backbone": {"name": "vit_base_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch",
+                          "pos_resize": "size"}, "aux_layer": -3}  # fmt: skip
+COBRA_ARCH = {
+    "backbone": {"name": "deit_small_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch",
+                 "pos_resize": "dino"},
+    "proj_dim": 256, "pooling": "gap",
+    "cnn": {"name": "resnet152", "strides": [1, 2, 2, 1], "fixed_bn": True, "frozen_stages": 2},
+}  # fmt: skip
+# SeCo's validation and seed CAMs (§1.3, §1.8, §3.15): VOC and COCO.
+SECO_CAM = {"input_size": 448, "scales": (1.0, 0.5, 0.75, 1.5), "bkg_thresh": 0.5}
+SECO_COCO_CAM = {"input_size": 448, "scales": (1.0, 0.5, 0.75, 1.25, 1.5), "bkg_thresh": 0.45}
 
 
-@dataclass
-class ImportReport:
-    method: str
-    loaded: int = 0
-    skipped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    aliases: int = 0  # duplicate keys of one tensor merged (CoBra's CNN file stores its trunk three times)
-    initialised: list[str] = field(default_factory=list)  # absent training-only tensors set deterministically
-
-    def __str__(self) -> str:
-        lines = [f"{self.method}: loaded {self.loaded} tensors, skipped {len(self.skipped)} training-only tensors"]
-        if self.aliases:
-            lines[0] += f", merged {self.aliases} aliased copies"
-        if self.initialised:
-            lines.append(f"  initialised (not in the file; training-only): {', '.join(self.initialised)}")
-        for name in ("missing", "unexpected", "mismatched"):
-            if items := getattr(self, name):
-                lines.append(f"  {name} ({len(items)}): {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}")
-        return "\n".join(lines)
-
-
-def detect_method(keys: list[str]) -> str:
-    """Guess which official layout a state dict follows from its keys."""
+def detect_layout(keys: list[str]) -> str | None:
+    """Which official layout a state dict follows: "seco", "cobra-cnn", "cobra-vit" or None."""
     keys = [k.removeprefix("module.") for k in keys]
     if any(k.startswith("encoder.blocks.") for k in keys) and "classifier.weight" in keys:
         return "seco"
     branch = cobra_branch(keys)
-    if branch is not None:
-        return "cobra" if branch == "cnn" else "cobra-vit"
-    raise CheckpointError("unrecognised checkpoint layout: neither a wsss, SeCo nor CoBra state dict")
+    return None if branch is None else f"cobra-{branch}"
+
+
+def describe_unknown(keys: list[str]) -> str:
+    """Why a key set matches no family: the closest layout and the keys it lacks."""
+    keys = {k.removeprefix("module.") for k in keys}
+    wants = {"seco": ["encoder.blocks.0.attn.qkv.weight", "classifier.weight", "aux_classifier.weight"],
+             "cobra CNN file": ["resnet50.conv1.weight", "classifier.weight", "embed.weight"],
+             "cobra ViT file": ["pos_embed", "blocks.0.attn.qkv.weight", "head.weight", "embed.weight"],
+             "timm ViT backbone": ["pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"],
+             "torchvision ResNet backbone": ["conv1.weight", "layer1.0.conv1.weight", "fc.weight"]}  # fmt: skip
+    score = {name: sum(k in keys for k in want) / len(want) for name, want in wants.items()}
+    best = max(score, key=score.get)
+    if score[best] == 0:
+        sample = ", ".join(sorted(keys)[:3])
+        return f"no known layout (keys like {sample}); expected a wsss, SeCo or CoBra checkpoint"
+    lacking = [k for k in wants[best] if k not in keys]
+    return f"resembles a {best} but lacks {', '.join(lacking)}" if lacking else f"looks like a {best}"
 
 
 def cobra_branch(keys: list[str]) -> str | None:
@@ -152,38 +152,77 @@ def _rename(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]])
     return renamed, skipped, unexpected
 
 
-SECO_BACKBONE = {"name": "vit_base_patch16_224", "overrides": {}}
+def seco_filter(state: dict[str, torch.Tensor], source: str, arch: dict | None = None):
+    """An official SeCo state dict (plain or DDP) -> (network, spec, report); strict about what it loads.
 
-
-def import_seco(
-    state: dict[str, torch.Tensor], source: str = "", backbone: dict | None = None
-) -> tuple[SeCoNet, dict, ImportReport]:
-    """An official SeCo state dict as a SeCoNet with metadata; strict about what it loads.
-
-    ``backbone`` (name and overrides) defaults to SeCo's ViT-B/16; the position grid is read from the weights.
+    ``arch`` overrides the official ViT-B/16 architecture (for small test networks); the position grid is read
+    from the weights. 80 classes are COCO (``bkg_thresh`` 0.45 and five scales), 20 VOC.
     """
     mapped, skipped, unexpected = map_keys(state, SECO_KEYS)
-    if "classifier.weight" not in mapped:
-        raise CheckpointError(f"{source}: no classifier.weight: not a SeCo network state dict")
+    for key in ("classifier.weight", "backbone.pos_embed", "backbone.patch_embed.proj.weight"):
+        if key not in mapped:
+            raise CheckpointError(f"{source}: no {key.replace('backbone.', 'encoder.')}: not a SeCo network state dict")
     num_fg = mapped["classifier.weight"].shape[0]
-    classes = VOC_CLASSES if num_fg == 20 else COCO_CLASSES if num_fg == 80 else _generic(num_fg)
-    if "backbone.pos_embed" not in mapped or "backbone.patch_embed.proj.weight" not in mapped:
-        raise CheckpointError(f"{source}: SeCo checkpoint lacks the encoder's position or patch embedding")
-    grid = int(round((mapped["backbone.pos_embed"].shape[1] - 1) ** 0.5))
-    patch = mapped["backbone.patch_embed.proj.weight"].shape[-1]
-    backbone = {**SECO_BACKBONE, **(backbone or {}), "img_size": patch * grid}
-    model = SeCoNet(BackboneConfig(**backbone), num_fg)
-    report = ImportReport("seco", skipped=skipped, unexpected=unexpected)
-    fitting = _fit(model, mapped, report)
-    if report.missing or report.mismatched:
-        raise CheckpointError(f"{source}: SeCo checkpoint does not fit the network\n{report}")
+    arch = copy.deepcopy(arch or SECO_ARCH)
+    arch["backbone"]["img_size"] = _stored_img_size(mapped)
+    cam = CAMSettings.for_family("seco", SECO_COCO_CAM if num_fg == 80 else SECO_CAM)
+    spec = ModelSpec("seco", arch, _class_names(num_fg), cam)
+    model = build_model(spec)
+    report = LoadReport(source, "seco", skipped=dict.fromkeys(skipped, "training-only"), unexpected=unexpected)
+    model.load_state_dict(fit_state(model, mapped, report))
+    report.check()
+    return model.eval(), spec, report
+
+
+def cobra_filter(cnn_state: dict[str, torch.Tensor], vit_state: dict[str, torch.Tensor], source: str,
+                 arch: dict | None = None, class_names: list[str] | None = None):  # fmt: skip
+    """The official CoBra pair (``ep19_cnn_checkpoint.pth``, ``ep19_tf_checkpoint.pth``) -> (network, spec, report).
+
+    The ResNet (depth, block, widths) is read from the weights; its strides default to the official (2, 2, 2, 1)
+    counted from conv1, i.e. ``[1, 2, 2, 1]`` for layer1..4. The ViT is DeiT-S by default (the number of heads
+    is not in the weights) with the DINO position rule (§4.4); its stored grid comes from the file. ``arch``
+    overrides the architecture sections. A CAP/SAP projection absent from a file is initialised from a fixed
+    seed and listed as initialised.
+    """
+    mapped, skipped, unexpected, merged = _map_aliased(cnn_state, COBRA_CNN_KEYS, source)
+    vit_mapped, vit_skipped, vit_unexpected, _ = _map_aliased(vit_state, COBRA_VIT_KEYS, source)
+    mapped.update(vit_mapped)
+    for key in ("cnn_classifier.weight", "vit_classifier.weight", "backbone.pos_embed",
+                "backbone.patch_embed.proj.weight"):  # fmt: skip
+        if key not in mapped:
+            raise CheckpointError(f"{source}: no tensor for {key}; not an official CoBra checkpoint pair")
+    num_fg = mapped["cnn_classifier.weight"].shape[0] - 1
+    class_names = list(class_names or _class_names(num_fg))
+    if len(class_names) != num_fg + 1:
+        raise CheckpointError(f"{source}: {len(class_names)} class names for {num_fg} + 1 classifier channels")
+    proj = {mapped[k].shape[0] for k in COBRA_OPTIONAL if k in mapped}
+    if len(proj) > 1:
+        raise CheckpointError(f"{source}: the CAP and SAP projections have different widths {sorted(proj)}")
+    overrides, arch = arch or {}, copy.deepcopy(COBRA_ARCH)
+    arch["cnn"] = {**arch["cnn"], **_resnet_config(mapped, source), **overrides.get("cnn", {})}
+    arch["backbone"] = {**arch["backbone"], **overrides.get("backbone", {}), "img_size": _stored_img_size(mapped)}
+    arch["proj_dim"] = proj.pop() if proj else arch["proj_dim"]
+    spec = ModelSpec("cobra", arch, tuple(class_names), CAMSettings.for_family("cobra"))
+    model = build_model(spec)
+    report = LoadReport(source, "cobra", skipped=dict.fromkeys(skipped + vit_skipped, "training-only"),
+                        unexpected=unexpected + vit_unexpected, aliases=merged)  # fmt: skip
+    fitting = fit_state(model, mapped, report, optional=COBRA_OPTIONAL)
+    report.check()
+    generator = torch.Generator().manual_seed(0)
+    for key in COBRA_OPTIONAL:
+        if key not in fitting:  # Kaiming-uniform like nn.Conv2d's default, from a fixed seed
+            weight = model.state_dict()[key]
+            bound = (1 / weight[0].numel()) ** 0.5
+            fitting[key] = torch.empty_like(weight).uniform_(-bound, bound, generator=generator)
+            report.initialised.append(key)
     model.load_state_dict(fitting)
-    cam = {**SECO_CAM, "bkg_thresh": 0.45} if num_fg == 80 else SECO_CAM
-    meta = {
-        "method": "seco", "model": {"backbone": backbone, "aux_layer": -3}, "class_names": list(classes),
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "config": {"cam": cam}, "imported_from": source,
-    }  # fmt: skip
-    return model.eval(), meta, report
+    return model.eval(), spec, report
+
+
+def _stored_img_size(mapped: dict[str, torch.Tensor]) -> int:
+    """The image size the position embedding was stored for: patch x sqrt(number of patch positions)."""
+    grid = int(round((mapped["backbone.pos_embed"].shape[1] - 1) ** 0.5))
+    return mapped["backbone.patch_embed.proj.weight"].shape[-1] * grid
 
 
 def _map_aliased(state: dict[str, torch.Tensor], table: list[tuple[str, str | None]], source: str):
@@ -234,23 +273,8 @@ def _resnet_config(mapped: dict[str, torch.Tensor], source: str) -> dict:
     return {"name": "custom", "layers": blocks, "channels": list(widths), "block": block}
 
 
-def _fit(model: torch.nn.Module, mapped: dict[str, torch.Tensor], report: ImportReport, optional=()) -> dict:
-    """Tensors of ``mapped`` that fit ``model``; fills the report's missing/unexpected/mismatched lists."""
-    target = model.state_dict()
-    fitting = {}
-    for key, tensor in mapped.items():
-        if key not in target:
-            report.unexpected.append(key)
-        elif tensor.shape != target[key].shape:
-            report.mismatched.append(f"{key} {tuple(tensor.shape)} != {tuple(target[key].shape)}")
-        else:
-            fitting[key] = tensor
-    report.missing = [k for k in target if k not in fitting and k not in optional]
-    report.loaded = len(fitting)
-    return fitting
-
-
-def _read_cobra(path: str | Path, branch: str) -> dict[str, torch.Tensor]:
+def read_cobra_file(path: str | Path, branch: str) -> dict[str, torch.Tensor]:
+    """One file of an official CoBra pair; refuses the other file or a non-CoBra state dict."""
     state = read_state_dict(path)
     found = cobra_branch(list(state))
     if found != branch:
@@ -258,80 +282,6 @@ def _read_cobra(path: str | Path, branch: str) -> dict[str, torch.Tensor]:
         what = f"the {other[found]} file" if found else "not a CoBra state dict"
         raise CheckpointError(f"{path}: expected the {other[branch]} file of an official CoBra pair; it is {what}")
     return state
-
-
-def load_official_cobra(
-    cnn_path: str | Path,
-    vit_path: str | Path,
-    num_fg: int | None = 20,
-    cnn: dict | None = None,
-    vit: dict | None = None,
-    class_names: list[str] | None = None,
-) -> tuple[CoBraNet, dict, ImportReport]:
-    """The official CoBra pair (``ep19_cnn_checkpoint.pth``, ``ep19_tf_checkpoint.pth``) as a CoBraNet in eval
-    mode, with metadata like our checkpoints' (method "cobra", the ``cobra-r152-deits-voc`` config adapted to
-    the files, the SHA-256 of both files) and an import report.
-
-    The ResNet (depth, block, widths) is read from the weights; its strides default to the official (2, 2, 2, 1)
-    counted from conv1, i.e. ``[1, 2, 2, 1]`` for layer1..4. The ViT is DeiT-S by default (the number of heads
-    is not in the weights); its position grid comes from the file. ``cnn``/``vit`` override those config
-    sections (a ResNetConfig / BackboneConfig dict). ``num_fg=None`` takes the class count from the classifier.
-    A CAP/SAP projection absent from a file is initialised from a fixed seed and listed as initialised.
-    """
-    cnn_state, vit_state = _read_cobra(cnn_path, "cnn"), _read_cobra(vit_path, "vit")
-    source = f"{cnn_path} + {vit_path}"
-    mapped, skipped, unexpected, merged = _map_aliased(cnn_state, COBRA_CNN_KEYS, str(cnn_path))
-    vit_mapped, vit_skipped, vit_unexpected, _ = _map_aliased(vit_state, COBRA_VIT_KEYS, str(vit_path))
-    mapped.update(vit_mapped)
-    for key in ("cnn_classifier.weight", "vit_classifier.weight", "backbone.pos_embed",
-                "backbone.patch_embed.proj.weight"):  # fmt: skip
-        if key not in mapped:
-            raise CheckpointError(f"{source}: no tensor for {key}; not an official CoBra checkpoint pair")
-    classes_in_file = mapped["cnn_classifier.weight"].shape[0] - 1
-    if num_fg is not None and num_fg != classes_in_file:
-        raise CheckpointError(f"{source}: the classifier has {classes_in_file} + 1 channels, not {num_fg} + 1")
-    num_fg = classes_in_file
-    if class_names is None:
-        class_names = list(VOC_CLASSES if num_fg == 20 else COCO_CLASSES if num_fg == 80 else _generic(num_fg))
-    if len(class_names) != num_fg + 1:
-        raise CheckpointError(f"{source}: {len(class_names)} class names for {num_fg} + 1 channels")
-    proj = {mapped[k].shape[0] for k in COBRA_OPTIONAL if k in mapped}
-    if len(proj) > 1:
-        raise CheckpointError(f"{source}: the CAP and SAP projections have different widths {sorted(proj)}")
-
-    from ..train.configs import get_config  # the training package imports the models: import it late
-
-    config = get_config(COBRA_CONFIG)
-    model_cfg = config["model"]
-    model_cfg["cnn"] = {**model_cfg["cnn"], **_resnet_config(mapped, str(cnn_path)), **(cnn or {})}
-    grid = int(round((mapped["backbone.pos_embed"].shape[1] - 1) ** 0.5))
-    patch = mapped["backbone.patch_embed.proj.weight"].shape[-1]
-    model_cfg["backbone"] = {**model_cfg["backbone"], "img_size": patch * grid, **(vit or {})}
-    model_cfg["proj_dim"] = proj.pop() if proj else model_cfg["proj_dim"]
-    if model_cfg["cnn"]["name"] != "resnet152":
-        config["name"] = f"{COBRA_CONFIG} ({model_cfg['cnn']['name']} CNN, imported)"
-    model = CoBraNet(ResNetConfig.from_dict(model_cfg["cnn"]), BackboneConfig(**model_cfg["backbone"]), num_fg,
-                     model_cfg["proj_dim"])  # fmt: skip
-    report = ImportReport("cobra", skipped=skipped + vit_skipped, unexpected=unexpected + vit_unexpected,
-                          aliases=merged)  # fmt: skip
-    fitting = _fit(model, mapped, report, optional=COBRA_OPTIONAL)
-    if report.missing or report.mismatched:
-        raise CheckpointError(f"{source}: CoBra checkpoint does not fit the network\n{report}")
-    generator = torch.Generator().manual_seed(0)
-    for key in COBRA_OPTIONAL:
-        if key not in fitting:  # Kaiming-uniform like nn.Conv2d's default, from a fixed seed
-            weight = model.state_dict()[key]
-            bound = (1 / weight[0].numel()) ** 0.5
-            fitting[key] = torch.empty_like(weight).uniform_(-bound, bound, generator=generator)
-            report.initialised.append(key)
-    model.load_state_dict(fitting)
-    meta = {
-        "method": "cobra", "config_name": config["name"], "model": model_cfg, "config": config,
-        "class_names": list(class_names), "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-        "imported_from": {"cnn": str(cnn_path), "vit": str(vit_path)},
-        "source_sha256": file_sha256(cnn_path), "source_sha256_vit": file_sha256(vit_path),
-    }  # fmt: skip
-    return model.eval(), meta, report
 
 
 def cobra_partner(path: str | Path, branch: str) -> Path | None:
@@ -346,49 +296,9 @@ def cobra_partner(path: str | Path, branch: str) -> Path | None:
     return partner if partner.is_file() else None
 
 
-def load_any(
-    path: str | Path, method: str = "auto", vit_path: str | Path | None = None
-) -> tuple[torch.nn.Module, dict, ImportReport | None]:
-    """Our checkpoint (.safetensors with metadata) or an official one; returns (model, meta, import report).
-
-    Official CoBra checkpoints are two files: ``path`` is one of them (normally the CNN file) and ``vit_path``
-    the other; without ``vit_path`` the partner is looked up next to ``path`` by the official naming
-    (``ep19_cnn_checkpoint.pth`` <-> ``ep19_tf_checkpoint.pth``).
-    """
-    from . import load_model
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            load_checkpoint(path)
-            model, meta = load_model(path)
-            if vit_path is not None:
-                raise CheckpointError(f"{path}: a wsss checkpoint holds every branch; --vit-ckpt is for official "
-                                      "CoBra checkpoints only")  # fmt: skip
-            return model, {**meta, "source_sha256": file_sha256(path)}, None
-        except CheckpointError as err:
-            if "metadata" not in str(err):
-                raise
-    state = read_state_dict(path)
-    kind = detect_method(list(state)) if method == "auto" else method
-    if kind in ("cobra", "cobra-vit"):
-        branch = cobra_branch(list(state))
-        if branch is None:
-            raise CheckpointError(f"{path}: not a file of an official CoBra checkpoint (neither its CNN nor ViT)")
-        other = Path(vit_path) if vit_path is not None else cobra_partner(path, branch)
-        if other is None:
-            want = "ViT file (ep19_tf_checkpoint.pth)" if branch == "cnn" else "CNN file (ep19_cnn_checkpoint.pth)"
-            raise CheckpointError(f"{path}: official CoBra checkpoints come in two files and its {want} was not "
-                                  "found next to it; pass it with --vit-ckpt")  # fmt: skip
-        pair = (path, other) if branch == "cnn" else (other, path)
-        return load_official_cobra(*pair, num_fg=None)
-    if vit_path is not None:
-        raise CheckpointError(f"{path}: --vit-ckpt is for official CoBra checkpoints; this is a {kind} checkpoint")
-    if kind != "seco":
-        raise CheckpointError(f"{path}: importing official {kind} checkpoints is not supported")
-    model, meta, report = import_seco(state, str(path))
-    return model, {**meta, "source_sha256": file_sha256(path)}, report
-
-
-def _generic(num_fg: int) -> tuple[str, ...]:
+def _class_names(num_fg: int) -> tuple[str, ...]:
+    if num_fg == 20:
+        return VOC_CLASSES
+    if num_fg == 80:
+        return COCO_CLASSES
     return ("background", *(f"class_{i}" for i in range(1, num_fg + 1)))

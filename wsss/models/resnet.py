@@ -1,4 +1,4 @@
-"""ResNet trunks for CoBra's CNN branch and IRN (METHODS 4.3, 6.4): timm ResNets with IRN's stride rules.
+"""ResNet trunks for CoBra's CNN branch and IRN (§4.3, §6.4): timm ResNets with IRN's stride rules.
 
 ``strides`` are those of layer1..4 after the stride-4 stem; IRN/CoBra use (1, 2, 2, 1) there, i.e. the
 "(2, 2, 2, 1)" of the official code counted from conv1, output stride 16 without dilation. ``fixed_bn`` keeps
@@ -19,6 +19,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from .checkpoint import read_state_dict
+from .report import LoadReport, fit_state
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,12 @@ class ResNetTrunk(nn.Module):
         return self.stages(x)[-1]
 
 
-def load_resnet_weights(trunk: ResNetTrunk, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load torchvision/timm ResNet weights (same key names) from a local file; the classifier is dropped.
-
-    Returns (missing, unexpected) keys; shape mismatches raise.
-    """
+def load_resnet_weights(trunk: ResNetTrunk, path: str | Path) -> LoadReport:
+    """torchvision / timm ResNet weights (same key names) from a local file; the classifier ``fc`` is skipped."""
     state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = trunk.net.load_state_dict(state, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    report = LoadReport(str(path), "torchvision-resnet")
+    for key in [k for k in state if k.startswith("fc.")]:
+        report.skipped[key] = "classifier head"
+        del state[key]
+    trunk.net.load_state_dict(fit_state(trunk.net, state, report), strict=False)
+    return report

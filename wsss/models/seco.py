@@ -1,6 +1,6 @@
 """SeCo's student network at inference: ViT encoder, CAM and auxiliary-CAM classifiers, ASPP decoder.
 
-METHODS 1.1-1.2 and 3.5. The training-only parts (key encoder, projection heads, prototype bank, queue) are not
+§1.1, §1.2 and §3.5. The training-only parts (key encoder, projection heads, prototype bank, queue) are not
 needed to produce CAMs or segmentations and are not part of this module.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size
+from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
+from .spec import register_family
 
 
 class ASPP(nn.Module):
@@ -42,19 +43,17 @@ class SeCoNet(nn.Module):
         self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
         self.aux_classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
         self.decoder = ASPP(dim, num_fg + 1)
-        for conv in self.decoder.children():  # N(0, 0.01) weights, zero biases (3.5)
+        for conv in self.decoder.children():  # N(0, 0.01) weights, zero biases (§3.5)
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
-        self.backbone.pos_embed.requires_grad_(False)  # frozen in SeCo (1.1)
+        self.backbone.pos_embed.requires_grad_(False)  # frozen in SeCo (§1.1)
 
     def feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``F`` and ``F_aux`` as (B, D, h, w) maps."""
-        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        """``F`` and ``F_aux`` as (B, D, h, w) maps (the grid floors at sizes that are not patch multiples)."""
         final, aux = forward_tokens(self.backbone, x, self.aux_index)
+        grid = token_grid(x, self.patch_size)
         n = self.backbone.num_prefix_tokens
-        return tuple(t[:, n:].transpose(1, 2).unflatten(2, (h, w)) for t in (final, aux))
+        return token_map(final, n, grid), token_map(aux, n, grid)
 
     def forward(self, x: torch.Tensor, mode: str = "cam"):
         """``"cam"``: logits (B, K) and CAMs (B, K, h, w) of the main classifier (the CAM-network interface);
@@ -71,10 +70,9 @@ class SeCoNet(nn.Module):
         return logits, self.classifier(feats)
 
     def _train_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         final, aux = forward_tokens(self.backbone, x, self.aux_index)
-        n = self.backbone.num_prefix_tokens
-        feats, aux_feats = (t[:, n:].transpose(1, 2).unflatten(2, (h, w)) for t in (final, aux))
+        grid, n = token_grid(x, self.patch_size), self.backbone.num_prefix_tokens
+        feats, aux_feats = token_map(final, n, grid), token_map(aux, n, grid)
         return {
             "cls": final[:, 0], "feats": feats, "seg": self.decoder(feats),
             "logits": self.classifier(feats.amax(dim=(2, 3), keepdim=True)).flatten(1),
@@ -96,8 +94,13 @@ class SeCoNet(nn.Module):
         return list(self.backbone.parameters()), heads
 
 
+@register_family("seco")
+def build_seco_net(arch: dict, num_fg: int) -> SeCoNet:
+    return SeCoNet(BackboneConfig(**arch["backbone"]), num_fg, aux_layer=arch.get("aux_layer", -3))
+
+
 class ProjectionHead(nn.Module):
-    """DINO-style head ``phi`` (METHODS 3.5): Linear-GELU-Linear-GELU-Linear, then L2 normalisation.
+    """DINO-style head ``phi`` (§3.5): Linear-GELU-Linear-GELU-Linear, then L2 normalisation.
 
     Official key names (``mlp.0/2/4``); DINO's weight-normalised ``last_layer`` is built but never used by SeCo's
     forward pass, so it is left out.

@@ -1,6 +1,6 @@
 """The batch pseudo-labeler: resumable, sharded, with overlapping stages.
 
-Stages: decoding in a loader pool -> multi-scale + flip CAMs on the backend (``wsss.cam.infer.predict_cams``,
+Stages: decoding in a loader pool -> multi-scale + flip CAMs on the backend (``wsss.cam.pipeline.predict_cams``,
 the one CAM post-processing path) -> refinement (PAR batched on the device, or dense CRF in a process pool) ->
 writers in a thread pool. Outputs are written under temporary names and renamed; an item enters the journal
 only after all its files exist. Work is cut into fixed chunks of ``batch`` items of the shard, and an unfinished
@@ -24,11 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import __version__
-from ..cam.infer import CAMResult, CAMSettings, predict_cams, refine_seed_crf
+from ..cam.crf import refine_seed_crf
 from ..cam.overlay import save_overlay
 from ..cam.par import refine_labels
-from ..data.datasets import Sample, WSSSDataset
+from ..cam.pipeline import CAMResult, predict_cams
+from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
+from ..models import CAMSettings, ModelSpec
 from .rle import encode_label_map
 
 JOURNAL = "journal"
@@ -153,7 +155,7 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
 
 
 def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSettings, device) -> list[np.ndarray]:
-    """PAR on the device at each image's resolution (METHODS 2.5 with the whole image as its box)."""
+    """PAR on the device at each image's resolution (§2.5 with the whole image as its box)."""
     labels = []
     for sample, res in zip(samples, results, strict=True):
         image = torch.from_numpy(sample.image).to(device).permute(2, 0, 1)[None].float() / 255
@@ -162,8 +164,11 @@ def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSe
     return labels
 
 
-def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: LabelConfig) -> dict:
-    """Label every image of ``data`` in ``cfg.shard``; returns the shard summary (also written to ``out``)."""
+def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: str | Path, cfg: LabelConfig) -> dict:
+    """Label every image of ``data`` in ``cfg.shard`` with the network ``spec`` describes; returns the shard
+    summary (also written to ``out``). ``meta`` carries the checkpoint's / artifact's SHA-256 for the record.
+    Refuses a dataset whose classes are not the network's (DatasetError)."""
+    check_classes(data, spec.class_names)
     out = Path(out)
     index, count = cfg.shard
     tag = f"shard-{index}-of-{count}"
@@ -204,7 +209,7 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
             for failure in (x for x in items if isinstance(x, Failure)):
                 journal.add({"id": failure.id, "status": "failed", "reason": failure.reason})
             samples = [x for x in items if isinstance(x, Sample)]
-            current = _process(backend, meta, samples, out, cfg, crf_pool, writers, overlay_ids, timing)
+            current = _process(backend, spec, samples, out, cfg, crf_pool, writers, overlay_ids, timing)
             _drain(pending, journal, timing)  # the previous chunk finishes while this one refines and writes
             pending = current
             bar.update(len(items))
@@ -216,7 +221,7 @@ def label_dataset(backend, meta: dict, data: WSSSDataset, out: str | Path, cfg: 
             crf_pool.shutdown(cancel_futures=True)
         journal.close()
     elapsed = time.perf_counter() - t_start
-    summary = _summary(journal, data, indices, cfg, meta, timing, elapsed, done_before)
+    summary = _summary(journal, data, indices, cfg, spec, meta, timing, elapsed, done_before)
     summary["device"], summary["backend"] = str(backend.device), backend.name
     (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
     if count == 1:
@@ -247,13 +252,13 @@ def _rebatch(loader, sizes: list[int]):
         yield [next(stream) for _ in range(size)]
 
 
-def _process(backend, meta, samples, out, cfg, crf_pool, writers, overlay_ids, timing) -> list[Future]:
+def _process(backend, spec, samples, out, cfg, crf_pool, writers, overlay_ids, timing) -> list[Future]:
     """Forward + post-process one chunk, then hand refinement and writing to the pools."""
     if not samples:
         return []
     tic = time.perf_counter()
     results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
-                           backend.device)  # fmt: skip
+                           backend.device, spec.mean, spec.std)  # fmt: skip
     timing["cam_s"] += time.perf_counter() - tic
     tic = time.perf_counter()
     if cfg.refine == "par":
@@ -264,7 +269,7 @@ def _process(backend, meta, samples, out, cfg, crf_pool, writers, overlay_ids, t
     else:
         labels = [r.seed for r in results]
     timing["refine_submit_s"] += time.perf_counter() - tic
-    names = meta["class_names"]
+    names = spec.class_names
     futures = []
     for sample, res, label in zip(samples, results, labels, strict=True):
         futures.append(writers.submit(_finish, out, sample, label, res, cfg, names, sample.id in overlay_ids))
@@ -280,7 +285,7 @@ def _finish(out, sample, label, res, cfg, names, overlay: bool) -> dict:
     return record
 
 
-def _summary(journal: Journal, data, indices, cfg: LabelConfig, meta, timing, elapsed, done_before) -> dict:
+def _summary(journal: Journal, data, indices, cfg: LabelConfig, spec, meta, timing, elapsed, done_before) -> dict:
     records = [journal.done[data.ids[i]] for i in indices if data.ids[i] in journal.done]
     failed = [{"id": r["id"], "reason": r["reason"]} for r in records if r["status"] == "failed"]
     processed = len(indices) - done_before
@@ -292,7 +297,7 @@ def _summary(journal: Journal, data, indices, cfg: LabelConfig, meta, timing, el
         "classes_given_by_tags": sum(r.get("tags_given", False) for r in records),
         "config": {**asdict(cfg), "settings": {**asdict(cfg.settings), "scales": list(cfg.settings.scales)}},
         "checkpoint_sha256": meta.get("source_sha256", ""), "artifact_sha256": meta.get("artifact_sha256", ""),
-        "method": meta.get("method"), "class_names": meta["class_names"], "package_version": __version__,
+        "method": spec.family, "class_names": list(spec.class_names), "package_version": __version__,
     }  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""CoBra's mask stages after training (METHODS 4.1 steps 2-7, 4.9, 4.10): IR labels -> IRN -> random walk -> masks.
+"""CoBra's mask stages after training (§4.1 steps 2-7, §4.9, §4.10): IR labels -> IRN -> random walk -> masks.
 
 Each stage writes one palette PNG per image and skips images whose PNG exists, so an interrupted run resumes.
 
@@ -16,55 +16,56 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..cam.cobra import fuse, ir_thresholds, max_normalize, split_sources
-from ..cam.infer import preprocess
+from ..cam.cobra import ir_thresholds
 from ..cam.irn import cobra_mask, ir_labels, random_walk
-from ..cam.multiscale import multi_scale_cam
-from ..data.datasets import WSSSDataset
+from ..cam.pipeline import forward_pyramid, image_pyramid, stack_maps
+from ..data.datasets import WSSSDataset, check_classes
 from ..data.palette import save_label_png
-from ..models import save_checkpoint
+from ..data.transforms import normalize_images
+from ..kernels import combine_sources, normalize_maps
+from ..models import CAMSettings, load_model, save_checkpoint
 from ..models.cobra import CoBraNet
+from ..models.resnet import ResNetConfig
 from .irn import IRLabelDataset, IRNConfig, load_irn, train_irn
 
 
 @dataclass
 class CoBraMaps:
-    """Per-image CoBra maps at the image resolution (4.17, 4.18), foreground channels of the present classes."""
+    """Per-image CoBra maps (4.17, 4.18), foreground channels of the present classes, as ``make_cam.py`` saves."""
 
     keys: np.ndarray  # (C + 1,) class ids, 0 first
-    cnn: torch.Tensor  # M_cnn, max-normalised (C, H, W)
-    tran: torch.Tensor  # M_tran, max-normalised (C, H, W)
-    attn: torch.Tensor  # A_obj summed over scales and flips, not normalised (H, W)
+    cnn: torch.Tensor  # M_cnn at (H, W), max-normalised (C, H, W): "high_res_cnn"
+    tran: torch.Tensor  # M_tran at (H, W), max-normalised: "high_res_seed"
+    attn: torch.Tensor  # A_obj at (H, W) summed over scales and flips, not normalised: "high_res_attn"
+    cnn4: torch.Tensor  # the same at IRN's stride-4 size ((H-1)//4 + 1, (W-1)//4 + 1), each scale resized there
+    tran4: torch.Tensor  # M_tran^{/4}: "cam", the random walk's input
 
-    def stride4(self, m: torch.Tensor) -> torch.Tensor:
-        """A map at IRN's stride-4 size ``((H-1)//4 + 1, (W-1)//4 + 1)``, max-normalised again.
-
-        The code sums per-scale maps resized to that size; resizing the full-resolution sum instead differs only
-        by the bilinear resampling of the sum.
-        """
-        h, w = m.shape[-2:]
-        small = F.interpolate(m[None], size=((h - 1) // 4 + 1, (w - 1) // 4 + 1), mode="bilinear", align_corners=False)
-        return max_normalize(small[0])
+    def fused(self, stride4: bool = False) -> torch.Tensor:
+        """(4.19) ``M_fuse`` at full or stride-4 resolution."""
+        return combine_sources(self.cnn4, self.tran4) if stride4 else combine_sources(self.cnn, self.tran)
 
 
 @torch.no_grad()
-def cobra_maps(model: CoBraNet, image: np.ndarray, tags: np.ndarray, scales, device="cpu") -> CoBraMaps:
-    """(4.17)/(4.18) multi-scale, flip-summed maps of one image at its own resolution (zero-padded to the grid)."""
-    p = model.patch_size
+def cobra_maps(model: CoBraNet, image: np.ndarray, tags: np.ndarray, settings: CAMSettings,
+               device="cpu") -> CoBraMaps:  # fmt: skip
+    """(4.17)/(4.18) multi-scale, flip-summed maps of one image at its own size, by the one CAM path."""
+    settings = settings.replace(input_size=None)  # the official maps are at the image's own size
+    raw = forward_pyramid(model, image_pyramid([image], settings, device, model.spec.mean, model.spec.std),
+                          settings)  # fmt: skip
     h, w = image.shape[:2]
-    x = torch.zeros(1, 3, -(-h // p) * p, -(-w // p) * p, device=device)
-    x[..., :h, :w] = preprocess([image], None, device)
-    raw, _ = multi_scale_cam(model, x, tuple(scales), True, "sum", normalize=False)
-    m_cnn, m_tran, a_obj = split_sources(raw[..., :h, :w], model.num_fg)
     present = torch.as_tensor(np.flatnonzero(tags), device=device)
     keys = np.concatenate([[0], np.flatnonzero(tags) + 1]).astype(np.int64)
-    return CoBraMaps(keys, max_normalize(m_cnn[0, present]), max_normalize(m_tran[0, present]), a_obj[0])
+    k = model.num_fg
+    maps = []
+    for size in ((h, w), ((h - 1) // 4 + 1, (w - 1) // 4 + 1)):
+        summed = stack_maps(raw, size, settings).sum((0, 1))[0]  # ReLU'd on the grid; flips and scales summed
+        maps += [normalize_maps(summed[present], "max"), normalize_maps(summed[k + present], "max"), summed[2 * k]]
+    return CoBraMaps(keys, maps[0], maps[1], maps[2], maps[3], maps[4])
 
 
-def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, scales, percentile: float = 93.0,
+def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, settings: CAMSettings, percentile: float = 93.0,
                     fixed: tuple[float, float] | None = None, progress: bool = True) -> Path:  # fmt: skip
     """Stage 4 of 4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C.
 
@@ -74,9 +75,9 @@ def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, scales, perce
     """
     for i, target in _missing(data, out, "IR labels", progress):
         sample = data[i]
-        maps = cobra_maps(model, sample.image, _tags(data, i), scales)
+        maps = cobra_maps(model, sample.image, _tags(data, i), settings)
         t_fg, t_bg = fixed or ir_thresholds(maps.attn, percentile)
-        label = ir_labels(sample.image, fuse(maps.cnn, maps.tran).cpu().numpy(), maps.keys, t_fg, t_bg)
+        label = ir_labels(sample.image, maps.fused().cpu().numpy(), maps.keys, t_fg, t_bg)
         save_label_png(target, label)
     return out
 
@@ -95,7 +96,8 @@ def fit_irn(cfg: IRNConfig, data: WSSSDataset, ir_dir: Path, out: Path, cobra: C
 
 
 @torch.no_grad()
-def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, scales, rw_source: str = "tran",
+def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, settings: CAMSettings,
+                rw_source: str = "tran",
                 pad_size: int = 512, exp_times: int | None = None, progress: bool = True) -> Path:  # fmt: skip
     """Stages 6-7: random walk of ``M_tran^{/4}`` (or ``M_fuse``) on IRN's boundaries, (4.22), CRF row D.
 
@@ -106,15 +108,11 @@ def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, s
     irn, cfg = load_irn(irn_path)
     for i, target in _missing(data, out, "masks", progress):
         sample = data[i]
-        maps = cobra_maps(model, sample.image, _tags(data, i), scales)
-        source = maps.tran if rw_source == "tran" else fuse(maps.cnn, maps.tran)
-        edge = irn.infer_edge(preprocess([sample.image], None, "cpu")[0], pad_size)
+        maps = cobra_maps(model, sample.image, _tags(data, i), settings)
+        source = maps.tran4 if rw_source == "tran" else maps.fused(stride4=True)
+        edge = irn.infer_edge(normalize_images(sample.image), pad_size)
         steps = cfg.exp_times if exp_times is None else exp_times
-        rw = (
-            random_walk(maps.stride4(source), edge, cfg.beta, steps, cfg.radius_infer)
-            if steps
-            else maps.stride4(source)
-        )
+        rw = random_walk(source, edge, cfg.beta, steps, cfg.radius_infer) if steps else source
         save_label_png(target, cobra_mask(rw, sample.image.shape[:2], maps.keys, image=sample.image))
     return out
 
@@ -133,3 +131,31 @@ def _tags(data: WSSSDataset, i: int) -> np.ndarray:
     if tags is None:
         raise ValueError(f"{data.ids[i]}: CoBra masks need image-level labels")
     return tags
+
+
+def cobra_masks(ckpt: str | Path, data: WSSSDataset, out: str | Path, irn_preset: str = "paper",
+                irn_epochs: int | None = None, irn_pretrained: str | None = None, rw_source: str = "tran",
+                pad_size: int = 512, ir_thresholds_fixed: tuple[float, float] | None = None,
+                rw_exp_times: int | None = None, seed: int = 0,
+                vit_ckpt: str | Path | None = None) -> Path:  # fmt: skip
+    """The whole of §4.1 steps 4-7 for a CoBra checkpoint (ours or the official pair): IR labels, IRN, masks.
+
+    IRN's ResNet has the CoBra CNN's architecture at output stride 16 (``strides=(1, 2, 2, 1)``, fixed BN);
+    ``irn_preset`` "paper" is §4.10's schedule, "tiny" a CPU-sized one. Returns ``out/masks``.
+    """
+    out = Path(out)
+    loaded = load_model(ckpt, vit_path=vit_ckpt)
+    if loaded.spec.family != "cobra":
+        raise ValueError(f"{ckpt}: a {loaded.spec.family} network, not CoBra")
+    check_classes(data, loaded.spec.class_names)
+    model, settings = loaded.model, loaded.spec.cam
+    trunk = replace(ResNetConfig.from_dict(loaded.spec.arch["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
+    cfg = (IRNConfig.tiny if irn_preset == "tiny" else IRNConfig)(backbone=trunk, pretrained=irn_pretrained,
+                                                                 num_classes=data.num_classes)  # fmt: skip
+    if irn_epochs:
+        cfg = replace(cfg, epochs=irn_epochs)
+    write_ir_labels(model, data, out / "ir_labels", settings, fixed=ir_thresholds_fixed)
+    irn = out / "irn.safetensors"
+    if not irn.is_file():
+        fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)
+    return write_masks(model, irn, data, out / "masks", settings, rw_source, pad_size, rw_exp_times)

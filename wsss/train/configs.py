@@ -7,6 +7,8 @@ import difflib
 import json
 from typing import Any
 
+from ..models import CAMSettings, ModelSpec
+from ..models.official import COBRA_ARCH
 from .cobra import COBRA_DEFAULTS
 
 _TINY_VIT = {
@@ -17,7 +19,8 @@ _TINY_VIT = {
 }
 _VIT_B16 = {"name": "vit_base_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch"}
 
-# SeCo's recipe where it applies (METHODS 3.3, 3.14, 3.16); the tiny config is sized for 2 CPU cores.
+# SeCo's recipe where it applies (§3.3, §3.14, §3.16); the tiny config is sized for 2 CPU cores. A config's
+# "model" section holds the architecture arguments of its family's spec (wsss.models.spec), "cam" its CAM settings.
 CONFIGS: dict[str, dict[str, Any]] = {
     "cam-tiny-synth": {
         "method": "cam",
@@ -62,7 +65,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         },
     },  # fmt: skip
 }
-# SeCo (METHODS 3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
+# SeCo (§3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
 _SECO_VOC = {
     "schedule": "voc", "bkg": 0.5, "high": 0.7, "low": 0.25, "cam2mask": 10000, "n_crops": 10, "local_crop": 64,
     "tag_thresh": 0.2, "proto_m": 0.9, "proto_start": 600, "queue": 4608, "momentum": 0.999, "tau_lil": 0.08,
@@ -75,7 +78,7 @@ CONFIGS["seco-vitb16-voc"] = {
     "model": {"backbone": _VIT_B16, "aux_layer": -3},
     "seco": _SECO_VOC,
 }
-CONFIGS["seco-vitb16-voc"]["data"]["jitter"] = 0.0  # x is rescaled, flipped and cropped only (3.3)
+CONFIGS["seco-vitb16-voc"]["data"]["jitter"] = 0.0  # x is rescaled, flipped and cropped only (§3.3)
 CONFIGS["seco-tiny-synth"] = {
     **copy.deepcopy(CONFIGS["cam-tiny-synth"]),
     "method": "seco",
@@ -95,14 +98,12 @@ CONFIGS["cam-vitb16-coco"]["train"].update(iters=80000, eval_images=5000)
 CONFIGS["cam-vitb16-coco"]["cam"].update(scales=[1.0, 0.5, 0.75, 1.25, 1.5], bkg_thresh=0.45)
 
 
-# CoBra (METHODS 4.2-4.12): ResNet (CAK) + DeiT-S (SAK), SGD-poly, 20 epochs of batch 32 at 224, 7-scale CAMs.
-_DEIT_S = {"name": "deit_small_patch16_224", "img_size": 224, "overrides": {}, "stem": "patch"}
+# CoBra (§4.2-§4.12): ResNet (CAK) + DeiT-S (SAK), SGD-poly, 20 epochs of batch 32 at 224, 7-scale CAMs.
 _COBRA_CAM = {"input_size": None, "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], "flip": True,
               "bkg_thresh": 0.5, "score_thresh": 0.5, "source": "fuse", "bg_percentile": 70.0}  # fmt: skip
 _COBRA_VOC = {
     "method": "cobra",
-    "model": {"backbone": _DEIT_S, "proj_dim": 256, "pooling": "gap",  # image logits (4.6); gmp: an experiment
-              "cnn": {"name": "resnet152", "strides": [1, 2, 2, 1], "fixed_bn": True, "frozen_stages": 2}},
+    "model": copy.deepcopy(COBRA_ARCH),  # image logits by GAP (4.6); "pooling": "gmp" is an experiment
     "pretrained": None,  # DeiT-S weights (deit_small_patch16_224-cd65a155.pth); --pretrained
     "pretrained_cnn": None,  # torchvision resnet152-b121ed2d.pth; --set pretrained_cnn=PATH
     # Long side U(320, 640) on VOC's ~500 px images ~ a 0.64..1.28 rescale; no colour jitter (4.2).
@@ -110,7 +111,7 @@ _COBRA_VOC = {
     "optim": {"name": "sgd", "lr": 0.1, "head_lr": 10, "weight_decay": 1e-4, "momentum": 1e-4, "power": 0.9},
     "train": {"iters": 6600, "batch_size": 32, "workers": 8, "amp": True, "log_every": 50, "ckpt_every": 330,
               "eval_every": 330, "eval_images": 1464},
-    "cam": _COBRA_CAM,
+    "cam": _COBRA_CAM,  # with the family's order of operations (wsss.models.spec.FAMILY_CAM)
     "cobra": dict(COBRA_DEFAULTS),  # the paper's choices; see wsss.train.cobra for the code's
 }  # fmt: skip
 CONFIGS["cobra-r152-deits-voc"] = _COBRA_VOC  # the paper's depth
@@ -118,7 +119,7 @@ CONFIGS["cobra-r50-deits-voc"] = copy.deepcopy(_COBRA_VOC)
 CONFIGS["cobra-r50-deits-voc"]["model"]["cnn"]["name"] = "resnet50"
 CONFIGS["cobra-tiny-synth"] = {
     "method": "cobra",
-    "model": {"backbone": _TINY_VIT, "proj_dim": 128, "pooling": "gap",
+    "model": {"backbone": {**_TINY_VIT, "pos_resize": "dino"}, "proj_dim": 128, "pooling": "gap",
               "cnn": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "block": "basic",
                       "strides": [1, 2, 1, 1], "fixed_bn": False, "frozen_stages": 0}},
     "pretrained": "builtin:vit-tiny-synth",
@@ -130,6 +131,12 @@ CONFIGS["cobra-tiny-synth"] = {
     "cam": {**_COBRA_CAM, "input_size": 112, "scales": [1.0, 0.5, 1.5]},
     "cobra": {**COBRA_DEFAULTS, "aux_start_epoch": 5},
 }  # fmt: skip
+
+
+def model_spec(cfg: dict[str, Any], class_names: tuple[str, ...]) -> ModelSpec:
+    """The spec of the network a config trains, for a dataset's classes (background first)."""
+    return ModelSpec(cfg["method"], copy.deepcopy(cfg["model"]), tuple(class_names),
+                     CAMSettings.for_family(cfg["method"], cfg["cam"]))  # fmt: skip
 
 
 def get_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from ..cam.irn import PathIndex, path_index, path_max
 from ..data.datasets import WSSSDataset
 from ..data.io import decode_image
 from ..data.palette import IGNORE_INDEX, read_label_png
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..data.transforms import normalize_images
+from ..models import CheckpointError, ModelSpec, load_model, save_model
 from ..models.irn import EdgeDisplacement
 from ..models.resnet import ResNetConfig, ResNetTrunk, load_resnet_weights
 
@@ -99,7 +99,7 @@ class IRNConfig:
 
 def normalize_image(img: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) RGB -> float32 ImageNet-normalised (H, W, 3)."""
-    return (img.astype(np.float32) / 255 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    return normalize_images(img).permute(1, 2, 0).numpy()
 
 
 def _rescale_pair(img: np.ndarray, label: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -318,9 +318,9 @@ def train_irn(
     bar.close()
     images = meanshift_images if meanshift_images is not None else [s[0] for s in samples]
     estimate_mean_shift(model, images, cfg.crop, cfg.batch_size, device)
-    meta = {"kind": CHECKPOINT_KIND, "config": cfg.to_dict(), "seed": seed, "steps": step,
-            "mean_shift": model.mean_shift.running_mean.tolist()}  # fmt: skip
-    return save_checkpoint(out_path, model.state_dict(), meta)
+    spec = ModelSpec("irn", {"backbone": dataclasses.asdict(cfg.backbone)}, ())
+    return save_model(out_path, model, spec, kind=CHECKPOINT_KIND, config=cfg.to_dict(), seed=seed, steps=step,
+                      mean_shift=model.mean_shift.running_mean.tolist())  # fmt: skip
 
 
 def _top_left(img: np.ndarray, crop: int) -> np.ndarray:
@@ -356,11 +356,8 @@ def estimate_mean_shift(
 
 
 def load_irn(path: str | Path, device: torch.device | str = "cpu") -> tuple[EdgeDisplacement, IRNConfig]:
-    """A trained IRN (eval mode) and its config from a :func:`train_irn` checkpoint."""
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"{path}: not an IRN checkpoint (kind {meta.get('kind')!r})")
-    cfg = IRNConfig.from_dict(meta["config"])
-    model = EdgeDisplacement(cfg.backbone)
-    model.load_state_dict(state)
-    return model.to(device).eval(), cfg
+    """A trained IRN (eval mode) and its config from a :func:`train_irn` checkpoint, through the one loader."""
+    loaded = load_model(path)
+    if loaded.spec.family != "irn":
+        raise CheckpointError(f"{path}: not an IRN checkpoint (a {loaded.spec.family} network)")
+    return loaded.model.to(device).eval(), IRNConfig.from_dict(loaded.meta["config"])

@@ -17,14 +17,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..cam.infer import CAMSettings, predict_cams, preprocess
+from ..cam.pipeline import image_pyramid, predict_cams
 from ..data.datasets import WSSSDataset
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, seco_views, to_tensor
+from ..data.transforms import AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
-from ..models import build_model, load_backbone_weights, load_checkpoint, save_checkpoint
-from ..models.resnet import load_resnet_weights
+from ..models import ModelSpec, build_model, load_pretrained, load_state_into, save_model
 from .cam import CAMObjective
 from .cobra import CoBraObjective
+from .configs import model_spec
 from .optim import make_optimizer, param_groups
 from .seco import SeCoObjective
 
@@ -34,7 +34,7 @@ RESUME_STATE = "last.state.pt"
 
 
 class TrainSet(Dataset):
-    """Augmented training views with image-level tags and the valid-pixel box (METHODS 3.3 / 1.6)."""
+    """Augmented training views with image-level tags and the valid-pixel box (§3.3, §1.6)."""
 
     def __init__(
         self, data: WSSSDataset, aug: AugmentConfig, seed: int, cache: bool, progress: bool = False,
@@ -58,7 +58,7 @@ class TrainSet(Dataset):
         crop, box = augment(img, self.aug, rng)
         labels = self.data.labels(i)
         item = {"image": to_tensor(crop), "labels": torch.from_numpy(labels), "img_box": box}
-        if self.seco_views:  # SeCo's weak and strong views, and the class of single-class images (3.3)
+        if self.seco_views:  # SeCo's weak and strong views, and the class of single-class images (§3.3)
             weak, strong = seco_views(img, crop, self.aug.crop, rng, self.s_flip)
             item.update(weak=to_tensor(weak), strong=to_tensor(strong),
                         label_idx=int(np.flatnonzero(labels)[0] + 1) if labels.sum() == 1 else -1)  # fmt: skip
@@ -113,20 +113,16 @@ def train(
     torch.manual_seed(seed + rank)
     tcfg, ocfg = cfg["train"], cfg["optim"]
 
-    model = build_model(cfg["method"], cfg["model"], data.num_fg)
+    spec = model_spec(cfg, data.classes)
+    model = build_model(spec)
     resume = resume and (out / CHECKPOINT).is_file()  # --resume on a fresh folder simply starts
-    weights = resolve_pretrained(pretrained or cfg.get("pretrained"))
-    if weights and not resume:
-        report = load_backbone_weights(model.backbone, weights)
-        if rank == 0:
-            tqdm.write(f"pretrained {weights.name}: {report}")
-    cnn_weights = resolve_pretrained(cfg.get("pretrained_cnn"))  # CoBra's CNN branch
-    if cnn_weights and not resume:
-        missing, unexpected = load_resnet_weights(model.cnn, cnn_weights)
-        if missing:
-            raise ValueError(f"{cnn_weights}: the CNN weights miss {len(missing)} tensors, e.g. {missing[:3]}")
-        if rank == 0:
-            tqdm.write(f"pretrained CNN {cnn_weights.name}: loaded, {len(unexpected)} unexpected tensors ignored")
+    for part, key, given in (("backbone", "pretrained", pretrained), ("cnn", "pretrained_cnn", None)):
+        weights = resolve_pretrained(given or cfg.get(key))
+        if weights and not resume:
+            report = load_pretrained(model, weights, part).check(allow_missing=part == "backbone",
+                                                                 allow_unexpected=True)  # fmt: skip
+            if rank == 0:
+                tqdm.write(f"pretrained {part}: {report}")
     model.to(device)
     objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
     backbone, heads = model.param_groups()
@@ -141,7 +137,7 @@ def train(
                         seco_views=cfg["method"] == "seco", s_flip=cfg.get("seco", {}).get("s_flip", 0.5))  # fmt: skip
     batches = _batches(trainset, tcfg, seed, rank, world, step)
     amp = tcfg["amp"] and device.type == "cuda"
-    meta = _metadata(cfg, data, seed)
+    meta = {"config_name": cfg.get("name"), "config": cfg, "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "metrics.jsonl").open("a") if rank == 0 else None
 
@@ -169,16 +165,16 @@ def train(
                 _log(log, bar, step, running, tcfg["log_every"], optim, t0)
                 running = None
             if rank == 0 and val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
-                _write(log, {"step": step, **validate(model, val, cfg, device, tcfg["eval_images"])})
+                _write(log, {"step": step, **validate(model, val, spec, device, tcfg["eval_images"])})
             if rank == 0 and step % tcfg["ckpt_every"] == 0:
-                saved = _save(out, model, optim, objective, meta, step)
+                saved = _save(out, model, spec, optim, objective, meta, step)
     except KeyboardInterrupt:
         stop["signal"] = signal.SIGINT
     finally:  # whatever ended the loop, the last finished step is kept
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         if rank == 0 and step > saved:
-            _save(out, model, optim, objective, meta, step)
+            _save(out, model, spec, optim, objective, meta, step)
         if log:
             log.close()
     if stop["signal"] is not None:
@@ -234,15 +230,9 @@ def _write(log, record: dict) -> None:
         log.flush()
 
 
-def _metadata(cfg: dict, data: WSSSDataset, seed: int) -> dict:
-    return {
-        "method": cfg["method"], "config_name": cfg.get("name"), "model": cfg["model"], "config": cfg,
-        "class_names": list(data.classes), "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "seed": seed,
-    }  # fmt: skip
-
-
-def _save(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, meta: dict, step: int):
-    save_checkpoint(out / CHECKPOINT, model.state_dict(), {**meta, "step": step})
+def _save(out: Path, model: nn.Module, spec: ModelSpec, optim: torch.optim.Optimizer, objective: nn.Module,
+          meta: dict, step: int):  # fmt: skip
+    save_model(out / CHECKPOINT, model, spec, **meta, step=step)
     state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state(),
              "objective": objective.state_dict()}  # fmt: skip
     tmp = out / (RESUME_STATE + ".tmp")
@@ -252,8 +242,7 @@ def _save(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: 
 
 
 def _resume(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, device) -> int:
-    state_dict, meta = load_checkpoint(out / CHECKPOINT)
-    model.load_state_dict(state_dict)
+    meta, _ = load_state_into(model, out / CHECKPOINT)
     state = torch.load(out / RESUME_STATE, map_location=device, weights_only=True)
     optim.load_state_dict(state["optimizer"])
     objective.load_state_dict(state["objective"])
@@ -276,10 +265,10 @@ class _AuxCAM(nn.Module):
 
 
 @torch.no_grad()
-def validate(model: nn.Module, val: WSSSDataset, cfg: dict, device, max_images: int) -> dict[str, float]:
-    """SeCo's validation columns (3.15) on up to ``max_images`` images: "CAM" seeds, and for SeCo students
+def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_images: int) -> dict[str, float]:
+    """SeCo's validation columns (§3.15) on up to ``max_images`` images: "CAM" seeds, and for SeCo students
     "aux_CAM" seeds and "Seg_Pred" (single-scale arg-max of the decoder at the CAM input size)."""
-    settings = CAMSettings(**{**cfg["cam"], "scales": tuple(cfg["cam"]["scales"])})
+    settings = spec.cam
     model.eval()
     views = {"val_seed_miou": model}
     if hasattr(model, "aux_outputs"):
@@ -290,11 +279,13 @@ def validate(model: nn.Module, val: WSSSDataset, cfg: dict, device, max_images: 
     for start in range(0, min(len(val), max_images), 16):
         samples = [val[i] for i in range(start, min(start + 16, len(val), max_images))]
         for name, net in views.items():
-            results = predict_cams(net, [s.image for s in samples], [s.labels for s in samples], settings, device)
+            results = predict_cams(net, [s.image for s in samples], [s.labels for s in samples], settings, device,
+                                   spec.mean, spec.std)  # fmt: skip
             for s, r in zip(samples, results, strict=True):
                 matrices[name].update(r.seed, s.mask)
         if "val_seg_miou" in matrices:
-            x = preprocess([s.image for s in samples], settings.input_size, device)
+            x = image_pyramid([s.image for s in samples], settings.replace(scales=(1.0,)), device, spec.mean,
+                              spec.std)[0]  # fmt: skip
             seg = model.segment(x)
             for i, s in enumerate(samples):
                 up = F.interpolate(seg[i : i + 1], size=s.mask.shape, mode="bilinear", align_corners=False)

@@ -1,4 +1,4 @@
-"""One SeCo training step (METHODS 3.2): separate (crop and tag) and conquer (tag-guided contrast).
+"""One SeCo training step (§3.2): separate (crop and tag) and conquer (tag-guided contrast).
 
 The student is ``SeCoNet``; this objective owns the training-only parts: the EMA key encoder ``E_k``, the
 projection head ``phi`` and its EMA teacher ``phi_t``, the prototype bank and the key queue.
@@ -13,9 +13,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..cam.multiscale import box_mask, cam_to_label, multi_scale_cam
+from ..cam.labels import box_mask, cam_to_label
 from ..cam.par import refine_with_background
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..cam.pipeline import forward_pyramid, normalized_maps, stack_maps, tensor_pyramid
+from ..data.transforms import denormalize, to_uint8_levels
+from ..models import CAMSettings
 from ..models.backbone import forward_tokens
 from ..models.seco import ProjectionHead, SeCoNet
 from .seco_crops import crop_and_tag, crop_windows
@@ -26,7 +28,7 @@ ENERGY_SCALE = 1e-7  # lambda_e of (3.21)
 
 
 class _BothCAMs(nn.Module):
-    """Main and auxiliary CAMs in one pass, for ``multi_scale_cam``."""
+    """Main and auxiliary CAMs in one pass, for the CAM path."""
 
     def __init__(self, model: SeCoNet):
         super().__init__()
@@ -50,7 +52,7 @@ class SeCoObjective(nn.Module):
         self.head_teacher = copy.deepcopy(self.head).requires_grad_(False)  # phi_t
         self.bank = PrototypeBank(self.num_fg, dim, s["proto_m"])
         self.queue = KeyQueue(s["queue"], dim)
-        self.cam = cfg["cam"]
+        self.cam = CAMSettings.for_family("seco", cfg["cam"]).replace(flip=True)  # training CAMs flip (§3.2)
 
     def trainable(self) -> list[nn.Parameter]:
         """Parameters the optimiser updates at the head learning rate (phi)."""
@@ -83,13 +85,14 @@ class SeCoObjective(nn.Module):
         """(3.2) steps 2-5 as a dict: ``aux_cam``, PAR-refined ``seg_label`` (None unless ``dense``), the ``roi``
         (-1 uncertain), and the crops' ``positions`` and ``flags``."""
         s, k = self.cfg, self.num_fg
-        fused, _ = multi_scale_cam(_BothCAMs(model), x, self.cam["scales"], flip=True)
+        raw = forward_pyramid(_BothCAMs(model), tensor_pyramid(x, self.cam), self.cam)
+        fused = normalized_maps(stack_maps(raw, tuple(x.shape[-2:]), self.cam), self.cam)  # (1.4), (1.5)
         cam, aux_cam = fused[:, :k], fused[:, k:]
         seg_label = None
         if dense:
             seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (3.2 step 3)
             valid, _ = cam_to_label(seg_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
-            seg_label = refine_with_background(_to_unit(x), valid, y, s["high"], s["low"], box)
+            seg_label = refine_with_background(to_uint8_levels(x) / 255, valid, y, s["high"], s["low"], box)
         roi_source = aux_cam if step < s["cam2mask"] else cam
         _, roi = cam_to_label(roi_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True, uncertain=-1)
         # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1)
@@ -107,7 +110,7 @@ class SeCoObjective(nn.Module):
 
     def _energy(self, x, seg, box, seg_label) -> torch.Tensor:
         up = F.interpolate(seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return dense_energy_loss(_to_unit(x, truncate=False) * 255, up, box_mask(box, x.shape[-2:], x.device),
+        return dense_energy_loss(denormalize(x) * 255, up, box_mask(box, x.shape[-2:], x.device),
                                  seg_label, self.cfg["energy_sigma_xy"], self.cfg["energy_sigma_rgb"])  # fmt: skip
 
     def _contrast(self, net, model, batch, cls_x, pseudo, step: int):
@@ -148,11 +151,3 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
-
-
-def _to_unit(x: torch.Tensor, truncate: bool = True) -> torch.Tensor:
-    """Normalised images back to RGB in [0, 1]; ``truncate`` rounds down to uint8 levels like the code (Q2.4)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    rgb = (x * std + mean).clamp(0, 1)
-    return torch.floor(rgb * 255) / 255 if truncate else rgb
