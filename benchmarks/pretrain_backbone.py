@@ -19,8 +19,9 @@ from common import write_result
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import load_checkpoint, load_model, save_checkpoint, spec_from_meta
+from wsss.models.loading import BUILTIN_WEIGHTS
 from wsss.train.configs import get_config
-from wsss.train.loop import BUILTIN_WEIGHTS, train, validate
+from wsss.train.loop import train, validate
 
 
 def main() -> None:

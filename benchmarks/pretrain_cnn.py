@@ -18,8 +18,9 @@ from common import write_result
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import load_checkpoint, save_checkpoint, spec_from_meta
+from wsss.models.loading import BUILTIN_WEIGHTS
 from wsss.train.configs import get_config
-from wsss.train.loop import BUILTIN_WEIGHTS, train
+from wsss.train.loop import train
 
 
 def main() -> None:

@@ -402,15 +402,6 @@ def test_plain_state_dict(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- load_model
 
 
-_STRICT_LOAD_BUG = pytest.mark.xfail(
-    raises=RuntimeError,
-    reason="library bug: wsss/models/loading.py _build_wsss (and load_state_into, official.seco_filter) calls the "
-    "strict model.load_state_dict(fit_state(...)) before report.check(), so missing or mismatched tensors raise "
-    "torch's multi-line RuntimeError instead of the one-line CheckpointError",
-)
-
-
-@_STRICT_LOAD_BUG
 def test_load_model_rejects_weights_of_another_depth(tmp_path: Path) -> None:
     meta = _meta()
     meta["spec"] = _spec(overrides={**TINY.overrides, "depth": 2}).to_dict()
@@ -428,7 +419,6 @@ def test_load_model_rejects_unexpected_weights(tmp_path: Path) -> None:
         load_model(path)
 
 
-@_STRICT_LOAD_BUG
 def test_load_model_rejects_weights_with_the_wrong_class_count(tmp_path: Path) -> None:
     """A spec naming 2 classes with a 3-class classifier: a CheckpointError, not a bare RuntimeError."""
     path = save_checkpoint(tmp_path / "m.safetensors", _net().state_dict(), _meta(classes=CLASSES[:2]))

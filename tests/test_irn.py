@@ -504,11 +504,6 @@ def test_load_irn_refuses_a_cam_checkpoint(tmp_path):
         load_irn(path)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    reason="library bug: wsss/train/irn.py build_irn unpacks `missing, _ = load_resnet_weights(...)`, which now "
-    "returns a LoadReport (TypeError: cannot unpack non-iterable LoadReport object); use .check()",
-)
 def test_build_irn_loads_pretrained_trunk_weights(tmp_path):
     torch.manual_seed(5)
     source = build_irn(IRNConfig.tiny()).trunk.net

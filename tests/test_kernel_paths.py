@@ -9,15 +9,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_cobra import TINY_COBRA
 
-from wsss.cam.infer import CAMSettings, predict_cams
+from wsss.cam.pipeline import predict_cams
 from wsss.kernels import cam_post, infonce, ptc
 from wsss.kernels.dispatch import interpreter_enabled, triton_available
-from wsss.models import build_model
+from wsss.models import ModelSpec, build_model
 from wsss.train.cobra import CoBraObjective
-from wsss.train.configs import get_config
+from wsss.train.configs import get_config, model_spec
 from wsss.train.seco_losses import ptc_loss
+
+# tests/test_cobra.py's tiny CoBra (copied: this file must not depend on another test module importing)
+TINY_COBRA = [
+    'model.backbone.overrides={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
+    "model.backbone.img_size=48",
+    "model.cnn.channels=[8,16,16,32]",
+    "model.proj_dim=16",
+    "pretrained=null",
+    "pretrained_cnn=null",
+    "data.crop=48",
+    "train.batch_size=4",
+    "cam.input_size=48",
+    "cam.scales=[1.0,0.5]",
+    "cobra.k_sap=[4,2]",
+    "cobra.k_cap=[2,4]",
+    "cobra.aux_start_epoch=0",
+]
+CLASSES = ("background", "a", "b", "c")
 
 pytestmark = pytest.mark.skipif(
     not (triton_available() and interpreter_enabled()), reason="needs triton and TRITON_INTERPRET=1 (make test)"
@@ -48,20 +65,25 @@ def _both(monkeypatch, fn):
 def _cobra(seed: int = 0):
     torch.manual_seed(seed)
     cfg = get_config("cobra-tiny-synth", TINY_COBRA)
-    return build_model("cobra", cfg["model"], 3), cfg
+    return build_model(model_spec(cfg, CLASSES)), cfg
 
 
 @pytest.mark.parametrize("source", ["fuse", "cnn", "avg", None])
 def test_inference_seeds_identical_with_kernels_on_and_off(monkeypatch, source):
     model, cfg = _cobra()
     if source is None:  # a single-source network (SeCo/CAM rules): min-max, flip max, fixed threshold
-        model = build_model("cam", {"backbone": cfg["model"]["backbone"]}, 3)
+        model = build_model(ModelSpec("cam", {"backbone": cfg["model"]["backbone"]}, CLASSES))
     model.eval()
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((40, 56), (48, 48))]
+    # 28 x 36: no multiple of the patch size 8; native size runs it unpadded (ViT 3 x 4 grid; 0.5 -> 14 x 18).
+    # Each image fits one pixel block of the kernel (the interpreter is slow; tests/test_kernels.py has several).
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((28, 36), (32, 32))]
     tags = [np.array([1, 0, 1], np.float32), None]
-    for size in (48, None):
-        settings = CAMSettings(input_size=size, scales=(1.0, 0.5), source=source, bg_percentile=60.0)
+    for size in (32, None):
+        # the spec's own rules: CoBra's attention percentile and sources, or the threshold rule
+        settings = model.spec.cam.replace(input_size=size, scales=(1.0, 0.5), bg_percentile=60.0)
+        if source is not None:
+            settings = settings.replace(source=source)
         on, off = _both(monkeypatch, lambda s=settings: predict_cams(model, images, tags, s))
         for a, b in zip(on, off, strict=True):
             assert np.array_equal(a.seed, b.seed)

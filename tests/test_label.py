@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -76,22 +77,74 @@ def many_images(synth, tmp_path):
     return folder, tmp_path / "tags.csv", classes
 
 
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, start time) of every process, read from /proc."""
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        procs[int(stat.parent.name)] = (int(fields[1]), fields[0], fields[19])
+    return procs
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every process below ``root``."""
+    procs, found, frontier = _procs(), {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _, start) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def _alive(tree: dict[int, str]) -> list[int]:
+    procs = _procs()  # a zombie is dead; a pid with another start time is another process
+    return [pid for pid, start in tree.items() if pid in procs and procs[pid][2] == start and procs[pid][1] != "Z"]
+
+
+def _open_files(pid: int) -> set[str]:
+    try:
+        return {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:  # exited meanwhile
+        return set()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
 def test_sigkill_and_resume_equals_uninterrupted(tiny_ckpt, many_images, tmp_path):
+    """A SIGKILLed labeler leaves no worker behind, and resuming it gives the uninterrupted result."""
     folder, tags, _ = many_images
     spec = f"folder:{folder}:{tags}"
-    base = ["--ckpt", tiny_ckpt, "--data", spec, "--refine", "crf", "--batch", "2", "--workers", "1", "--quiet",
+    base = ["--ckpt", tiny_ckpt, "--data", spec, "--refine", "crf", "--batch", "2", "--workers", "2", "--quiet",
             "--format", "coco-rle"]  # fmt: skip
     _label(*base, "--out", tmp_path / "full")
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "wsss.cli", "label", *map(str, base), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "journal" / "shard-0-of-1.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 6):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = [sys.executable, "-m", "wsss.cli", "label", *map(str, base), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 6):
+            assert proc.poll() is None, f"the labeler exited ({proc.returncode}) before it was killed"
+            time.sleep(0.02)
+        tree = _descendants(proc.pid)  # decoding and CRF workers (and whatever starts them) are up by now
+        assert len(tree) >= 4, f"expected 2 decoding + 2 CRF workers below the labeler, found {len(tree)} processes"
+        holders = [pid for pid in tree if str(journal.resolve()) in _open_files(pid)]
+        assert not holders, f"workers {holders} hold the journal open"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(tree), f"processes {_alive(tree)} of the killed labeler still run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever a failure above left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     done = len(journal.read_text().splitlines())
     assert 6 <= done < 40, "the job must be killed part-way for this test to mean anything"
     with journal.open("a") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from wsss.cam.par import DILATIONS, OFFSETS, neighbours, par, par_kernel, position_logits, propagate, refine_labels
@@ -100,3 +101,27 @@ def test_refine_with_background_rule_2_6_and_box():
     assert (label[0, :, 14:] == 255).all()  # outside the box
     zero = refine_with_background(img, torch.zeros(1, 2, 16, 16), torch.ones(1, 2), 0.7, 0.25)
     assert (zero == 0).all()  # both maps say background
+
+
+def test_refine_with_background_without_box_is_the_whole_image_box():
+    # §2.5: the code needs a box; a box-free call behaves as if the box were [0, H, 0, W]
+    from wsss.cam.par import refine_with_background
+
+    torch.manual_seed(2)
+    img, cam = torch.rand(2, 3, 16, 12), torch.rand(2, 3, 16, 12)
+    tags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    whole = torch.tensor([[0, 16, 0, 12]] * 2)
+    assert torch.equal(refine_with_background(img, cam, tags, 0.7, 0.25),
+                       refine_with_background(img, cam, tags, 0.7, 0.25, img_box=whole))  # fmt: skip
+
+
+def test_par_input_is_a_uint8_image():
+    # §2.1: PAR sees the denormalised image cast to uint8 (truncated), divided by 255; tests/test_deviations.py
+    # checks every level against the official expression
+    from wsss.data.transforms import normalize_images, to_uint8_levels
+
+    img = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    levels = to_uint8_levels(normalize_images(img)[None])
+    assert levels.shape == (1, 3, 9, 11) and levels.dtype == torch.float32
+    assert torch.equal(levels, levels.round()) and levels.min() >= 0 and levels.max() <= 255
+    assert (levels[0] - torch.from_numpy(img).permute(2, 0, 1).float()).abs().max() <= 1  # truncation: one level

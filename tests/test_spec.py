@@ -427,8 +427,8 @@ def test_load_state_into_refuses_a_file_without_a_spec(tmp_path: Path) -> None:
 
 
 def test_a_named_config_builds_through_model_spec() -> None:
-    cfg = get_config("cam-tiny-synth", ['model.backbone.overrides={"patch_size": 8, "depth": 1, "embed_dim": 48, '
-                                        '"num_heads": 2}', "model.backbone.img_size=32", "cam.input_size=64"])  # fmt: skip
+    tiny = 'model.backbone.overrides={"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}'
+    cfg = get_config("cam-tiny-synth", [tiny, "model.backbone.img_size=32", "cam.input_size=64"])
     spec = model_spec(cfg, CLASSES)
     assert spec.family == "cam" and spec.cam.input_size == 64 and spec.cam.scales == (1.0, 0.5, 1.5)
     model = build_model(spec)

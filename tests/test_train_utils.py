@@ -35,6 +35,14 @@ def test_get_config_returns_a_named_copy() -> None:
     assert CONFIGS["cam-vitb16-voc"]["cam"]["scales"] == [1.0, 0.5, 0.75, 1.5]
 
 
+def test_cobra_configs_resize_positions_the_dino_way() -> None:
+    """CoBra's DeiT resizes its position grid as DINO does (§4.4); the ViT-B configs keep SeCo's rule (§1.1)."""
+    for name, cfg in CONFIGS.items():
+        rule = cfg["model"]["backbone"].get("pos_resize", "size")
+        assert rule == ("dino" if cfg["method"] == "cobra" else "size"), name
+    assert {n for n, c in CONFIGS.items() if c["method"] == "cobra"} >= {"cobra-r152-deits-voc", "cobra-tiny-synth"}
+
+
 def test_unknown_config_suggests_the_close_one() -> None:
     with pytest.raises(KeyError) as info:
         get_config("cam-tiny-synt")

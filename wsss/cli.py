@@ -11,6 +11,8 @@ import click
 
 from . import __version__
 
+# wsss.models.spec.SEED_SOURCES, repeated so that `wsss --help` does not import torch (tests/test_structure.py checks)
+SEED_SOURCES = ("cnn", "vit", "avg", "max", "fuse")
 DATA_HELP = "Dataset SPEC: voc:ROOT[:SPLIT], coco:ROOT[:SPLIT] or folder:DIR[:LABELS_FILE] (CSV or JSON)."
 
 
@@ -106,7 +108,7 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 @click.option("--no-cam-loss", is_flag=True, help="CoBra ablation: drop the L1 CAM consistency loss.")
 @click.option(
     "--seed-source",
-    type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]),
+    type=click.Choice(SEED_SOURCES),
     default=None,
     help="CoBra: which CAM the seeds come from (default fuse: max((M_cnn + M_tran) / 2, M_tran)).",
 )
@@ -171,7 +173,7 @@ def _cam_options(command):
         click.option("--bkg-thresh", type=float, default=None,
                      help="Background threshold (default: the config's); for CoBra networks the percentile of the "
                           "class-token attention that scores background (cam.bg_percentile, e.g. 70)."),
-        click.option("--seed-source", type=click.Choice(["cnn", "vit", "avg", "max", "fuse"]), default=None,
+        click.option("--seed-source", type=click.Choice(SEED_SOURCES), default=None,
                      help="CoBra networks: the CAM seeds come from (default: the checkpoint's, fuse)."),
         click.option("--input-size", type=int, default=None,
                      help="Square inference size (default: the checkpoint's); 0 keeps each image's own size."),

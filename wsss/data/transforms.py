@@ -97,10 +97,10 @@ def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
 
 def to_uint8_levels(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Normalised (..., 3, H, W) -> the official code's ``uint8`` image, as float: ``x * std + mean`` in 0-255
-    units, truncated toward zero and wrapped like a ``uint8`` cast (§2.1, Q2.4)."""
-    m = torch.tensor(mean, device=x.device).view(3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(3, 1, 1) * 255
-    return (x * s + m).trunc().to(torch.int64).remainder(256).float()
+    units with Python-scalar constants (as ``denormalize_img`` computes it), truncated toward zero and wrapped like
+    a ``uint8`` cast (§2.1, Q2.4)."""
+    levels = torch.stack([x.select(-3, c) * (std[c] * 255) + mean[c] * 255 for c in range(3)], dim=-3)
+    return levels.trunc().to(torch.int64).remainder(256).float()
 
 
 def random_resized_crop(

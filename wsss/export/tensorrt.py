@@ -1,7 +1,8 @@
 """TensorRT engines from our ONNX files (TensorRT Python API), with a JSON sidecar and a runner.
 
-Engines stay raw (trtexec and C++ loaders read them); metadata, TensorRT version and GPU name go to
-``ENGINE.json``. An engine is refused on another TensorRT version or GPU, since it would not load or be slow.
+Engines stay raw (trtexec and C++ loaders read them); the ONNX file's metadata (the model spec as a JSON object,
+the outputs, version, source SHA-256), the TensorRT version and the GPU name go to ``ENGINE.json``. An engine is
+refused on another TensorRT version or GPU, since it would not load or be slow.
 Needs a CUDA GPU and ``pip install 'wsss[gpu]'``; nothing here runs on a CPU-only machine.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx import INPUT, read_metadata
+from .onnx import INPUT, parse_metadata, read_metadata
 
 INSTALL_HINT = "TensorRT is not installed: pip install 'wsss[gpu]' (tensorrt, onnxruntime-gpu) on a CUDA machine"
 
@@ -28,7 +29,7 @@ def import_tensorrt():
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile: (B, 3, H, W) shapes, H and W multiples of the patch size."""
+    """One optimisation profile: (B, 3, H, W) shapes, H and W at least the patch size."""
 
     min: tuple[int, int, int, int]
     opt: tuple[int, int, int, int]
@@ -92,8 +93,9 @@ def build_engine(
     engine_path.write_bytes(bytes(serialized))
     if cache_path:
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    spec, props = read_metadata(onnx_path)
     sidecar = {
-        **read_metadata(onnx_path), "tensorrt": trt.__version__, "gpu": gpu_name(), "fp16": fp16,
+        "spec": spec.to_dict(), **props, "tensorrt": trt.__version__, "gpu": gpu_name(), "fp16": fp16,
         "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max}, "onnx": str(onnx_path),
     }  # fmt: skip
     engine_path.with_suffix(engine_path.suffix + ".json").write_text(json.dumps(sidecar, indent=2))
@@ -101,7 +103,8 @@ def build_engine(
 
 
 class EngineRunner:
-    """Runs an engine on CUDA tensors; refuses engines built for another TensorRT or GPU."""
+    """Runs an engine on CUDA tensors; refuses engines built for another TensorRT or GPU. ``spec`` and ``meta``
+    (outputs, version, source SHA-256, TensorRT, GPU, profile) come from the sidecar."""
 
     def __init__(self, engine_path: str | Path):
         import torch
@@ -111,7 +114,7 @@ class EngineRunner:
         sidecar_path = engine_path.with_suffix(engine_path.suffix + ".json")
         if not sidecar_path.is_file():
             raise RuntimeError(f"{engine_path}: missing sidecar {sidecar_path.name} (export with wsss-export --trt)")
-        self.meta = json.loads(sidecar_path.read_text())
+        self.spec, self.meta = parse_metadata(json.loads(sidecar_path.read_text()), sidecar_path)
         for key, now in (("tensorrt", trt.__version__), ("gpu", gpu_name())):
             if self.meta.get(key) != now:
                 raise RuntimeError(f"{engine_path}: built for {key} {self.meta.get(key)!r}, this machine has {now!r}; "
@@ -119,7 +122,7 @@ class EngineRunner:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
         self.context = self.engine.create_execution_context()
-        self.outputs = json.loads(self.meta["outputs"])
+        self.outputs: list[str] = self.meta["outputs"]
         self.torch = torch
 
     def __call__(self, image) -> list:
@@ -151,7 +154,7 @@ def verify_engine(engine_path: str | Path, onnx_path: str | Path, shapes: list[t
     rows = []
     for shape in shapes:
         x = rng.standard_normal(shape).astype(np.float32)
-        want = session.run(None, {INPUT: x})
+        want = session.run(runner.outputs, {INPUT: x})
         got = [t.cpu().numpy() for t in runner(torch.from_numpy(x).cuda())]
         for name, a, b in zip(runner.outputs, want, got, strict=True):
             err = float(np.abs(a - b).max())

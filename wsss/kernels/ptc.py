@@ -30,7 +30,7 @@ if triton is not None:
     import triton.language as tl
 
 IGNORE_INDEX = 255
-NORM_EPS = 1e-8
+L2_EPS = 1e-8  # of the token L2 normalisation
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,7 +49,7 @@ def masked_ptc(feats: torch.Tensor, labels: torch.Tensor, backend: str | None = 
     if backend_for(feats, labels, backend=backend) == "triton":
         if feats.dtype in TRITON_DTYPES:
             n_pos, n_neg = pair_counts(flat)
-            t = F.normalize(tokens.float(), dim=1, eps=NORM_EPS).contiguous()  # autograd covers the normalisation
+            t = F.normalize(tokens.float(), dim=1, eps=L2_EPS).contiguous()  # autograd covers the normalisation
             return _MaskedPTC.apply(t, flat.contiguous(), n_pos, n_neg)
         if backend == "triton":
             raise TypeError(f"the Triton path takes float32, float16 or bfloat16 features, got {feats.dtype}")
@@ -92,7 +92,7 @@ def _check_inputs(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def _reference(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    t = F.normalize(tokens.to(torch.promote_types(tokens.dtype, torch.float32)), dim=1, eps=NORM_EPS)
+    t = F.normalize(tokens.to(torch.promote_types(tokens.dtype, torch.float32)), dim=1, eps=L2_EPS)
     gram = t.transpose(1, 2) @ t  # (B, N, N); bmm keeps its inputs for backward, so the diagonal can be cleared
     gram.diagonal(dim1=1, dim2=2).zero_()
     cos = gram.abs()

@@ -27,6 +27,7 @@ from .resnet import load_resnet_weights
 from .spec import CAMSettings, ModelSpec, build_model
 
 SPEC_KEY = "spec"
+BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped tiny backbones, "builtin:NAME"
 
 
 @dataclass
@@ -91,18 +92,35 @@ def load_state_into(model: nn.Module, path: str | Path) -> tuple[dict, LoadRepor
     if built is not None and built.family != spec.family:
         raise CheckpointError(f"{path}: a {spec.family} checkpoint cannot resume a {built.family} network")
     report = LoadReport(str(path), "wsss")
-    model.load_state_dict(fit_state(model, state, report))
-    report.check()
+    fitting = fit_state(model, state, report)
+    report.check()  # a one-line error before torch's own
+    model.load_state_dict(fitting)
     return meta, report
 
 
 def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") -> LoadReport:
-    """Local timm / torchvision weights into ``model.backbone`` (a ViT) or ``model.cnn`` (CoBra's ResNet)."""
+    """Local timm / torchvision weights into ``model.backbone`` (a ViT) or ``model.cnn`` (CoBra's ResNet).
+
+    ``builtin:NAME`` names a file shipped in ``wsss/models/weights`` (the CPU stand-ins for ImageNet weights).
+    """
+    path = resolve_weights(path)
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":
         return load_resnet_weights(model.cnn, path)
     raise ValueError(f"part must be 'backbone' or 'cnn', got {part!r}")
+
+
+def resolve_weights(name: str | Path) -> Path:
+    """``builtin:NAME`` -> the shipped file; anything else is a local path."""
+    name = str(name)
+    if not name.startswith("builtin:"):
+        return Path(name)
+    path = BUILTIN_WEIGHTS / f"{name.split(':', 1)[1]}.safetensors"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in BUILTIN_WEIGHTS.glob("*.safetensors")))
+        raise CheckpointError(f"{name}: no such built-in weights (shipped: {known})")
+    return path
 
 
 def save_model(path: str | Path, model: nn.Module, spec: ModelSpec, **meta) -> Path:
@@ -146,8 +164,9 @@ def _build_wsss(path: Path, state: dict, meta: dict) -> LoadedModel:
     spec = spec_from_meta(meta, path)
     model = build_model(spec)
     report = LoadReport(str(path), "wsss")
-    model.load_state_dict(fit_state(model, state, report))
-    report.check()
+    fitting = fit_state(model, state, report)
+    report.check()  # a one-line error before torch's own
+    model.load_state_dict(fitting)
     return LoadedModel(model.eval(), spec, {**meta, "source_sha256": file_sha256(path)}, report)
 
 

@@ -169,8 +169,9 @@ def seco_filter(state: dict[str, torch.Tensor], source: str, arch: dict | None =
     spec = ModelSpec("seco", arch, _class_names(num_fg), cam)
     model = build_model(spec)
     report = LoadReport(source, "seco", skipped=dict.fromkeys(skipped, "training-only"), unexpected=unexpected)
-    model.load_state_dict(fit_state(model, mapped, report))
-    report.check()
+    fitting = fit_state(model, mapped, report)
+    report.check()  # a one-line error before torch's own
+    model.load_state_dict(fitting)
     return model.eval(), spec, report
 
 

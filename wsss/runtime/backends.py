@@ -1,38 +1,41 @@
-"""Inference backends behind one interface: ``backend(x) -> (logits (B, K), cams (B, K, h, w))`` as torch tensors.
+"""Inference backends behind one interface: ``backend(x) -> (logits (B, K), *CAM groups)`` as torch tensors.
 
-``x`` is an ImageNet-normalised (B, 3, H, W) float32 batch on ``backend.device``; H and W are multiples of
-``backend.patch_size``. Any backend can be handed to ``wsss.cam.infer.predict_cams``.
+The groups are those of the network in cam mode: ``cams`` (B, K, h, w) for CAM and SeCo networks, ``cams_cnn`` and
+``cams_vit`` for CoBra (§4.8). ``x`` is a (B, 3, H, W) float32 batch normalised by ``backend.spec``'s mean/std, on
+``backend.device``, of any H, W >= ``backend.patch_size``. Any backend can be handed to
+``wsss.cam.pipeline.predict_cams``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..export.onnx import INPUT, onnx_session, read_metadata
+from ..export.onnx import INPUT, NORM_OUTPUT, onnx_session, read_metadata
+from ..models import ModelSpec, load_model
 from ..models.checkpoint import file_sha256
-from ..models.official import load_any
 
 BACKENDS = ("torch", "onnx", "trt")
 
 
 class TorchBackend:
-    """PyTorch eager (or ``torch.compile``d) network."""
+    """PyTorch eager (or ``torch.compile``d) network; ``spec`` defaults to the one ``build_model`` attached."""
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str = "cpu", compile: bool = False):
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", compile: bool = False,
+                 spec: ModelSpec | None = None):  # fmt: skip
         self.device = torch.device(device)
+        self.spec: ModelSpec = spec or model.spec
         self.model = model.to(self.device).eval()
-        self.patch_size = model.patch_size
+        self.patch_size = self.spec.patch_size
         self.run = torch.compile(self.model, dynamic=True) if compile else self.model
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run(x)
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.run(x))
 
 
 class OnnxBackend:
@@ -44,20 +47,18 @@ class OnnxBackend:
         import onnxruntime as ort
 
         self.device = torch.device(device)
+        self.spec, self.meta = read_metadata(path)
+        self.patch_size = self.spec.patch_size
         available = ort.get_available_providers()
         wanted = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + wanted
         self.session = onnx_session(path, wanted)
-        self.props = read_metadata(path)
-        self.patch_size = int(self.props["patch_size"])
-        outputs = [o.name for o in self.session.get_outputs()]
-        if outputs[:2] != ["logits", "cams"]:
-            raise ValueError(f"{path}: not a CAM graph (outputs {outputs}); export it with --what cam")
+        self.outputs = _cam_outputs([o.name for o in self.session.get_outputs()], path)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = self.session.run(["logits", "cams"], {INPUT: x.detach().cpu().numpy().astype(np.float32)})
-        return torch.from_numpy(logits).to(self.device), torch.from_numpy(cams).to(self.device)
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.session.run(self.outputs, {INPUT: x.detach().cpu().numpy().astype(np.float32)})
+        return tuple(torch.from_numpy(o).to(self.device) for o in outs)
 
 
 class TensorRTBackend:
@@ -72,38 +73,45 @@ class TensorRTBackend:
         if self.device.type != "cuda":
             raise ValueError("the TensorRT backend runs on CUDA devices only (--device cuda)")
         self.runner = EngineRunner(path)
-        self.props = self.runner.meta
-        self.patch_size = int(self.props["patch_size"])
+        self.spec, self.meta = self.runner.spec, self.runner.meta
+        self.patch_size = self.spec.patch_size
+        keep = _cam_outputs(self.runner.outputs, path)
+        self.index = [self.runner.outputs.index(n) for n in keep]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, cams = self.runner(x.to(self.device))[:2]
-        return logits, cams
-
-
-def meta_from_props(props: dict[str, str]) -> dict:
-    """Checkpoint-style metadata from an artifact's ONNX metadata / engine sidecar."""
-    return {
-        "method": props["method"], "class_names": json.loads(props["class_names"]), "mean": json.loads(props["mean"]),
-        "std": json.loads(props["std"]), "config": {"cam": json.loads(props["cam_settings"])},
-        "source_sha256": props.get("source_sha256", ""),
-    }  # fmt: skip
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.runner(x.to(self.device))
+        return tuple(outs[i] for i in self.index)
 
 
-def open_backend(
-    ckpt: str | Path | None = None, engine: str | Path | None = None, backend: str | None = None,
-    device: str = "cpu", compile: bool = False,
-) -> tuple[TorchBackend | OnnxBackend | TensorRTBackend, dict]:  # fmt: skip
-    """A backend and its metadata from a checkpoint (torch) or an exported artifact (.onnx / .engine)."""
+def _cam_outputs(names: list[str], path: str | Path) -> list[str]:
+    """The network's outputs of a CAM graph, in graph order (``cams_norm`` is for consumers without wsss)."""
+    if not names or names[0] != "logits":
+        raise ValueError(f"{path}: not a CAM graph (outputs {names}); export it with --what cam")
+    return [n for n in names if n != NORM_OUTPUT]
+
+
+Backend = TorchBackend | OnnxBackend | TensorRTBackend
+
+
+def open_backend(ckpt: str | Path | None = None, engine: str | Path | None = None, backend: str | None = None,
+                 device: str = "cpu", compile: bool = False,
+                 vit_ckpt: str | Path | None = None) -> tuple[Backend, ModelSpec, dict]:  # fmt: skip
+    """A backend, its spec and metadata, from a checkpoint (torch; any file ``load_model`` reads, ``vit_ckpt`` the
+    other file of an official CoBra pair) or an exported artifact (.onnx / .engine).
+
+    ``meta`` holds ``source_sha256`` (and ``source_sha256_vit`` for CoBra pairs); for artifacts also
+    ``artifact_sha256`` and the file's other metadata (outputs, version).
+    """
     if (ckpt is None) == (engine is None):
         raise ValueError("give exactly one of --ckpt (PyTorch) or --engine (.onnx / .engine)")
     if ckpt is not None:
         if backend not in (None, "torch"):
             raise ValueError(f"--backend {backend} runs exported files: export with wsss export, then pass --engine")
-        model, meta, _ = load_any(ckpt)
-        return TorchBackend(model, device, compile), meta
+        loaded = load_model(ckpt, vit_path=vit_ckpt)
+        return TorchBackend(loaded.model, device, compile, loaded.spec), loaded.spec, loaded.meta
     engine = Path(engine)
     kind = backend or ("trt" if engine.suffix in (".engine", ".plan") else "onnx")
+    if kind not in BACKENDS[1:]:
+        raise ValueError(f"--backend {kind} does not run exported files; use one of {', '.join(BACKENDS[1:])}")
     runner = TensorRTBackend(engine, device) if kind == "trt" else OnnxBackend(engine, device)
-    meta = meta_from_props(runner.props)
-    meta["artifact_sha256"] = file_sha256(engine)
-    return runner, meta
+    return runner, runner.spec, {**runner.meta, "artifact_sha256": file_sha256(engine)}

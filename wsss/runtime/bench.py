@@ -17,9 +17,11 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..cam.infer import CAMSettings, predict_cams, refine_seed_crf
+from ..cam.crf import refine_seed_crf
+from ..cam.pipeline import predict_cams
 from ..data.datasets import WSSSDataset
 from ..data.palette import save_label_png
+from ..models import CAMSettings, load_model
 from .backends import TorchBackend, open_backend
 from .labeler import LabelConfig, label_dataset
 
@@ -51,7 +53,8 @@ def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSet
     tic = time.perf_counter()
     for i in tqdm(range(len(data)), desc="baseline", leave=False):
         sample = data[i]
-        res = predict_cams(backend, [sample.image], [sample.labels], settings, backend.device)[0]
+        res = predict_cams(backend, [sample.image], [sample.labels], settings, backend.device, backend.spec.mean,
+                           backend.spec.std)[0]  # fmt: skip
         label = refine_seed_crf(sample.image, res.seed, res.tags.numpy()) if refine == "crf" else res.seed
         save_label_png(out / f"{sample.id}.png", label)
     return time.perf_counter() - tic
@@ -59,32 +62,40 @@ def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSet
 
 def bench_label(
     ckpt: Path, data: WSSSDataset, settings: CAMSettings, images: int, batches: list[int], backends: list[str],
-    refine: str = "crf", workers: int = 2, device: str = "cpu",
+    refine: str = "crf", workers: int = 2, device: str = "cpu", vit_ckpt: Path | None = None,
 ) -> dict:  # fmt: skip
     """Images/second of the baseline and of the labeler per backend and batch size."""
     data = Subset(data, images)
-    torch_backend, meta = open_backend(ckpt, device=device)
+    loaded = load_model(ckpt, vit_path=vit_ckpt)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        engines = {}
+        if "onnx" in backends:  # exported on the CPU, before the network moves to ``device``
+            from ..export.onnx import export_onnx
+
+            path = export_onnx(loaded.model, loaded.spec, tmp / "cam.onnx", meta=loaded.meta).path
+            backend, _, meta = open_backend(engine=path, device=device)
+            engines["onnx"] = (backend, meta)
+        torch_backend = TorchBackend(loaded.model, device, spec=loaded.spec)
+        engines["torch"] = (torch_backend, loaded.meta)
         seconds = research_baseline(torch_backend, data, settings, refine, tmp / "baseline")
         rows.append({"pipeline": "research loop", "backend": "torch", "batch": 1, "workers": 0,
                      "images_per_s": len(data) / seconds})  # fmt: skip
-        engines = {"torch": (torch_backend, meta)}
-        if "onnx" in backends:
-            from ..export.onnx import export_onnx
-
-            path = export_onnx(torch_backend.model, meta, tmp / "cam.onnx").path
-            engines["onnx"] = open_backend(engine=path, device=device)
         for name in backends:
             backend, backend_meta = engines[name]
             for batch in batches:
                 cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True)
-                summary = label_dataset(backend, backend_meta, data, tmp / f"{name}-{batch}", cfg)
+                summary = label_dataset(backend, backend.spec, backend_meta, data, tmp / f"{name}-{batch}", cfg)
                 rows.append({"pipeline": "wsss label", "backend": name, "batch": batch, "workers": workers,
                              "images_per_s": summary["images_per_s"], "stages_s": summary["stages_s"]})  # fmt: skip
     base = rows[0]["images_per_s"]
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
-    return {"images": len(data), "refine": refine, "settings": {**settings.__dict__, "scales": list(settings.scales)},
-            "rows": rows, "device": device_info()}  # fmt: skip
+    return {
+        "images": len(data),
+        "refine": refine,
+        "settings": settings.to_dict(),
+        "rows": rows,
+        "device": device_info(),
+    }

@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
 from ..models import CAMSettings, ModelSpec
 from .rle import encode_label_map
+from .workers import loader_options, worker_pool
 
 JOURNAL = "journal"
 
@@ -190,10 +191,11 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     timing: dict[str, float] = defaultdict(float)
     done_before = len(indices) - sum(map(len, todo))  # items of finished chunks
 
-    loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, num_workers=cfg.workers,
-                        collate_fn=_as_list)  # fmt: skip
+    # Worker processes (decoding, CRF) die with this one and inherit none of its files (workers.py).
+    loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, collate_fn=_as_list,
+                        **loader_options(cfg.workers, preload=[__name__]))  # fmt: skip
     batches = _rebatch(loader, [len(c) for c in todo])
-    crf_pool = ProcessPoolExecutor(max(cfg.workers, 1)) if cfg.refine == "crf" else None
+    crf_pool = worker_pool(max(cfg.workers, 1), preload=[__name__]) if cfg.refine == "crf" else None
     writers = ThreadPoolExecutor(max(cfg.workers, 1))
     pending: list[Future] = []
     bar = tqdm(total=len(indices), initial=done_before, desc=f"label {tag}", unit="img", disable=cfg.quiet,

@@ -247,9 +247,7 @@ def build_irn(cfg: IRNConfig) -> EdgeDisplacement:
     """The network of ``cfg``, with the pretrained trunk weights loaded if ``cfg.pretrained`` is set."""
     trunk = ResNetTrunk(cfg.backbone)
     if cfg.pretrained is not None:
-        missing, _ = load_resnet_weights(trunk, cfg.pretrained)
-        if missing:
-            raise ValueError(f"{cfg.pretrained}: trunk weights miss {len(missing)} keys, e.g. {missing[:3]}")
+        load_resnet_weights(trunk, cfg.pretrained).check(allow_unexpected=True)
     return EdgeDisplacement(trunk)
 
 

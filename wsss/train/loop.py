@@ -28,7 +28,6 @@ from .configs import model_spec
 from .optim import make_optimizer, param_groups
 from .seco import SeCoObjective
 
-BUILTIN_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 CHECKPOINT = "last.safetensors"
 RESUME_STATE = "last.state.pt"
 
@@ -68,18 +67,6 @@ class TrainSet(Dataset):
 OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective}
 
 
-def resolve_pretrained(spec: str | None) -> Path | None:
-    """``builtin:NAME`` names a file shipped in ``wsss/models/weights``; anything else is a local path."""
-    if spec is None:
-        return None
-    if spec.startswith("builtin:"):
-        path = BUILTIN_WEIGHTS / f"{spec.split(':', 1)[1]}.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"built-in weights {spec!r} not found at {path}")
-        return path
-    return Path(spec)
-
-
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -117,7 +104,7 @@ def train(
     model = build_model(spec)
     resume = resume and (out / CHECKPOINT).is_file()  # --resume on a fresh folder simply starts
     for part, key, given in (("backbone", "pretrained", pretrained), ("cnn", "pretrained_cnn", None)):
-        weights = resolve_pretrained(given or cfg.get(key))
+        weights = given or cfg.get(key)
         if weights and not resume:
             report = load_pretrained(model, weights, part).check(allow_missing=part == "backbone",
                                                                  allow_unexpected=True)  # fmt: skip
