@@ -192,7 +192,8 @@ def _predict(net, images, tags, settings: CAMSettings, device, mean, std) -> lis
     inputs = image_pyramid(images, settings, device, mean, std)
     raw = forward_pyramid(net, inputs, settings)
     y = _tags(tags, raw.logits, settings, device)
-    cams, bkg, label = postprocess(stack_maps(raw, tuple(inputs[0].shape[-2:]), settings), y, settings)
+    size = (settings.input_size,) * 2 if settings.input_size else tuple(images[0].shape[:2])
+    cams, bkg, label = postprocess(stack_maps(raw, size, settings), y, settings)
     if not settings.input_size:
         return [_result(cams[i], y[i], label[i]) for i in range(len(images))]
     results = []
