@@ -132,7 +132,7 @@ def test_official_seco_import_and_segmentation_export(tmp_path):
 
 
 def test_cobra_graph_has_two_cam_groups_on_their_own_grids(tmp_path):
-    spec = _spec("cobra", {**TINY, "pos_resize": "size"})  # the DINO rule: see the xfail below
+    spec = _spec("cobra", {**TINY, "pos_resize": "size"})  # the DINO rule has its own test below
     model = _model(spec)
     out = tmp_path / "cobra.onnx"
     result = export_onnx(model, spec, out, normalize=True)
@@ -144,9 +144,6 @@ def test_cobra_graph_has_two_cam_groups_on_their_own_grids(tmp_path):
     assert backend.spec.cam.background == "attention_percentile"
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="torch.export specialises the DINO position rule (wsss.models.backbone.resize_pos_grid) "
-                          "to the example's grid: its scale factor (h + 0.1) / g0 becomes a constant")  # fmt: skip
 def test_dino_position_rule_exports_with_dynamic_shapes(tmp_path):
     spec = _spec("cam", {**TINY, "pos_resize": "dino"})
     model = _model(spec)

@@ -80,6 +80,7 @@ def output_names(spec: ModelSpec, what: str = "cam", normalize: bool = False) ->
 
 
 def graph_for(model: nn.Module, spec: ModelSpec, what: str = "cam", normalize: bool = False) -> nn.Module:
+    """The module an export of ``what`` ("cam" or "seg") traces, and ``verify_onnx`` runs in PyTorch."""
     if what not in ("cam", "seg"):
         raise ValueError(f"what must be 'cam' or 'seg', got {what!r}")
     return SegGraph(model).eval() if what == "seg" else CAMGraph(model, spec.cam if normalize else None).eval()

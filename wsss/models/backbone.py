@@ -102,19 +102,51 @@ def resize_pos_grid(pos: torch.Tensor, grid: tuple[int, int], target: tuple[int,
     * ``"size"`` (SeCo, §1.1): ``Bic(pos; (h, w), ac=False)``, resampled even at the native grid (an identity
       there), so exported graphs keep one branch.
     * ``"dino"`` (CoBra's DeiT, §4.4): kept as is when the token count equals the stored grid's and the *image*
-      is square; otherwise ``scale_factor = ((h + 0.1) / g0, (w + 0.1) / g1)``, which maps coordinates by that
-      factor rather than by ``h / g0``.
+      is square; otherwise ``Bic(pos; scale_factor=((h + 0.1) / g0, (w + 0.1) / g1))``, which maps coordinates by
+      that factor rather than by ``h / g0``. Written as two resampling matrices and a tensor condition, so that
+      ``torch.export`` keeps both cases and every size (``F.interpolate`` with a scale factor and a Python branch
+      would be frozen at the example's size); equal to ``F.interpolate`` within float32 rounding.
     """
     g0, g1 = grid
     h, w = target
-    if rule == "dino" and h * w == g0 * g1 and image[0] == image[1]:
-        return pos
-    grid_map = pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2)
-    if rule == "dino":
-        out = F.interpolate(grid_map, scale_factor=((h + 0.1) / g0, (w + 0.1) / g1), mode="bicubic")
-    else:
+    if rule == "size":
+        grid_map = pos.reshape(1, g0, g1, -1).permute(0, 3, 1, 2)
         out = F.interpolate(grid_map, size=(h, w), mode="bicubic", align_corners=False)
-    return out.flatten(2).transpose(1, 2)
+        return out.flatten(2).transpose(1, 2)
+    if g0 != g1 and h * w == g0 * g1 and image[0] == image[1]:
+        return pos  # kept as a flat sequence: no per-axis identity exists for a non-square stored grid
+    ht, wt, im0, im1 = (torch.scalar_tensor(n, dtype=torch.float32, device=pos.device) for n in (h, w, *image))
+    keep = (ht * wt == g0 * g1) & (im0 == im1)  # a tensor, not a Python bool: no branch for torch.export to fix
+    m_h = _bicubic_matrix(h, g0, g0 / (ht + 0.1), keep)
+    m_w = _bicubic_matrix(w, g1, g1 / (wt + 0.1), keep)
+    grid_map = pos.reshape(g0, g1, -1).permute(2, 0, 1)  # (D, g0, g1)
+    out = torch.bmm(m_h.expand(grid_map.shape[0], -1, -1), grid_map @ m_w.T)  # (D, h, w)
+    return out.flatten(1).T[None]
+
+
+CUBIC_A = -0.75  # PyTorch's bicubic coefficient
+
+
+def _bicubic_matrix(n_out: int, n_in: int, inv_scale: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i holds the bicubic weights (A = -0.75, taps clamped to the border, as PyTorch's
+    ``upsample_bicubic2d``) of the source coordinate ``(i + 0.5) * inv_scale - 0.5``, or of ``i`` where ``keep``
+    (weights (0, 1, 0, 0): the identity, exactly)."""
+    i = torch.arange(n_out, dtype=torch.float32, device=inv_scale.device)
+    src = torch.where(keep, i, (i + 0.5) * inv_scale - 0.5)
+    base = src.floor()
+    t = src - base
+    a = CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)  # taps floor - 1 .. floor + 2
+    taps = (base[:, None] + torch.arange(-1, 3, device=src.device)).clamp(0, n_in - 1)
+    onehot = (taps[..., None] == torch.arange(n_in, device=src.device)).to(weights.dtype)  # (n_out, 4, n_in)
+    return (weights[..., None] * onehot).sum(1)
 
 
 def token_map(tokens: torch.Tensor, n_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
