@@ -517,18 +517,11 @@ def _open_backend(ckpt, engine, backend, device, use_compile):
     help="Official CoBra only: the ViT file (ep19_tf_checkpoint.pth); default: found next to --ckpt by name.",
 )
 @click.option(
-    "--method",
-    type=click.Choice(["auto", "cam", "seco", "cobra"]),
-    default="auto",
-    show_default=True,
-    help="Checkpoint layout; auto detects it from the keys.",
-)
-@click.option(
     "--what",
     type=click.Choice(["cam", "seg", "both"]),
     default="cam",
     show_default=True,
-    help="cam: image -> logits, CAMs (CoBra: 2K+1 channels); seg: image -> segmentation logits (SeCo).",
+    help="cam: image -> logits, CAMs (CoBra: the CNN CAMs and the ViT maps); seg: segmentation logits (SeCo).",
 )
 @click.option(
     "--onnx",
@@ -551,15 +544,15 @@ def _open_backend(ckpt, engine, backend, device, use_compile):
 @click.option(
     "--normalize",
     is_flag=True,
-    help="Add output 'cams_norm': ReLU + per-class min-max normalised CAMs (CoBra: the fused seed map M_fuse of "
-    "the max-normalised sources, then A_obj as is).",
+    help="Add output 'cams_norm' at the input size, by the checkpoint's CAM rules: ReLU + per-class min-max "
+    "normalised CAMs (CoBra: the fused seed map M_fuse of the max-normalised sources, then A_obj as is).",
 )
 @click.option("--min-shape", default="1x3x224x224", show_default=True, help="TensorRT profile minimum.")
 @click.option("--opt-shape", default="4x3x448x448", show_default=True, help="TensorRT profile optimum.")
 @click.option("--max-shape", default="8x3x672x672", show_default=True, help="TensorRT profile maximum.")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime (and the engine) with PyTorch at three sizes.")
 @click.option("--simplify", is_flag=True, help="Run onnxslim on the exported graph.")
-def export(ckpt, vit_ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape,
+def export(ckpt, vit_ckpt, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape,
            opt_shape, max_shape, verify, simplify) -> None:  # fmt: skip
     """Export a CAM or segmentation network to ONNX (and TensorRT), with metadata inside.
 
@@ -568,17 +561,18 @@ def export(ckpt, vit_ckpt, method, what, onnx_path, trt_path, fp16, opset, dynam
       wsss-export --ckpt runs/cam/last.safetensors --verify
       wsss-export --ckpt seco_voc.pth --what both --trt --fp16      # official SeCo weights, on a GPU
       wsss-export --ckpt ep19_cnn_checkpoint.pth --vit-ckpt ep19_tf_checkpoint.pth --verify   # official CoBra
-    The ONNX input is 'image' (B,3,H,W, ImageNet-normalised, H and W multiples of the patch size); outputs are
-    'logits' (B,K) and 'cams' (B,K,H/p,W/p) (CoBra: (B,2K+1,H/p,W/p) = CNN CAMs, attention-weighted ViT CAMs,
-    class-token attention), or 'seg' (B,C,H/p,W/p). Class names, mean/std, patch size, method, CAM settings,
-    version and the source checkpoints' SHA-256 are stored in the file's metadata.
+    The ONNX input is 'image' (B,3,H,W, normalised as the spec says, any H and W; the token grid floors);
+    outputs are 'logits' (B,K) and 'cams' (B,K,H//p,W//p) (CoBra: 'cams_cnn' (B,K,...) on the ResNet's grid and
+    'cams_vit' (B,K+1,...) = attention-weighted ViT CAMs and the class-token attention), or 'seg' (B,C,...). The
+    model spec (family, architecture, classes, normalisation, CAM rules), the version and the source
+    checkpoints' SHA-256 are stored in the file's metadata; `wsss label --engine` reads them back.
     """
     from .export.run import run_export
 
     try:
-        run_export(ckpt, method, what, onnx_path, trt_path, fp16, opset, dynamic, normalize,
-                   (min_shape, opt_shape, max_shape), verify, simplify, echo=click.echo,
-                   vit_ckpt=vit_ckpt)  # fmt: skip
+        run_export(ckpt, what=what, onnx_path=onnx_path, trt_path=trt_path, fp16=fp16, opset=opset, dynamic=dynamic,
+                   normalize=normalize, shapes=(min_shape, opt_shape, max_shape), verify=verify, simplify=simplify,
+                   echo=click.echo, vit_ckpt=vit_ckpt)  # fmt: skip
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
 
@@ -611,10 +605,9 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, refine, scales, 
 
     from .runtime.bench import bench_label
 
-    _, spec, _ = _open_backend(ckpt, None, "torch", device, False)
-    settings = spec.cam.override(scales=scales and _floats(scales))
-    result = bench_label(ckpt, _dataset(data_spec), settings, images, [int(b) for b in batches.split(",")],
-                         backends.split(","), refine, workers, device)  # fmt: skip
+    sizes = [int(b) for b in batches.split(",")]
+    result = bench_label(ckpt, _dataset(data_spec), scales and _floats(scales), images, sizes, backends.split(","),
+                         refine, workers, device)  # fmt: skip
     click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'img/s':>8s} {'speedup':>8s}")
     for row in result["rows"]:
         click.echo(f"{row['pipeline']:14s} {row['backend']:8s} {row['batch']:5d} {row['images_per_s']:8.2f} "

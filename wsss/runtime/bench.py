@@ -61,12 +61,14 @@ def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSet
 
 
 def bench_label(
-    ckpt: Path, data: WSSSDataset, settings: CAMSettings, images: int, batches: list[int], backends: list[str],
-    refine: str = "crf", workers: int = 2, device: str = "cpu", vit_ckpt: Path | None = None,
+    ckpt: Path, data: WSSSDataset, scales: tuple[float, ...] | None, images: int, batches: list[int],
+    backends: list[str], refine: str = "crf", workers: int = 2, device: str = "cpu", vit_ckpt: Path | None = None,
 ) -> dict:  # fmt: skip
-    """Images/second of the baseline and of the labeler per backend and batch size."""
+    """Images/second of the baseline and of the labeler per backend and batch size, with the checkpoint's CAM
+    settings (``scales`` overrides its scales)."""
     data = Subset(data, images)
     loaded = load_model(ckpt, vit_path=vit_ckpt)
+    settings = loaded.spec.cam.override(scales=scales)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
