@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import write_result
 from wsss.cam.labels import cam_to_label
-from wsss.cam.pipeline import forward_pyramid, image_pyramid, postprocess, stack_maps
+from wsss.cam.pipeline import base_size, forward_pyramid, image_pyramid, postprocess, stack_maps
 from wsss.data.datasets import VOCDataset, check_classes
 from wsss.data.palette import read_label_png
 from wsss.eval.metrics import ConfusionMatrix, ContextFalseActivation
@@ -55,7 +55,8 @@ def seed_scores(loaded: LoadedModel, data: VOCDataset, n: int, grid: list[tuple[
     for start in range(0, n, 16):
         samples = [data[i] for i in range(start, min(start + 16, n))]
         inputs = image_pyramid([s.image for s in samples], settings, "cpu", spec.mean, spec.std)
-        stack = stack_maps(forward_pyramid(loaded.model, inputs, settings), tuple(inputs[0].shape[-2:]), settings)
+        size = base_size([s.image for s in samples], settings)
+        stack = stack_maps(forward_pyramid(loaded.model, inputs, settings), size, settings)
         y = torch.stack([torch.from_numpy(s.labels).float() for s in samples])
         masks = [torch.from_numpy(s.mask) for s in samples]
         ctx = [torch.from_numpy(read_label_png(data.root / "ContextMask" / f"{s.id}.png")) for s in samples

@@ -71,7 +71,7 @@ def test_forward_tokens_matches_timm_at_native_size_and_resizes_bicubically() ->
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(forward_tokens(vit, x)[0], vit.forward_features(x), rtol=0, atol=0)
-        # at another size the patch grid of pos_embed is resized with plain bicubic (METHODS 1.1)
+        # at another size the patch grid of pos_embed is resized with plain bicubic (§1.1)
         grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
         resized = F.interpolate(grid, size=(6, 2), mode="bicubic", align_corners=False)
         want = torch.cat([vit.pos_embed[:, :1], resized.flatten(2).transpose(1, 2)], 1)

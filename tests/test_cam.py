@@ -1,4 +1,4 @@
-"""The CAM path (wsss.cam.pipeline): multi-scale fusion (METHODS 1.3, 4.8, 4.9), cam_to_label (1.4/1.5), CRF (5)."""
+"""The CAM path (wsss.cam.pipeline): multi-scale fusion (§1.3, §4.8, §4.9), cam_to_label (§1.4, §1.5), CRF (§5)."""
 
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def test_cam_to_label_masks_absent_classes_and_box():
 
 
 def test_cam_to_label_rule_order_when_bkg_above_high():
-    # tau_bkg > tau_hi: pixels with tau_hi < v <= tau_bkg end up 0 (the bkg rule runs first, Q in 1.4)
+    # tau_bkg > tau_hi: pixels with tau_hi < v <= tau_bkg end up 0 (the bkg rule runs first, §1.4)
     cam = torch.full((1, 1, 1, 1), 0.6)
     _, label = cam_to_label(cam, torch.ones(1, 1), 0.65, 0.55, 0.25, img_box=torch.tensor([[0, 1, 0, 1]]),
                             ignore_mid=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The deviations from the official code that issue 14 fixed, each on its exact case (METHODS §1.3, §1.5, §2.1, §4.8).
+"""The deviations from the official code that issue 14 fixed, each on its exact case (§1.3, §1.5, §2.1, §4.8).
 
 1. CoBra's ReLU runs on the feature grid, before upsampling (§4.8); SeCo's after upsampling and flip-max (§1.3).
 2. Inputs of any size: the token grid floors (281 x 500 at patch 16 -> 17 x 31) and CoBra's DeiT resizes its
@@ -59,7 +59,7 @@ def test_relu_order_cobra_on_the_grid_seco_after_upsampling():
     grid, grid_f = net(x)[1], net(x.flip(-1))[1]
     assert (grid < 0).any() and (grid > 0).any()
 
-    # CoBra (§4.8, 4.17): M^s = Bil(ReLU(A)) + flip(Bil(ReLU(A'))), max-normalised
+    # CoBra, §4.8 and (4.17): M^s = Bil(ReLU(A)) + flip(Bil(ReLU(A'))), max-normalised
     cobra = COBRA.replace(scales=(1.0,))
     stack = stack_maps(forward_pyramid(net, [x], cobra), size, cobra)
     relu_first, relu_first_f = up(grid.relu(), size), up(grid_f.relu(), size).flip(-1)
@@ -71,7 +71,7 @@ def test_relu_order_cobra_on_the_grid_seco_after_upsampling():
     cams, _, _ = cam_postprocess(stack, torch.ones(2, 2), 0.0, cobra.flip_merge, cobra.norm, return_cams=True)
     torch.testing.assert_close(cams, normalize_maps(relu_first + relu_first_f, "max"))
 
-    # SeCo (§1.3, 1.4, 1.5): raw CAMs upsampled, flips merged by max, then ReLU, min-max normalised
+    # SeCo, §1.3 with (1.4), (1.5): raw CAMs upsampled, flips merged by max, then ReLU, min-max normalised
     seco = SECO.replace(scales=(1.0,), input_size=None)
     stack = stack_maps(forward_pyramid(net, [x], seco), size, seco)
     torch.testing.assert_close(stack[0, 0], up(grid, size))  # no ReLU on the grid

@@ -1,4 +1,4 @@
-"""IRN stage (METHODS 6; CoBra 4.9-4.10): path index, affinities, random walk, masks, IR labels, losses, training."""
+"""IRN stage (§6; CoBra §4.9-§4.10): path index, affinities, random walk, masks, IR labels, losses, training."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from wsss.train.irn import (
 
 
 def rule_directions(r: int) -> set[tuple[int, int]]:
-    """(6.5) written out: every offset of the y >= 0 half-plane within the radius, minus the mirrored y = 0 half."""
+    """§6.5 written out: every offset of the y >= 0 half-plane within the radius, minus the mirrored y = 0 half."""
     out = set()
     for y in range(0, r):
         for x in range(-r + 1, r):

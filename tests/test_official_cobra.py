@@ -1,4 +1,4 @@
-"""Official CoBra checkpoints give the official seeds at any image size (METHODS §4.3, §4.4, §4.8, §4.9).
+"""Official CoBra checkpoints give the official seeds at any image size (§4.3, §4.4, §4.8, §4.9).
 
 The networks below are tiny stand-ins written in the official module layouts, ``net/resnet50_cam.py: Net`` (a
 torchvision-named ResNet registered three times: ``resnet50``, ``stage1..4``, ``backbone``) and

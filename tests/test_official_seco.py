@@ -1,4 +1,4 @@
-"""Official SeCo checkpoints give the official CAMs and seeds at any image size (METHODS §1.1-§1.4, §3.15).
+"""Official SeCo checkpoints give the official CAMs and seeds at any image size (§1.1-§1.4, §3.15).
 
 A tiny network in the official layout of ``model/model_seco.py: network`` (student ViT under ``encoder.*`` with its
 unused ImageNet ``head``, ``classifier.weight`` / ``aux_classifier.weight`` without bias, the ASPP
@@ -241,7 +241,7 @@ def check_path(run, size, input_size, scales):
         assert_maps_close(cams[:, :NUM_FG], ref["cam"], f"raw CAM W * LN(tokens), both flips, {at}")
         assert_maps_close(cams[:, NUM_FG:], ref["cam_aux"], f"raw aux CAM W_aux * F_aux, both flips, {at}")
     assert_maps_close(net.calls[0][1][:1], want["logits"], f"logits W * GMP(F) {where}")
-    # merged, normalised CAMs at the network's input size (1.4, 1.5)
+    # merged, normalised CAMs at the network's input size (1.4), (1.5)
     y = torch.as_tensor(TAGS)[None]
     cams, bkg, _ = postprocess(stack_maps(net.raw(), at_size, settings), y, settings)
     assert_maps_close(cams, want["cam"], f"M (1.4)-(1.5) {where}")

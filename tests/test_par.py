@@ -1,4 +1,4 @@
-"""PAR (METHODS 2) against the Appendix B oracles and a per-pixel transcription."""
+"""PAR (§2) against the Appendix B oracles and a per-pixel transcription."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SeCo crop and tag (METHODS 3.4): Appendix B oracle, global tags, candidate windows, crops."""
+"""SeCo crop and tag (§3.4): Appendix B oracle, global tags, candidate windows, crops."""
 
 from __future__ import annotations
 

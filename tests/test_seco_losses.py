@@ -1,4 +1,4 @@
-"""SeCo losses against direct per-row transcriptions of METHODS 3.8-3.11 (values and gradients)."""
+"""SeCo losses against direct per-row transcriptions of §3.8-§3.11 (values and gradients)."""
 
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def test_two_process_gloo_ddp_run(synth, tmp_path):
 
 
 def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
-    """(3.2) step 3: on COCO the segmentation pseudo-label uses the auxiliary CAM while n < 12 000."""
+    """§3.2 step 3: on COCO the segmentation pseudo-label uses the auxiliary CAM while n < 12 000."""
     from wsss.data.synth import DEMO_CLASSES
     from wsss.models import build_model
     from wsss.train.seco import SeCoObjective

@@ -356,3 +356,11 @@ def test_load_checkpoint_is_called_only_by_the_loader() -> None:
     assert set(where) <= {"wsss/models/loading.py"}, (
         f"load_checkpoint(...) called outside wsss/models/loading.py (use load_model / load_state_into): {where}"
     )
+
+
+def test_the_cli_seed_source_choices_mirror_the_spec() -> None:
+    """`wsss --help` must not import torch, so the CLI repeats the seed-source list; it must stay the spec's."""
+    from wsss.cli import SEED_SOURCES as cli_sources
+    from wsss.models.spec import SEED_SOURCES
+
+    assert cli_sources == SEED_SOURCES

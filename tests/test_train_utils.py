@@ -1,4 +1,4 @@
-"""Training configs and overrides, the PolyWarmupAdamW schedule (METHODS 3.14) and the augmentation pipeline."""
+"""Training configs and overrides, the PolyWarmupAdamW schedule (§3.14) and the augmentation pipeline."""
 
 from __future__ import annotations
 

@@ -258,7 +258,7 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
 )
 @click.option("--pad-size", default=512, show_default=True, help="IRN inference canvas; images must fit in it.")
 @click.option("--ir-thresholds", default="dynamic", show_default=True,
-              help="IR-label thresholds: 'dynamic' (4.21, from the class-token attention, calibrated for DeiT-S at "
+              help="IR-label thresholds: 'dynamic' (4.21) from the class-token attention (calibrated for DeiT-S at "
                    "7 scales) or FG,BG constants such as IRN's 0.30,0.05.")  # fmt: skip
 @click.option(
     "--rw-exp-times",

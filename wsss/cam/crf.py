@@ -1,4 +1,4 @@
-"""Dense CRF refinement with pydensecrf (METHODS 5); CPU-bound, so run over a process pool by the callers."""
+"""Dense CRF refinement with pydensecrf (§5); CPU-bound, so run over a process pool by the callers."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class CRFParams:
     gt_prob: float = 0.7  # confidence of a label unary (rows C, D)
 
 
-# Rows of METHODS 5.3.
+# Rows of §5.3.
 CRF_PRESETS = {
     "seg": CRFParams(1, 1, 121, 5, 4),  # A: SeCo/ToCo final segmentation, softmax unary
     "seed": CRFParams(3, 3, 50, 5, 10),  # C: IRN/CoBra/SeCo label CRF on CAM seeds

@@ -1,7 +1,7 @@
-"""IRN inference (METHODS 6.3, 6.5, 6.8; CoBra's variant 4.9-4.10): IR labels, pair paths, affinities, random walk.
+"""IRN inference (§6.3, §6.5, §6.8; CoBra's variant §4.9-§4.10): IR labels, pair paths, affinities, random walk.
 
 Pixels live on the stride-4 grid of the edge map. A pixel ``s`` is linked to every ``d = s + (dy, dx)`` within the
-search radius on one half-plane (6.5). The affinity of a pair is one minus the strongest boundary on the lattice path
+search radius on one half-plane (§6.5). The affinity of a pair is one minus the strongest boundary on the lattice path
 between them (6.3)/(6.7); the random walk (6.8)-(6.9) diffuses CAMs along these affinities.
 
 Shapes: ``(C, h, w)`` CAM / random-walk planes hold the image's *present* foreground classes, and ``keys`` (C + 1,)
@@ -35,7 +35,7 @@ class PathGroup:
 
 @dataclass(frozen=True)
 class PathIndex:
-    """Search directions, their lattice paths and the source/destination pixels on an (h, w) grid (6.5)."""
+    """Search directions, their lattice paths and the source/destination pixels on an (h, w) grid (§6.5)."""
 
     radius: float
     size: tuple[int, int]
@@ -65,7 +65,7 @@ class PathIndex:
 
 
 def search_directions(radius: float) -> np.ndarray:
-    """(6.5) ``(0, x)`` for ``x = 1..r_f`` and ``(y, x)`` for ``y = 1..r_f``, ``|x| <= r_f``, ``x^2 + y^2 < r^2``."""
+    """§6.5: ``(0, x)`` for ``x = 1..r_f`` and ``(y, x)`` for ``y = 1..r_f``, ``|x| <= r_f``, ``x^2 + y^2 < r^2``."""
     r_f = math.ceil(radius) - 1
     if r_f < 1:
         raise ValueError(f"radius must exceed 1 to link any pixels, got {radius}")
@@ -94,7 +94,7 @@ def direction_paths(directions: np.ndarray) -> list[np.ndarray]:
 
 @lru_cache(maxsize=32)
 def path_index(radius: float, size: tuple[int, int]) -> PathIndex:
-    """Directions, paths grouped by length, and source/destination pixels for an (h, w) grid (6.5).
+    """Directions, paths grouped by length, and source/destination pixels for an (h, w) grid (§6.5).
 
     Sources are the crop ``[0, h - r_f) x [r_f, w - r_f)`` with ``r_f = ceil(r) - 1``, so every destination
     ``s + (dy, dx)`` stays on the grid. Cached: the result is read-only.
@@ -217,7 +217,7 @@ def _check_keys(planes: int, keys: np.ndarray) -> np.ndarray:
 
 
 def irn_mask(rw: torch.Tensor, size: tuple[int, int], keys: np.ndarray, bg: float = 0.25) -> np.ndarray:
-    """IRN's mask rule (6.8): x4 bilinear upsampling, crop to ``size``, global-max division, bg plane, argmax.
+    """IRN's mask rule (§6.8): x4 bilinear upsampling, crop to ``size``, global-max division, bg plane, argmax.
 
     ``rw`` (C, h, w) -> uint8 (H, W) class ids. A map that is zero everywhere is left undivided (all background).
     """
@@ -235,7 +235,7 @@ def irn_mask(rw: torch.Tensor, size: tuple[int, int], keys: np.ndarray, bg: floa
 def cobra_mask(
     rw: torch.Tensor, size: tuple[int, int], keys: np.ndarray, factor: float = 0.31, image: np.ndarray | None = None
 ) -> np.ndarray:
-    """CoBra's mask rule (4.10): resize to ``size``, (4.22) per-class threshold, argmax over [0, rw], label CRF.
+    """CoBra's mask rule (§4.10): resize to ``size``, (4.22) per-class threshold, argmax over [0, rw], label CRF.
 
     (4.22) ``thr_c = factor * max_p rw_c + min_p rw_c`` and ``rw_c(p) <- 0`` below it; background wins where every
     class is zeroed. With ``image`` (H, W, 3 uint8) the label CRF of row D (``CRF_PRESETS["cobra"]``) follows.

@@ -1,4 +1,4 @@
-"""PAR: pixel-adaptive refinement (METHODS 2; AFA/ToCo/SeCo), batched on the device.
+"""PAR: pixel-adaptive refinement (§2; AFA/ToCo/SeCo), batched on the device.
 
 Each pixel mixes its 48 dilated neighbours (dilations 1, 2, 4, 8, 12, 24; replicate padding; centre excluded)
 with weights ``kappa = softmax(a_rgb) + w2 * softmax(a_pos)`` computed once, then propagates ``T`` times. A
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .labels import box_mask
 
 DILATIONS = (1, 2, 4, 8, 12, 24)
-# 3x3 stencil in row-major order without its centre (2.2)
+# 3x3 stencil in row-major order without its centre (§2.2)
 OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
@@ -101,7 +101,7 @@ def refine_with_background(
     image: torch.Tensor, valid_cam: torch.Tensor, tags: torch.Tensor, high: float, low: float,
     img_box: torch.Tensor | None = None, down_scale: int = 2,
 ) -> torch.Tensor:  # fmt: skip
-    """SeCo's ``refine_cams_with_bkg_v2`` (2.5), batched: PAR with a high and a low background score, then (2.6).
+    """SeCo's ``refine_cams_with_bkg_v2`` (§2.5), batched: PAR with a high and a low background score, then (2.6).
 
     A class comes from the high-background map; background needs both maps to agree; the rest is 255, as is
     everything outside ``img_box`` (B, 4) = (top, bottom, left, right). Returns (B, H, W) int64.

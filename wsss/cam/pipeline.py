@@ -77,6 +77,11 @@ def image_pyramid(images: Sequence[np.ndarray], settings: CAMSettings, device: t
             for size in sizes]  # fmt: skip
 
 
+def base_size(images: Sequence[np.ndarray], settings: CAMSettings) -> tuple[int, int]:
+    """The size the CAMs of a pyramid are accumulated at: ``input_size`` squared, or the images' own."""
+    return (settings.input_size,) * 2 if settings.input_size else tuple(images[0].shape[:2])
+
+
 def tensor_pyramid(x: torch.Tensor, settings: CAMSettings) -> list[torch.Tensor]:
     """A normalised batch at every scale of §1.3: ``Bil(x; floor(sH), floor(sW), ac=False)``, 1.0 first."""
     out = []
@@ -137,7 +142,7 @@ def postprocess(stack: torch.Tensor, tags: torch.Tensor, settings: CAMSettings):
 
 
 def normalized_maps(stack: torch.Tensor, settings: CAMSettings) -> torch.Tensor:
-    """All channels of a stack merged and normalised (no labels): SeCo's training CAMs (1.4, 1.5)."""
+    """All channels of a stack merged and normalised (no labels): SeCo's training CAMs (1.4), (1.5)."""
     b, c = stack.shape[2:4]
     ones = torch.ones(b, c, device=stack.device)
     return cam_postprocess(stack, ones, 0.0, settings.flip_merge, settings.norm, return_cams=True)[0]
@@ -147,7 +152,7 @@ def single_scale_maps(groups: Sequence[torch.Tensor], size: tuple[int, int], set
     """One pass's CAM groups -> normalised maps at ``size`` without tags (the optional output of exported graphs).
 
     Threshold rule: (B, K) min-max normalised ReLU'd CAMs. Attention rule: (B, K + 1), the combined, max-normalised
-    sources (4.17, 4.19) and ``A_obj`` as is in channel K, which the percentile background (4.20) reads.
+    sources (4.17), (4.19) and ``A_obj`` as is in channel K, which the percentile background (4.20) reads.
     """
     raw = RawCAMs(groups[0].new_zeros(0), [list(groups)], groups[0].shape[0], flip=False)
     a = stack_maps(raw, size, settings)[0, 0].relu()
@@ -192,8 +197,7 @@ def _predict(net, images, tags, settings: CAMSettings, device, mean, std) -> lis
     inputs = image_pyramid(images, settings, device, mean, std)
     raw = forward_pyramid(net, inputs, settings)
     y = _tags(tags, raw.logits, settings, device)
-    size = (settings.input_size,) * 2 if settings.input_size else tuple(images[0].shape[:2])
-    cams, bkg, label = postprocess(stack_maps(raw, size, settings), y, settings)
+    cams, bkg, label = postprocess(stack_maps(raw, base_size(images, settings), settings), y, settings)
     if not settings.input_size:
         return [_result(cams[i], y[i], label[i]) for i in range(len(images))]
     results = []

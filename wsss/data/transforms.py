@@ -1,4 +1,4 @@
-"""Training augmentation (METHODS 3.3 / 1.6) and normalisation, in OpenCV and torch."""
+"""Training augmentation (§3.3, §1.6) and normalisation, in OpenCV and torch."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def color_jitter(
 
 
 def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Place ``img`` on a black canvas of at least ``crop`` x ``crop`` and cut a random crop (METHODS 1.6).
+    """Place ``img`` on a black canvas of at least ``crop`` x ``crop`` and cut a random crop (§1.6).
 
     Returns the crop and ``img_box = (top, bottom, left, right)``, the half-open region of real pixels.
     """
@@ -135,7 +135,7 @@ def photometric(img: np.ndarray, rng: np.random.Generator, jitter=0.8, grey=0.2,
 
 
 def seco_views(img: np.ndarray, crop: np.ndarray, size: int, rng: np.random.Generator, s_flip: float = 0.5):
-    """SeCo's extra views (3.3): ``w_img`` from the original image, ``s_img`` (strong) from the training crop.
+    """SeCo's extra views (§3.3): ``w_img`` from the original image, ``s_img`` (strong) from the training crop.
 
     ``s_flip`` 0.5 reproduces quirk Q3.4 (the strong view flips independently of the crop); 0 keeps them aligned.
     """

@@ -11,8 +11,8 @@ Graph interface (also in the file's ``doc_string``):
     output ``cams_vit``  float32 (B, K + 1, ht, wt), ``A_obj * M_tran`` (4.5) in ``[:K]``, ``A_obj`` in ``[K]``
     with ``normalize=True``:
     output ``cams_norm`` float32 (B, C, H, W), ``wsss.cam.pipeline.single_scale_maps`` under the spec's CAM settings:
-                         min-max normalised CAMs (1.5), C = K; CoBra: the combined max-normalised sources (4.17,
-                         4.19) and ``A_obj`` for the percentile background (4.20), C = K + 1
+                         min-max normalised CAMs (1.5), C = K; CoBra: the combined max-normalised sources (4.17),
+                         (4.19) and ``A_obj`` for the percentile background (4.20), C = K + 1
 The segmentation graph (SeCo's decoder) has the same input and one output:
     output ``seg``       float32 (B, K + 1, h, w), segmentation logits with background in channel 0
 

@@ -2,7 +2,7 @@
 
 Per source (``cams``, and ``cams2`` when given), with every map already resized to (H, W) and flips aligned:
 
-* (1.3)/(1.4) SeCo: ``M = sum_s ReLU(max(A_s, A'_s))`` (``flip_merge="max"``); (4.8)/(4.17) CoBra:
+* (1.3)/(1.4) SeCo: ``M = sum_s ReLU(max(A_s, A'_s))`` (``flip_merge="max"``); §4.8, (4.17) CoBra:
   ``M = sum_s ReLU(A_s) + ReLU(A'_s)`` (``flip_merge="sum"``);
 * (1.5) ``norm="minmax"``: ``M <- (M - min_p M) / (max_p(M - min_p M) + 1e-5)`` per (b, k); (4.17) ``norm="max"``:
   ``M <- M / (max_p M + 1e-5)``;
@@ -53,7 +53,8 @@ def cam_postprocess(
         cams: (S, F, B, K, H, W) CAMs of S scales and F = 1 or 2 aligned flips, resized to (H, W).
         tags: (B, K) multi-hot image labels ``y``.
         bkg: background threshold (float) or per-image background scores, a (B,) tensor.
-        flip_merge: ``"max"`` (SeCo) or ``"sum"`` (CoBra); norm: ``"minmax"`` (SeCo 1.5) or ``"max"`` (CoBra 4.17).
+        flip_merge: ``"max"`` (SeCo) or ``"sum"`` (CoBra).
+        norm: ``"minmax"`` (SeCo: (1.5)) or ``"max"`` (CoBra: (4.17)).
         cams2: optional second source (the ViT CAMs of CoBra), same shape, combined by ``combine``.
         return_cams: also return the normalised (fused) maps (B, K, H, W) float32.
         backend: ``"triton"``, ``"torch"`` or None (automatic, see ``wsss.kernels.dispatch``).

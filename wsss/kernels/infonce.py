@@ -1,4 +1,4 @@
-"""Top-k patch InfoNCE of CoBra's CAP and SAP losses (METHODS 4.5-4.6, D2), fused forward and backward.
+"""Top-k patch InfoNCE of CoBra's CAP and SAP losses (§4.5-§4.6, D2), fused forward and backward.
 
 For an anchor patch ``i`` of image ``b`` with positives ``P_i+`` (``pos_idx[b, i]``) and negatives ``P_i-``
 (``neg_idx[b, i]``), all indices into the same image's ``N`` patches::

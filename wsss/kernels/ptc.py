@@ -1,4 +1,4 @@
-"""SeCo/ToCo masked patch-token contrast, PTC (METHODS 3.10, (3.18)), fused forward and backward.
+"""SeCo/ToCo masked patch-token contrast, PTC of §3.10 and (3.18), fused forward and backward.
 
 With ``F_hat = F_tok / ||F_tok||`` (eps 1e-8) along channels and ``Ccos_ij = |<F_hat_i, F_hat_j>|``::
 

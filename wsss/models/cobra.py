@@ -127,7 +127,7 @@ class CoBraNet(nn.Module):
         return logits, out.m_cnn[:, 1:], torch.cat([a_obj * out.m_tran[:, 1:], a_obj], dim=1)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(trunks at the base LR, heads at 10x: W_c, W_t and both projections; METHODS 4.7, D13)."""
+        """(trunks at the base LR, heads at 10x: W_c, W_t and both projections; §4.7, D13)."""
         heads = [*self.cnn_classifier.parameters(), *self.cnn_proj.parameters(), *self.vit_classifier.parameters(),
                  *self.vit_proj.parameters()]  # fmt: skip
         return [*self.cnn.parameters(), *self.backbone.parameters()], heads

@@ -1,4 +1,4 @@
-"""IRN's edge/displacement network (METHODS 6.4) on a frozen ResNet trunk, and its flip-averaged edge inference (6.8).
+"""IRN's edge/displacement network (§6.4) on a frozen ResNet trunk, and its flip-averaged edge inference (§6.8).
 
 The trunk only provides features: it stays in eval mode and its stage outputs are detached, so only the two heads
 train. Both heads work at stride 4 (the resolution of ``layer1``):
@@ -19,7 +19,7 @@ from torch import nn
 from .resnet import ResNetConfig, ResNetTrunk
 from .spec import register_family
 
-EDGE_CH = 32  # width of each edge projection (6.4)
+EDGE_CH = 32  # width of each edge projection (§6.4)
 EDGE_LAYERS = ("edge1", "edge2", "edge3", "edge4", "edge5", "edge6")  # trained at 1x LR
 DISP_LAYERS = ("dp1", "dp2", "dp3", "dp4", "dp5", "dp6", "dp7")  # trained at 10x LR
 
@@ -39,7 +39,7 @@ def _crop_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 class MeanShift(nn.Module):
-    """Subtracts a stored 2-vector mean from the displacement field, in eval mode only (6.4, 6.7)."""
+    """Subtracts a stored 2-vector mean from the displacement field, in eval mode only (§6.4, §6.7)."""
 
     def __init__(self, channels: int = 2):
         super().__init__()
@@ -50,7 +50,7 @@ class MeanShift(nn.Module):
 
 
 class EdgeDisplacement(nn.Module):
-    """IRN's class-boundary and displacement heads on the five stages x1..x5 of a ResNet trunk (6.4).
+    """IRN's class-boundary and displacement heads on the five stages x1..x5 of a ResNet trunk (§6.4).
 
     Input projections take their widths from the trunk's stage channels, so any ResNet depth works (ResNet-50:
     64/256/512/1024/2048; the tiny custom trunk of the tests as well). The head widths are the paper's.
@@ -90,13 +90,13 @@ class EdgeDisplacement(nn.Module):
         return self.dp7[-1]
 
     def train(self, mode: bool = True) -> EdgeDisplacement:
-        """Heads follow ``mode``; the trunk always stays in eval mode (6.4)."""
+        """Heads follow ``mode``; the trunk always stays in eval mode (§6.4)."""
         super().train(mode)
         self.trunk.eval()
         return self
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(edge parameters, displacement parameters): trained at 1x and 10x the base LR (6.4)."""
+        """(edge parameters, displacement parameters): trained at 1x and 10x the base LR (§6.4)."""
 
         def params(names: tuple[str, ...]) -> list[nn.Parameter]:
             return [p for name in names for p in getattr(self, name).parameters()]
@@ -123,7 +123,7 @@ class EdgeDisplacement(nn.Module):
 
     @torch.no_grad()
     def infer_edge(self, image: torch.Tensor, pad_size: int = 512) -> torch.Tensor:
-        """``E_inf`` of (6.8): sigmoid of the flip-averaged edge logits, cropped to the stride-4 feature size.
+        """``E_inf`` of §6.8: sigmoid of the flip-averaged edge logits, cropped to the stride-4 feature size.
 
         ``image`` is one normalised image (3, H, W) or (1, 3, H, W). It is zero-padded at the right and bottom to
         ``pad_size`` x ``pad_size`` and run together with its horizontal flip. Returns (h, w) with

@@ -1,4 +1,4 @@
-"""The plain CAM objective (Zhou et al. 2016; METHODS 1.2)."""
+"""The plain CAM objective (Zhou et al. 2016; §1.2)."""
 
 from __future__ import annotations
 

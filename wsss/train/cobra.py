@@ -1,6 +1,6 @@
-"""CoBra's training objective (METHODS 4.5-4.7, 4.11): both branches, one joint backward.
+"""CoBra's training objective (§4.5-§4.7, §4.11): both branches, one joint backward.
 
-``L = L_cls-cnn + L_cls-tran + [t >= t_aux] (lambda_1 L_cam + lambda_sap L_sap + lambda_cap L_cap)`` (4.10/4.16).
+``L = L_cls-cnn + L_cls-tran + [t >= t_aux] (lambda_1 L_cam + lambda_sap L_sap + lambda_cap L_cap)`` (4.10)/(4.16).
 Gradients are routed one way: SAP moves the ViT (the CNN only supplies indices), CAP moves the CNN (the ViT only
 supplies indices), ``L_cam`` moves both.
 """
@@ -12,7 +12,7 @@ from torch import nn
 
 from .cobra_losses import cam_l1_loss, cap_loss, cls_loss, sap_loss
 
-# Paper defaults (METHODS 4.12, D-table recommendations); "code" values reproduce the official scripts.
+# Paper defaults (§4.12, D-table recommendations); "code" values reproduce the official scripts.
 COBRA_DEFAULTS = {
     "k_sap": [20, 5],  # k+_sap, k-_sap
     "k_cap": [5, 20],  # k+_cap, k-_cap

@@ -1,4 +1,4 @@
-"""CoBra's objectives (METHODS 4.5, 4.6, 4.11): classification, L1 CAM consistency, CAP and SAP patch contrast.
+"""CoBra's objectives (§4.5, §4.6, §4.11): classification, L1 CAM consistency, CAP and SAP patch contrast.
 
 Names follow the paper (D1): CAP refines the CNN projection ``v^c`` with the ViT patch affinity; SAP refines the
 ViT projection ``v^s`` with the CNN pseudo labels. Every anchor is handled at once: candidates are ranked per
@@ -49,7 +49,7 @@ def _up(m: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pseudo_labels(m_cnn: torch.Tensor, labels: torch.Tensor, absent_mask: str = "neg_inf"):
-    """CNN pseudo labels ``y_i = argmax_c softmax_c(M_cnn)`` over the image's classes (4.6 step 1, D5).
+    """CNN pseudo labels ``y_i = argmax_c softmax_c(M_cnn)`` over the image's classes (§4.6 step 1, D5).
 
     ``absent_mask="neg_inf"`` (paper) excludes absent classes; ``"zero"`` (code) multiplies their logits by 0, so
     they can win where every present channel is negative (Q4.5). Returns (probabilities (B, C, N), labels (B, N)),

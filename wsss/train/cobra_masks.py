@@ -4,9 +4,9 @@ Each stage writes one palette PNG per image and skips images whose PNG exists, s
 
 1. ``write_ir_labels``: fused seeds ``M_fuse`` of the image's classes, the attention thresholds (4.21) and two
    label CRFs give IR labels (255 = unsure).
-2. ``fit_irn``: IRN's boundary and displacement heads trained on them (6.4-6.7).
+2. ``fit_irn``: IRN's boundary and displacement heads trained on them (§6.4-§6.7).
 3. ``write_masks``: the ViT-only stride-4 CAM ``M_tran^{/4}`` (``rw_source="tran"``, the code, D16) or the fused
-   map (``"fuse"``, the paper's figures) diffused by the random walk (6.8, 6.9), then (4.22) and the row-D CRF.
+   map (``"fuse"``, the paper's figures) diffused by the random walk (6.8)-(6.9), then (4.22) and the row-D CRF.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .irn import IRLabelDataset, IRNConfig, load_irn, train_irn
 
 @dataclass
 class CoBraMaps:
-    """Per-image CoBra maps (4.17, 4.18), foreground channels of the present classes, as ``make_cam.py`` saves."""
+    """Per-image CoBra maps (4.17), (4.18), foreground channels of the present classes, as ``make_cam.py`` saves."""
 
     keys: np.ndarray  # (C + 1,) class ids, 0 first
     cnn: torch.Tensor  # M_cnn at (H, W), max-normalised (C, H, W): "high_res_cnn"
@@ -67,7 +67,7 @@ def cobra_maps(model: CoBraNet, image: np.ndarray, tags: np.ndarray, settings: C
 
 def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, settings: CAMSettings, percentile: float = 93.0,
                     fixed: tuple[float, float] | None = None, progress: bool = True) -> Path:  # fmt: skip
-    """Stage 4 of 4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C.
+    """Stage 4 of §4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C.
 
     (4.21) reads the thresholds off the un-normalised class-token attention, whose scale grows with the ViT's
     depth and the number of scales and shrinks with the token count: calibrated for DeiT-S at 7 scales on VOC.

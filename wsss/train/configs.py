@@ -106,7 +106,7 @@ _COBRA_VOC = {
     "model": copy.deepcopy(COBRA_ARCH),  # image logits by GAP (4.6); "pooling": "gmp" is an experiment
     "pretrained": None,  # DeiT-S weights (deit_small_patch16_224-cd65a155.pth); --pretrained
     "pretrained_cnn": None,  # torchvision resnet152-b121ed2d.pth; --set pretrained_cnn=PATH
-    # Long side U(320, 640) on VOC's ~500 px images ~ a 0.64..1.28 rescale; no colour jitter (4.2).
+    # Long side U(320, 640) on VOC's ~500 px images ~ a 0.64..1.28 rescale; no colour jitter (§4.2).
     "data": {"crop": 224, "scale_range": [0.64, 1.28], "flip": 0.5, "jitter": 0.0, "cache_images": False},
     "optim": {"name": "sgd", "lr": 0.1, "head_lr": 10, "weight_decay": 1e-4, "momentum": 1e-4, "power": 0.9},
     "train": {"iters": 6600, "batch_size": 32, "workers": 8, "amp": True, "log_every": 50, "ckpt_every": 330,

@@ -1,4 +1,4 @@
-"""Training of IRN's edge/displacement heads from inter-pixel relation labels (METHODS 6.5-6.7, CoBra 4.10).
+"""Training of IRN's edge/displacement heads from inter-pixel relation labels (§6.5-§6.7, CoBra §4.10).
 
 ``train_irn`` runs the whole stage: augmented (image, IR label) crops, pair labels on the stride-4 grid, losses
 (6.3)-(6.6), SGD with a poly schedule, the displacement mean-shift estimate, and a safetensors checkpoint that
@@ -37,7 +37,7 @@ CHECKPOINT_KIND = "irn"
 
 @dataclass(frozen=True)
 class IRNConfig:
-    """IRN stage settings; the defaults are CoBra's (4.10, 6.9): ResNet-152, 4 epochs; :meth:`irn` gives IRN's.
+    """IRN stage settings; the defaults are CoBra's (§4.10, §6.9): ResNet-152, 4 epochs; :meth:`irn` gives IRN's.
 
     ``momentum``: the official code passes the weight decay in SGD's momentum slot, so its *effective* momentum is
     1e-4 (quirk Q4.3, plain SGD in practice); 0.9 is the conventional value kept here. Set 1e-4 to reproduce.
@@ -49,7 +49,7 @@ class IRNConfig:
     batch_size: int = 32
     epochs: int = 4
     lr: float = 0.1
-    dp_lr_mult: float = 10.0  # displacement branch LR multiplier (6.4)
+    dp_lr_mult: float = 10.0  # displacement branch LR multiplier (§6.4)
     weight_decay: float = 1e-4
     momentum: float = 0.9
     power: float = 0.9  # poly schedule lr * (1 - t/T)^power
@@ -136,7 +136,7 @@ def _window(n: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int]
 def augment_pair(
     img: np.ndarray, label: np.ndarray, crop: int, scale_range: tuple[float, float], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(6.7) rescale U(scale_range), h-flip, normalise, random crop; label reduced x0.25 (nearest).
+    """§6.7: rescale U(scale_range), h-flip, normalise, random crop; label reduced x0.25 (nearest).
 
     Returns the normalised float32 (crop, crop, 3) image and the uint8 (crop/4, crop/4) label.
     """
@@ -149,7 +149,7 @@ def augment_pair(
 
 
 class IRLabelDataset(Dataset):
-    """(image, IR label) pairs, augmented per (6.7); items are {"image": (3, c, c), "label": (c/4, c/4) int64}."""
+    """(image, IR label) pairs, augmented per §6.7; items are {"image": (3, c, c), "label": (c/4, c/4) int64}."""
 
     def __init__(
         self, samples: Sequence[tuple[ImageSource, LabelSource]], crop: int,
@@ -193,7 +193,7 @@ class IRLabelDataset(Dataset):
 
 
 def pair_labels(label: torch.Tensor, pidx: PathIndex, num_classes: int) -> tuple[torch.Tensor, ...]:
-    """(6.5) (bg_pos, fg_pos, neg), each (B, D, S) bool, for the (source, destination) pairs of ``pidx``.
+    """§6.5: (bg_pos, fg_pos, neg), each (B, D, S) bool, for the (source, destination) pairs of ``pidx``.
 
     ``bg_pos = [l_s = l_d = 0]``, ``fg_pos = [l_s = l_d >= 1]``, ``neg = [l_s != l_d]``; all need both labels
     ``< num_classes`` (so 255 never counts).
@@ -252,7 +252,7 @@ def build_irn(cfg: IRNConfig) -> EdgeDisplacement:
 
 
 def make_optimizer(model: EdgeDisplacement, cfg: IRNConfig) -> torch.optim.SGD:
-    """SGD with the edge branch at ``lr`` and the displacement branch at ``dp_lr_mult * lr`` (6.4, 6.7)."""
+    """SGD with the edge branch at ``lr`` and the displacement branch at ``dp_lr_mult * lr`` (§6.4, §6.7)."""
     edge, disp = model.param_groups()
     groups = [{"params": edge, "lr": cfg.lr, "base_lr": cfg.lr},
               {"params": disp, "lr": cfg.lr * cfg.dp_lr_mult, "base_lr": cfg.lr * cfg.dp_lr_mult}]  # fmt: skip
@@ -275,7 +275,7 @@ def train_irn(
     meanshift_images: Sequence[ImageSource] | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
-    """Train IRN's heads on (image, IR label) pairs, estimate the mean shift and save a checkpoint (6.7).
+    """Train IRN's heads on (image, IR label) pairs, estimate the mean shift and save a checkpoint (§6.7).
 
     ``meanshift_images`` is the ``infer_list`` (CoBra: train_aug; IRN: train); default: the training images.
     ``log(step, losses)`` is called after every step. Returns ``out_path``.
@@ -333,7 +333,7 @@ def _top_left(img: np.ndarray, crop: int) -> np.ndarray:
 def estimate_mean_shift(
     model: EdgeDisplacement, images: Sequence[ImageSource], crop: int, batch_size: int, device: torch.device | str
 ) -> torch.Tensor:
-    """(6.7) ``running_mean = mean over images of the per-image mean of delta`` on top-left crops; sets and returns it.
+    """§6.7: ``running_mean = mean over images of the per-image mean of delta`` on top-left crops; sets and returns it.
 
     As in the reference only full batches count (drop_last); with fewer images than one batch, all are used.
     """

@@ -1,4 +1,4 @@
-"""PolyWarmupAdamW (METHODS 3.14): AdamW with linear warm-up by ratio, then polynomial decay."""
+"""PolyWarmupAdamW (§3.14): AdamW with linear warm-up by ratio, then polynomial decay."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def param_groups(backbone: list[nn.Parameter], heads: list[nn.Parameter], lr: fl
 
 
 class PolySGD(torch.optim.SGD):
-    """IRN/CoBra's PolyOptimizer (METHODS 4.7): SGD whose group learning rates decay as ``lr (1 - t/T)^power``.
+    """IRN/CoBra's PolyOptimizer (§4.7): SGD whose group learning rates decay as ``lr (1 - t/T)^power``.
 
     The official code passes its weight decay where SGD expects the momentum, so its effective momentum is
     1e-4 (quirk Q4.3); ``momentum`` is explicit here and the CoBra configs set that value.

@@ -82,7 +82,7 @@ class SeCoObjective(nn.Module):
 
     @torch.no_grad()
     def pseudo_labels(self, model, x, y, box, step: int, dense: bool = True) -> dict[str, torch.Tensor]:
-        """(3.2) steps 2-5 as a dict: ``aux_cam``, PAR-refined ``seg_label`` (None unless ``dense``), the ``roi``
+        """§3.2 steps 2-5 as a dict: ``aux_cam``, PAR-refined ``seg_label`` (None unless ``dense``), the ``roi``
         (-1 uncertain), and the crops' ``positions`` and ``flags``."""
         s, k = self.cfg, self.num_fg
         raw = forward_pyramid(_BothCAMs(model), tensor_pyramid(x, self.cam), self.cam)
@@ -90,7 +90,7 @@ class SeCoObjective(nn.Module):
         cam, aux_cam = fused[:, :k], fused[:, k:]
         seg_label = None
         if dense:
-            seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (3.2 step 3)
+            seg_source = aux_cam if step < s["seg_from_aux_until"] else cam  # COCO: aux CAM until 12 000 (§3.2 step 3)
             valid, _ = cam_to_label(seg_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True)
             seg_label = refine_with_background(to_uint8_levels(x) / 255, valid, y, s["high"], s["low"], box)
         roi_source = aux_cam if step < s["cam2mask"] else cam
@@ -101,7 +101,7 @@ class SeCoObjective(nn.Module):
         return {"aux_cam": aux_cam, "seg_label": seg_label, "roi": roi, "positions": positions, "flags": flags}
 
     def _ptc(self, feats, aux_cam, y, box) -> torch.Tensor:
-        """(3.10) pairs from the aux CAM at the token grid, applied to the final tokens."""
+        """§3.10: pairs from the aux CAM at the token grid, applied to the final tokens."""
         s = self.cfg
         small = F.interpolate(aux_cam, size=feats.shape[-2:], mode="bilinear", align_corners=False)
         grid_box = box // (aux_cam.shape[-1] // feats.shape[-1]) if s["ptc_box_rescale"] else box  # quirk Q1.2
@@ -114,10 +114,10 @@ class SeCoObjective(nn.Module):
                                  seg_label, self.cfg["energy_sigma_xy"], self.cfg["energy_sigma_rgb"])  # fmt: skip
 
     def _contrast(self, net, model, batch, cls_x, pseudo, step: int):
-        """(3.5) steps 2-8 and the LIL / LIG losses (3.8, 3.9)."""
+        """§3.5 steps 2-8 and the LIL / LIG losses (§3.8, §3.9)."""
         s = self.cfg
         b, n = cls_x.shape[0], s["n_crops"]
-        if step >= s["proto_start"]:  # from every rank, in rank order (3.6)
+        if step >= s["proto_start"]:  # from every rank, in rank order (§3.6)
             prototypes = self.bank.update(_gather(cls_x.detach()), _gather(batch["label_idx"]))
         else:
             prototypes = self.bank.prototypes.clone()

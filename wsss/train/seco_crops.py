@@ -1,4 +1,4 @@
-"""SeCo's "crop and tag" image decomposition (METHODS 3.4), batched.
+"""SeCo's "crop and tag" image decomposition (§3.4), batched.
 
 Local windows are centred on uncertain CAM pixels and tagged from the ROI mask: a single class ``k``, background
 ``0`` (little foreground mass) or ambiguous ``-1``. The official code loops over images and re-seeds the global RNG

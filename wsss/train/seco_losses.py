@@ -1,4 +1,4 @@
-"""SeCo's objectives (METHODS 3.8-3.11), vectorised: no Python loops over rows, no host round trips.
+"""SeCo's objectives (§3.8-§3.11), vectorised: no Python loops over rows, no host round trips.
 
 Symbols follow METHODS: anchors ``q_i`` with tags ``f_i``, keys ``k_j`` with tags ``g_j``, prototypes ``p_k``,
 tag ``k >= 1`` = single class k, ``0`` = background, ``-1`` = ambiguous.
@@ -17,7 +17,7 @@ def lil_loss(
     q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, g: torch.Tensor, tau: float = 0.08, tau_base: float = 0.08,
     impl: str = "code",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """LIL, local-to-local tag-guided contrast against the key bank (3.5-3.14).
+    """LIL, local-to-local tag-guided contrast against the key bank (3.5)-(3.14).
 
     Args:
         q: (N, D) unit anchors ``Q_s``; k: (M, D) unit keys ``cat(K_new, queue)`` (key ``i`` is anchor ``i``'s own).
@@ -71,7 +71,7 @@ def _supcon(logits, f, g, noisy, tau: float, tau_base: float) -> torch.Tensor:
 def lig_loss(
     q: torch.Tensor, prototypes: torch.Tensor, f: torch.Tensor, tau: float = 0.1, tau_base: float = 0.1
 ) -> torch.Tensor:
-    """LIG, local-to-global prototype contrast (3.15-3.17), code mode.
+    """LIG, local-to-global prototype contrast (3.15)-(3.17), code mode.
 
     ``q`` (N, D) anchors, ``prototypes`` (K, D), ``f`` (N,) revised tags from LIL. The softmax runs over the classes
     present among the tags; rows tagged 0 or -1 contribute nothing.
@@ -154,7 +154,7 @@ def dense_energy_loss(
     image: torch.Tensor, seg_logits: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
     sigma_xy: float = 100.0, sigma_rgb: float = 15.0, scale: float = 0.5, chunk: int = 4096,
 ) -> torch.Tensor:  # fmt: skip
-    """Dense-energy regulariser (3.12) with an exact (blockwise) bilateral Gaussian instead of a lattice.
+    """Dense-energy regulariser (§3.12) with an exact (blockwise) bilateral Gaussian instead of a lattice.
 
     ``image`` (B, 3, H, W) in [0, 255]; ``seg_logits`` (B, C, H, W) upsampled decoder logits; ``valid`` (B, H, W)
     the image box; ``target`` (B, H, W) the pseudo-labels (255 = ignore). Multiply by ``w_reg * 1e-7`` as SeCo does.

@@ -1,5 +1,5 @@
-"""SeCo's training state: EMA teachers, the class prototype bank, the key queue, the loss schedule (METHODS 3.5-3.7,
-3.13)."""
+"""SeCo's training state: EMA teachers, the class prototype bank, the key queue, the loss schedule (§3.5-§3.7,
+§3.13)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float = 0.999) 
 
 
 class PrototypeBank(nn.Module):
-    """Class prototypes ``p_k`` (3.6), updated by EMA from the CLS tokens of single-class images.
+    """Class prototypes ``p_k`` (§3.6), updated by EMA from the CLS tokens of single-class images.
 
     Items are applied as if one at a time in batch order, ``p_c <- mu p_c + (1 - mu) t_i``, then every prototype
     is L2-normalised; the sequential recursion is evaluated in closed form (no loop over items).
@@ -44,7 +44,7 @@ class PrototypeBank(nn.Module):
 
 
 class KeyQueue(nn.Module):
-    """The reservoir of teacher keys and their tags (3.7): a ring buffer overwritten ``n`` rows at a time."""
+    """The reservoir of teacher keys and their tags (§3.7): a ring buffer overwritten ``n`` rows at a time."""
 
     def __init__(self, size: int, dim: int):
         super().__init__()
@@ -64,7 +64,7 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + n) % size)
 
 
-# (3.13): (first iteration at which the term is on, weight); "n > 1000" means from iteration 1001 on.
+# §3.13: (first iteration at which the term is on, weight); "n > 1000" means from iteration 1001 on.
 SCHEDULES = {
     "voc": {"cls": (0, 1.0), "cls_aux": (0, 1.0), "ptc": (0, 0.3), "lig": (1001, 0.5), "lil": (1001, 0.5),
             "seg": (2001, 0.12), "reg": (2001, 0.05)},
