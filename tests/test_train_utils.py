@@ -19,7 +19,7 @@ from wsss.data.transforms import (
     to_tensor,
 )
 from wsss.train.configs import CONFIGS, apply_override, get_config
-from wsss.train.optim import PolyWarmupAdamW, param_groups, poly_warmup_factor
+from wsss.train.optim import PolyWarmupAdamW, make_optimizer, param_groups, poly_warmup_factor
 
 # ------------------------------------------------------------------------------------------------------------ configs
 
@@ -364,3 +364,21 @@ def test_color_jitter() -> None:
     for seed in range(5):
         out = color_jitter(grey, np.random.default_rng(seed), brightness=0.4, contrast=0, saturation=0, hue=0)
         assert (out == out[0, 0, 0]).all() and 71 <= int(out[0, 0, 0]) <= 168
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CONFIGS.items() if c["optim"].get("name", "adamw") == "sgd"))
+def test_every_sgd_config_optimizer_steps_with_the_poly_schedule(name):
+    """The CoBra configs' PolySGD (§4.7) steps (it once reused AdamW's bound ``step`` and crashed at step 1) and
+    decays each group as ``lr (1 - t/T)^power`` from its own base rate."""
+    cfg = get_config(name)
+    backbone, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = make_optimizer(param_groups([backbone], [head], cfg["optim"]["lr"], cfg["optim"]["head_lr"]),
+                         cfg["optim"], total=10)  # fmt: skip
+    for step in range(3):
+        (backbone.sum() + head.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        factor = (1 - step / 10) ** cfg["optim"]["power"]
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg["optim"]["lr"] * factor)
+        assert opt.param_groups[1]["lr"] == pytest.approx(cfg["optim"]["lr"] * cfg["optim"]["head_lr"] * factor)
+    assert isinstance(opt, torch.optim.SGD) and float(backbone[0]) < 1

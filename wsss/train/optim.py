@@ -13,11 +13,10 @@ def poly_warmup_factor(step: int, total: int, warmup: int, warmup_ratio: float, 
     return max(1 - step / total, 0.0) ** power
 
 
-class PolyWarmupAdamW(torch.optim.AdamW):
-    """AdamW over parameter groups whose base learning rates follow ``poly_warmup_factor``."""
+class _PolySchedule:
+    """Mixin before a torch optimizer: each step first sets every group's lr to ``base_lr * poly_warmup_factor``."""
 
-    def __init__(self, groups: list[dict], total: int, warmup: int, warmup_ratio: float, power: float, **kw):
-        super().__init__(groups, betas=(0.9, 0.999), eps=1e-8, **kw)
+    def _start_schedule(self, total: int, warmup: int, warmup_ratio: float, power: float) -> None:
         self.schedule = (total, warmup, warmup_ratio, power)
         for g in self.param_groups:
             g.setdefault("base_lr", g["lr"])
@@ -28,7 +27,15 @@ class PolyWarmupAdamW(torch.optim.AdamW):
         for g in self.param_groups:
             g["lr"] = g["base_lr"] * factor
         self.global_step += 1
-        return super().step(closure)
+        return super().step(closure)  # the optimizer after the mixin in the MRO
+
+
+class PolyWarmupAdamW(_PolySchedule, torch.optim.AdamW):
+    """AdamW over parameter groups whose base learning rates follow ``poly_warmup_factor``."""
+
+    def __init__(self, groups: list[dict], total: int, warmup: int, warmup_ratio: float, power: float, **kw):
+        super().__init__(groups, betas=(0.9, 0.999), eps=1e-8, **kw)
+        self._start_schedule(total, warmup, warmup_ratio, power)
 
 
 def param_groups(backbone: list[nn.Parameter], heads: list[nn.Parameter], lr: float, head_lr: float) -> list[dict]:
@@ -39,7 +46,7 @@ def param_groups(backbone: list[nn.Parameter], heads: list[nn.Parameter], lr: fl
     ]
 
 
-class PolySGD(torch.optim.SGD):
+class PolySGD(_PolySchedule, torch.optim.SGD):
     """IRN/CoBra's PolyOptimizer (§4.7): SGD whose group learning rates decay as ``lr (1 - t/T)^power``.
 
     The official code passes its weight decay where SGD expects the momentum, so its effective momentum is
@@ -48,12 +55,7 @@ class PolySGD(torch.optim.SGD):
 
     def __init__(self, groups: list[dict], total: int, power: float, momentum: float, weight_decay: float):
         super().__init__(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
-        self.schedule = (total, 0, 1.0, power)
-        for g in self.param_groups:
-            g.setdefault("base_lr", g["lr"])
-        self.global_step = 0
-
-    step = PolyWarmupAdamW.step
+        self._start_schedule(total, 0, 1.0, power)
 
 
 def make_optimizer(groups: list[dict], ocfg: dict, total: int) -> torch.optim.Optimizer:
