@@ -381,4 +381,4 @@ def test_every_sgd_config_optimizer_steps_with_the_poly_schedule(name):
         factor = (1 - step / 10) ** cfg["optim"]["power"]
         assert opt.param_groups[0]["lr"] == pytest.approx(cfg["optim"]["lr"] * factor)
         assert opt.param_groups[1]["lr"] == pytest.approx(cfg["optim"]["lr"] * cfg["optim"]["head_lr"] * factor)
-    assert isinstance(opt, torch.optim.SGD) and float(backbone[0]) < 1
+    assert isinstance(opt, torch.optim.SGD) and float(backbone.detach()[0]) < 1
