@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_COBRA
 
 from wsss.cam.cobra import _thresholds_from, attention_background, ir_thresholds
 from wsss.cam.pipeline import single_scale_maps
@@ -19,24 +20,6 @@ from wsss.train.configs import get_config, model_spec
 from wsss.train.loop import train
 
 CLASSES = ("background", "boat", "train", "cow")  # three foreground classes
-
-TINY_COBRA = [
-    'model.backbone.overrides={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
-    "model.backbone.img_size=48",
-    "model.cnn.channels=[8,16,16,32]",
-    "model.proj_dim=16",
-    "pretrained=null",
-    "pretrained_cnn=null",
-    "data.crop=48",
-    "train.batch_size=4",
-    "train.log_every=2",
-    "train.ckpt_every=2",
-    "cam.input_size=48",
-    "cam.scales=[1.0,0.5]",
-    "cobra.k_sap=[4,2]",
-    "cobra.k_cap=[2,4]",
-    "cobra.aux_start_epoch=0",
-]
 
 
 # ---- per-anchor transcriptions of (4.8)/(4.9) and the code's (4.11)-(4.14) ----

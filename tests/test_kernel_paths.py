@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_COBRA
 
 from wsss.cam.pipeline import predict_cams
 from wsss.kernels import cam_post, infonce, ptc
@@ -18,22 +19,6 @@ from wsss.train.cobra import CoBraObjective
 from wsss.train.configs import get_config, model_spec
 from wsss.train.seco_losses import ptc_loss
 
-# tests/test_cobra.py's tiny CoBra (copied: this file must not depend on another test module importing)
-TINY_COBRA = [
-    'model.backbone.overrides={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
-    "model.backbone.img_size=48",
-    "model.cnn.channels=[8,16,16,32]",
-    "model.proj_dim=16",
-    "pretrained=null",
-    "pretrained_cnn=null",
-    "data.crop=48",
-    "train.batch_size=4",
-    "cam.input_size=48",
-    "cam.scales=[1.0,0.5]",
-    "cobra.k_sap=[4,2]",
-    "cobra.k_cap=[2,4]",
-    "cobra.aux_start_epoch=0",
-]
 CLASSES = ("background", "a", "b", "c")
 
 pytestmark = pytest.mark.skipif(
