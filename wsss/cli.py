@@ -279,16 +279,17 @@ def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pret
     IRN's ResNet has the CoBra CNN's architecture (output stride 16); score the masks with `wsss eval`.
     """
     from .data.datasets import DatasetError
-    from .models import CheckpointError
+    from .models import CheckpointError, load_model
     from .train.cobra_masks import cobra_masks as run
 
     fixed = None if ir_thresholds == "dynamic" else _floats(ir_thresholds)
     if fixed is not None and len(fixed) != 2:
         raise click.BadParameter("give 'dynamic' or two numbers FG,BG", param_hint="--ir-thresholds")
-    data = _dataset(data_spec)
     try:
-        masks = run(ckpt, data, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, fixed, rw_exp_times,
-                    seed, vit_ckpt=vit_ckpt)  # fmt: skip
+        loaded = load_model(ckpt, vit_path=vit_ckpt)
+        data = _dataset(data_spec, loaded.spec.class_names if data_spec.startswith("folder:") else None)
+        masks = run(loaded, data, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, fixed,
+                    rw_exp_times, seed)  # fmt: skip
     except (CheckpointError, DatasetError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"masks -> {masks}")

@@ -25,7 +25,7 @@ from ..data.datasets import WSSSDataset, check_classes
 from ..data.palette import save_label_png
 from ..data.transforms import normalize_images
 from ..kernels import combine_sources, normalize_maps
-from ..models import CAMSettings, load_model, save_checkpoint
+from ..models import CAMSettings, LoadedModel, save_checkpoint
 from ..models.cobra import CoBraNet
 from ..models.resnet import ResNetConfig
 from .irn import IRLabelDataset, IRNConfig, load_irn, train_irn
@@ -133,20 +133,19 @@ def _tags(data: WSSSDataset, i: int) -> np.ndarray:
     return tags
 
 
-def cobra_masks(ckpt: str | Path, data: WSSSDataset, out: str | Path, irn_preset: str = "paper",
+def cobra_masks(loaded: LoadedModel, data: WSSSDataset, out: str | Path, irn_preset: str = "paper",
                 irn_epochs: int | None = None, irn_pretrained: str | None = None, rw_source: str = "tran",
                 pad_size: int = 512, ir_thresholds_fixed: tuple[float, float] | None = None,
-                rw_exp_times: int | None = None, seed: int = 0,
-                vit_ckpt: str | Path | None = None) -> Path:  # fmt: skip
-    """The whole of §4.1 steps 4-7 for a CoBra checkpoint (ours or the official pair): IR labels, IRN, masks.
+                rw_exp_times: int | None = None, seed: int = 0) -> Path:  # fmt: skip
+    """The whole of §4.1 steps 4-7 for a CoBra network from ``load_model`` (ours or the official pair): IR labels,
+    IRN, masks.
 
     IRN's ResNet has the CoBra CNN's architecture at output stride 16 (``strides=(1, 2, 2, 1)``, fixed BN);
     ``irn_preset`` "paper" is §4.10's schedule, "tiny" a CPU-sized one. Returns ``out/masks``.
     """
     out = Path(out)
-    loaded = load_model(ckpt, vit_path=vit_ckpt)
     if loaded.spec.family != "cobra":
-        raise ValueError(f"{ckpt}: a {loaded.spec.family} network, not CoBra")
+        raise ValueError(f"{loaded.report.source}: a {loaded.spec.family} network, not CoBra")
     check_classes(data, loaded.spec.class_names)
     model, settings = loaded.model, loaded.spec.cam
     trunk = replace(ResNetConfig.from_dict(loaded.spec.arch["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
