@@ -377,7 +377,11 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Checkpoint (PyTorch).")
+@click.option(
+    "--ckpt",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A wsss checkpoint, an official SeCo .pth or a file of the official CoBra pair (PyTorch).",
+)
 @click.option(
     "--engine",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
