@@ -50,9 +50,15 @@ def pyramid_sizes(size: tuple[int, int], settings: CAMSettings) -> list[tuple[in
     listed order, ``round(s * H)`` (NumPy's half-to-even)."""
     h, w = size
     if settings.rescale == "bilinear_floor":
-        scales = [1.0, *[s for s in settings.scales if s != 1.0]]
-        return [(int(s * h), int(s * w)) for s in scales]
-    return [(int(np.round(s * h)), int(np.round(s * w))) for s in settings.scales]
+        return [(int(s * h), int(s * w)) for s in run_scales(settings)]
+    return [(int(np.round(s * h)), int(np.round(s * w))) for s in run_scales(settings)]
+
+
+def run_scales(settings: CAMSettings) -> list[float]:
+    """The scales in run order: §1.3 prepends 1.0 (quirk Q1.5); §4.8 runs the list as given."""
+    if settings.rescale == "bilinear_floor":
+        return [1.0, *[s for s in settings.scales if s != 1.0]]
+    return list(settings.scales)
 
 
 def image_pyramid(images: Sequence[np.ndarray], settings: CAMSettings, device: torch.device | str = "cpu",
@@ -96,7 +102,7 @@ def forward_pyramid(net, inputs: list[torch.Tensor], settings: CAMSettings) -> R
     """Run ``net(x) -> (logits, *cam groups)`` on every scale (with its flip in the same batch)."""
     b = inputs[0].shape[0]
     groups, logits = [], None
-    base = next((i for i, s in enumerate(_run_scales(settings)) if s == 1.0), 0)
+    base = next((i for i, s in enumerate(run_scales(settings)) if s == 1.0), 0)
     for i, xs in enumerate(inputs):
         z, *maps = net(torch.cat([xs, xs.flip(-1)]) if settings.flip else xs)
         groups.append(maps)
@@ -217,12 +223,6 @@ def _tags(tags: list[np.ndarray | None], logits: torch.Tensor, settings: CAMSett
 
 def _result(cam: torch.Tensor, y: torch.Tensor, seed: torch.Tensor) -> CAMResult:
     return CAMResult(cam.float().cpu(), y.cpu(), seed.to(torch.uint8).cpu().numpy())
-
-
-def _run_scales(settings: CAMSettings) -> list[float]:
-    if settings.rescale == "bilinear_floor":
-        return [1.0, *[s for s in settings.scales if s != 1.0]]
-    return list(settings.scales)
 
 
 def _same_size(images: Sequence[np.ndarray], settings: CAMSettings) -> Sequence[np.ndarray]:

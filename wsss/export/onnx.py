@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import __version__
 from ..cam.pipeline import single_scale_maps
+from ..models.loading import spec_from_meta
 from ..models.spec import CAMSettings, ModelSpec
 
 INPUT = "image"
@@ -180,10 +181,8 @@ def parse_metadata(props: dict[str, Any], path: str | Path) -> tuple[ModelSpec, 
         raise ValueError(f"{path}: exported by an older wsss without a model spec in its metadata; re-export it "
                          "with wsss export")  # fmt: skip
     decoded = {k: json.loads(v) if k in ("spec", "outputs") and isinstance(v, str) else v for k, v in props.items()}
-    try:
-        spec = ModelSpec.from_dict(decoded.pop("spec"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: the model spec in the metadata is invalid: {err}") from err
+    spec = spec_from_meta(decoded, path)  # the checkpoints' reader: one place validates a stored spec
+    del decoded["spec"]
     return spec, decoded
 
 
@@ -215,8 +214,7 @@ def _check_generalises(graph: nn.Module, proto: onnx.ModelProto, out: Path, hw: 
     if worst > FP32_TOLERANCE:
         raise RuntimeError(f"{out}: the exported graph does not generalise from the example input to 1x3x{hw[0]}x"
                            f"{hw[1]} ({why}): torch.export specialised a size-dependent branch or scale factor "
-                           "(e.g. the DINO position rule, wsss.models.backbone.resize_pos_grid); export with "
-                           "--static for one input size")  # fmt: skip
+                           "of the network; export with --static for one input size")  # fmt: skip
 
 
 def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
