@@ -382,3 +382,60 @@ def test_every_sgd_config_optimizer_steps_with_the_poly_schedule(name):
         assert opt.param_groups[0]["lr"] == pytest.approx(cfg["optim"]["lr"] * factor)
         assert opt.param_groups[1]["lr"] == pytest.approx(cfg["optim"]["lr"] * cfg["optim"]["head_lr"] * factor)
     assert isinstance(opt, torch.optim.SGD) and float(backbone.detach()[0]) < 1
+
+
+# ------------------------------------------------------------------------------------------------------------ devices
+
+
+@pytest.mark.parametrize(
+    "requested, local_rank, cuda, current, expected",
+    [
+        (None, None, 0, 0, "cpu"),
+        (None, None, 2, 0, "cuda:0"),
+        ("cuda:1", None, 2, 0, "cuda:1"),
+        ("cuda", None, 2, 1, "cuda:1"),  # a bare "cuda" is the current device
+        (None, 1, 2, 0, "cuda:1"),  # torchrun: LOCAL_RANK
+        ("cuda", 1, 2, 0, "cuda:1"),
+        ("cpu", 1, 2, 0, "cpu"),  # gloo ranks on the CPU of a GPU machine
+    ],
+)
+def test_resolve_device(requested, local_rank, cuda, current, expected):
+    from wsss.train.loop import resolve_device
+
+    assert resolve_device(requested, local_rank, cuda, current) == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    "requested, local_rank, cuda, message",
+    [
+        ("cuda", None, 0, "no CUDA device is visible"),
+        ("cuda:3", None, 2, "only 2 CUDA device"),
+        ("cuda:0", 1, 2, "under torchrun: each rank trains on cuda:LOCAL_RANK"),
+    ],
+)
+def test_resolve_device_refuses_what_cannot_run(requested, local_rank, cuda, message):
+    from wsss.train.loop import resolve_device
+
+    with pytest.raises(ValueError, match=message):
+        resolve_device(requested, local_rank, cuda)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_makes_the_requested_gpu_current():
+    """Triton launches on the current device: ``--device cuda:N`` must make cuda:N current."""
+    from wsss.train.loop import _setup
+
+    last = torch.cuda.device_count() - 1
+    device, rank, world = _setup(f"cuda:{last}")
+    assert device == torch.device("cuda", last) and torch.cuda.current_device() == last and (rank, world) == (0, 1)
+
+
+def test_loader_workers_are_capped_at_the_cores_per_rank(monkeypatch, capsys):
+    from wsss.train.loop import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(8) == 2 and "train.workers=8 capped at 2" in capsys.readouterr().out
+    assert loader_workers(2) == 2 and loader_workers(0) == 0 and capsys.readouterr().out == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader_workers(8) == 1

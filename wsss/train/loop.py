@@ -1,8 +1,23 @@
-"""The training loop shared by every method: data, schedule, AMP, torchrun, resume, JSONL metrics, checkpoints."""
+"""The training loop shared by every method: data, schedule, AMP, torchrun, resume, JSONL metrics, checkpoints.
+
+Under torchrun every rank holds the same model and objective state, step after step:
+
+* model and objective are built from the same seed; after construction (or resume) rank 0's objective state is
+  broadcast, and DDP broadcasts the model's;
+* DDP averages the model's gradients and ``_average_gradients`` those of the objective's own heads (SeCo's phi), so
+  every rank applies the same update, and the EMA teachers follow identical students;
+* banks and queues are updated from inputs all-gathered in rank order (``wsss.train.seco._gather``);
+* BatchNorm running statistics (CoBra's CNN when not frozen) are rank 0's: DDP broadcasts them before every
+  forward, ``_sync_buffers`` before validation and at the end;
+* only the random streams differ: dropout per (seed, rank, step), the data by rank shard. Validation is sharded
+  too, its confusion matrices summed over the ranks.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import signal
 import time
@@ -46,14 +61,15 @@ class TrainSet(Dataset):
         self.seco_views, self.s_flip = seco_views, s_flip
         indices = tqdm(range(len(data)), desc="cache images", leave=False, disable=not progress)
         self.cache = [data[i].image for i in indices] if cache else None
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """``key`` = (epoch, image index): the view depends on nothing else (resume sees the same batches)."""
+        epoch, i = key
         img = self.cache[i] if self.cache is not None else self.data[i].image
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        rng = np.random.default_rng([self.seed, epoch, i])
         crop, box = augment(img, self.aug, rng)
         labels = self.data.labels(i)
         item = {"image": to_tensor(crop), "labels": torch.from_numpy(labels), "img_box": box}
@@ -67,12 +83,77 @@ class TrainSet(Dataset):
 OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective}
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
+def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: int, current: int = 0) -> torch.device:
+    """The training device. Under torchrun (``local_rank`` given) a CUDA rank uses ``cuda:LOCAL_RANK``; otherwise
+    ``requested`` (default: CUDA when there is one), a bare ``cuda`` meaning the ``current`` device."""
+    device = torch.device(requested or ("cuda" if cuda_devices else "cpu"))
+    if device.type != "cuda":
+        return device
+    if not cuda_devices:
+        raise ValueError(f"--device {requested}: no CUDA device is visible (use --device cpu)")
+    if local_rank is not None:
+        if device.index not in (None, local_rank):
+            raise ValueError(f"--device {requested} under torchrun: each rank trains on cuda:LOCAL_RANK "
+                             f"(here cuda:{local_rank}); pass --device cuda or leave it out")  # fmt: skip
+        return torch.device("cuda", local_rank)
+    index = current if device.index is None else device.index
+    if index >= cuda_devices:
+        raise ValueError(f"--device {requested}: only {cuda_devices} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def _setup(requested: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size): under torchrun the process group is started (NCCL on CUDA, else gloo) and the
+    rank's GPU made current; ``--device cuda:N`` makes cuda:N current too (Triton launches on the current one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) if world > 1 else None
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = resolve_device(requested, local_rank, cuda, torch.cuda.current_device() if cuda else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, (dist.get_rank() if world > 1 else 0), world
+
+
+def _seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed the global CPU and CUDA generators (dropout, drop-path) from (seed, rank, step): each rank draws its
+    own stream, and a resumed run draws what the uninterrupted one drew, whatever the device."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def build_training(cfg: dict[str, Any], classes: tuple[str, ...], device: torch.device, weights: dict | None = None,
+                   verbose: bool = True):  # fmt: skip
+    """(spec, model, objective, optimizer) of a config, on ``device``. ``weights`` maps a part ("backbone", "cnn")
+    to the file it starts from. The global RNG must be seeded alike on every rank before this call."""
+    spec = model_spec(cfg, classes)
+    model = build_model(spec)
+    for part, path in (weights or {}).items():
+        if path:
+            report = load_pretrained(model, path, part).check(allow_missing=part == "backbone",
+                                                              allow_unexpected=True)  # fmt: skip
+            if verbose:
+                tqdm.write(f"pretrained {part}: {report}")
+    model.to(device)
+    objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
+    backbone, heads = model.param_groups()
+    ocfg = cfg["optim"]
+    groups = param_groups(backbone, heads + objective.trainable(), ocfg["lr"], ocfg["head_lr"])
+    return spec, model, objective, make_optimizer(groups, ocfg, cfg["train"]["iters"])
+
+
+def train_step(net: nn.Module, objective: nn.Module, optim: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               step: int, amp: bool, world: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One optimiser step: the objective under bf16 autocast when ``amp`` (each objective keeps what it thresholds
+    in float32), backward, the objective's own heads' gradients averaged over ranks (they sit outside DDP)."""
+    with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=amp):
+        losses = objective(net, batch, step)
+    optim.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if world > 1:
+        _average_gradients(objective.trainable(), world)
+    optim.step()
+    return losses
 
 
 def train(
@@ -91,38 +172,24 @@ def train(
 
     Interrupting (Ctrl-C, SIGTERM) saves a checkpoint first; ``resume=True`` continues from it and reproduces
     the uninterrupted run. ``max_steps`` stops early (at that global step) without changing the LR schedule.
+    Under torchrun every rank holds the same model and objective state (module docstring).
     """
     out = Path(out)
-    rank, world = _distributed()
-    if world > 1 and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed + rank)
-    tcfg, ocfg = cfg["train"], cfg["optim"]
-
-    spec = model_spec(cfg, data.classes)
-    model = build_model(spec)
+    device, rank, world = _setup(device)
+    tcfg = cfg["train"]
     resume = resume and (out / CHECKPOINT).is_file()  # --resume on a fresh folder simply starts
-    for part, key, given in (("backbone", "pretrained", pretrained), ("cnn", "pretrained_cnn", None)):
-        weights = given or cfg.get(key)
-        if weights and not resume:
-            report = load_pretrained(model, weights, part).check(allow_missing=part == "backbone",
-                                                                 allow_unexpected=True)  # fmt: skip
-            if rank == 0:
-                tqdm.write(f"pretrained {part}: {report}")
-    model.to(device)
-    objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
-    backbone, heads = model.param_groups()
-    groups = param_groups(backbone, heads + objective.trainable(), ocfg["lr"], ocfg["head_lr"])
-    optim = make_optimizer(groups, ocfg, tcfg["iters"])
+    weights = {} if resume else {"backbone": pretrained or cfg.get("pretrained"), "cnn": cfg.get("pretrained_cnn")}
+    torch.manual_seed(seed)  # the same initial model and objective on every rank
+    spec, model, objective, optim = build_training(cfg, data.classes, device, weights, verbose=rank == 0)
     step = _resume(out, model, optim, objective, device) if resume else 0
+    if world > 1:  # DDP broadcasts the model; the objective's teachers, bank and queue follow rank 0 as well
+        _broadcast([*objective.parameters(), *objective.buffers()])
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if device.type == "cuda" and cfg["method"] == "cobra":
+        torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN times its convolutions once
 
-    dcfg = cfg["data"]
-    aug = AugmentConfig(dcfg["crop"], tuple(dcfg["scale_range"]), dcfg["flip"], dcfg["jitter"])
-    trainset = TrainSet(data, aug, seed, dcfg.get("cache_images", False), progress and rank == 0,
-                        seco_views=cfg["method"] == "seco", s_flip=cfg.get("seco", {}).get("s_flip", 0.5))  # fmt: skip
-    batches = _batches(trainset, tcfg, seed, rank, world, step)
+    batches = _batches(training_set(cfg, data, seed, progress and rank == 0), tcfg, seed, rank, world, step,
+                       pin=device.type == "cuda", verbose=rank == 0)  # fmt: skip
     amp = tcfg["amp"] and device.type == "cuda"
     meta = {"config_name": cfg.get("name"), "config": cfg, "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
@@ -137,13 +204,8 @@ def train(
         while step < min(tcfg["iters"], max_steps or tcfg["iters"]) and stop["signal"] is None:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             net.train()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = objective(net, batch, step)
-            optim.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if world > 1:  # the objective's own trainable heads sit outside DDP
-                _average_gradients(objective.trainable(), world)
-            optim.step()
+            _seed_step(seed, rank, step)
+            losses = train_step(net, objective, optim, batch, step, amp, world)
             step += 1
             detached = {k: v.detach().float() for k, v in losses.items()}
             running = detached if running is None else {k: running[k] + v for k, v in detached.items()}
@@ -151,8 +213,9 @@ def train(
             if step % tcfg["log_every"] == 0 or step == tcfg["iters"]:
                 _log(log, bar, step, running, tcfg["log_every"], optim, t0)
                 running = None
-            if rank == 0 and val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
-                _write(log, {"step": step, **validate(model, val, spec, device, tcfg["eval_images"])})
+            if val is not None and tcfg["eval_every"] and step % tcfg["eval_every"] == 0:
+                _sync_buffers(model, world)
+                _write(log, {"step": step, **validate(model, val, spec, device, tcfg["eval_images"], rank, world)})
             if rank == 0 and step % tcfg["ckpt_every"] == 0:
                 saved = _save(out, model, spec, optim, objective, meta, step)
     except KeyboardInterrupt:
@@ -160,6 +223,8 @@ def train(
     finally:  # whatever ended the loop, the last finished step is kept
         signal.signal(signal.SIGTERM, previous)
         bar.close()
+        if stop["signal"] is None:
+            _sync_buffers(model, world)
         if rank == 0 and step > saved:
             _save(out, model, spec, optim, objective, meta, step)
         if log:
@@ -167,6 +232,17 @@ def train(
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training interrupted at step {step}; checkpoint saved, rerun with --resume")
     return out / CHECKPOINT
+
+
+def _broadcast(tensors: list[torch.Tensor]) -> None:
+    for t in tensors:
+        dist.broadcast(t.data, 0)
+
+
+def _sync_buffers(model: nn.Module, world: int) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's next forward would make them."""
+    if world > 1:
+        _broadcast(list(model.buffers()))
 
 
 def _average_gradients(params: list[nn.Parameter], world: int) -> None:
@@ -179,26 +255,46 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
             g.copy_(src.view_as(g))
 
 
-def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, start: int):
+def training_set(cfg: dict[str, Any], data: WSSSDataset, seed: int, progress: bool = False) -> TrainSet:
+    """The config's augmented training views of ``data``."""
+    d = cfg["data"]
+    aug = AugmentConfig(d["crop"], tuple(d["scale_range"]), d["flip"], d["jitter"])
+    return TrainSet(data, aug, seed, d.get("cache_images", False), progress, seco_views=cfg["method"] == "seco",
+                    s_flip=cfg.get("seco", {}).get("s_flip", 0.5))  # fmt: skip
+
+
+def loader_workers(requested: int, verbose: bool = True) -> int:
+    """``train.workers`` capped at the CPU cores this process may use, shared by the ranks of this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if requested > per_rank and verbose:
+        tqdm.write(f"train.workers={requested} capped at {per_rank}: the CPU cores available per rank")
+    return min(requested, per_rank)
+
+
+def _batches(trainset: TrainSet, tcfg: dict, seed: int, rank: int, world: int, start: int, pin: bool = False,
+             verbose: bool = True):  # fmt: skip
     """Endless shuffled batches from step ``start`` on; each rank reads its own slice of every epoch's order.
 
     Orders and augmentations depend only on (seed, epoch, index), so a resumed run sees the batches an
-    uninterrupted one would have seen.
+    uninterrupted one would have seen. One loader serves every epoch, so its workers live as long as the run.
     """
     size = tcfg["batch_size"]
     per_epoch = len(trainset) // world // size
     if per_epoch == 0:
         raise ValueError(f"{len(trainset)} training images are fewer than one batch of {size} x {world} ranks")
-    epoch, skip = divmod(start, per_epoch)
-    while True:
-        trainset.epoch = epoch
-        order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        indices = order[rank::world][skip * size : per_epoch * size].tolist()
-        # its own generator: creating an iterator must not draw from the global RNG (resume would diverge)
-        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-        yield from DataLoader(trainset, batch_size=size, sampler=indices, num_workers=tcfg["workers"],
-                              generator=generator)  # fmt: skip
-        epoch, skip = epoch + 1, 0
+
+    def keys():
+        epoch, skip = divmod(start, per_epoch)
+        while True:
+            order = torch.randperm(len(trainset), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            yield from ((epoch, i) for i in order[rank::world][skip * size : per_epoch * size].tolist())
+            epoch, skip = epoch + 1, 0
+
+    # its own generator: creating the iterator must not draw from the global RNG
+    loader = DataLoader(trainset, batch_size=size, sampler=keys(), num_workers=loader_workers(tcfg["workers"], verbose),
+                        pin_memory=pin, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return iter(loader)
 
 
 def _log(log, bar, step: int, running: dict, every: int, optim, t0: float) -> None:
@@ -220,8 +316,7 @@ def _write(log, record: dict) -> None:
 def _save(out: Path, model: nn.Module, spec: ModelSpec, optim: torch.optim.Optimizer, objective: nn.Module,
           meta: dict, step: int):  # fmt: skip
     save_model(out / CHECKPOINT, model, spec, **meta, step=step)
-    state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "rng": torch.get_rng_state(),
-             "objective": objective.state_dict()}  # fmt: skip
+    state = {"optimizer": optim.state_dict(), "step": torch.tensor(step), "objective": objective.state_dict()}
     tmp = out / (RESUME_STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / RESUME_STATE)
@@ -229,12 +324,12 @@ def _save(out: Path, model: nn.Module, spec: ModelSpec, optim: torch.optim.Optim
 
 
 def _resume(out: Path, model: nn.Module, optim: torch.optim.Optimizer, objective: nn.Module, device) -> int:
+    """Model, optimiser and objective state of ``out``; the random streams need none (``_seed_step``)."""
     meta, _ = load_state_into(model, out / CHECKPOINT)
     state = torch.load(out / RESUME_STATE, map_location=device, weights_only=True)
     optim.load_state_dict(state["optimizer"])
     objective.load_state_dict(state["objective"])
     optim.global_step = int(state["step"])
-    torch.set_rng_state(state["rng"])
     if int(state["step"]) != meta["step"]:
         raise ValueError(f"{out}: checkpoint step {meta['step']} != optimizer state step {int(state['step'])}")
     return int(state["step"])
@@ -252,9 +347,13 @@ class _AuxCAM(nn.Module):
 
 
 @torch.no_grad()
-def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_images: int) -> dict[str, float]:
+def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_images: int, rank: int = 0,
+             world: int = 1) -> dict[str, float]:  # fmt: skip
     """SeCo's validation columns (§3.15) on up to ``max_images`` images: "CAM" seeds, and for SeCo students
-    "aux_CAM" seeds and "Seg_Pred" (single-scale arg-max of the decoder at the CAM input size)."""
+    "aux_CAM" seeds and "Seg_Pred" (single-scale arg-max of the decoder at the CAM input size).
+
+    With ``world`` ranks each validates every ``world``-th image and the confusion matrices are summed (every rank
+    gets the result)."""
     settings = spec.cam
     model.eval()
     views = {"val_seed_miou": model}
@@ -263,8 +362,9 @@ def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_im
     matrices = {name: ConfusionMatrix(val.num_classes) for name in views}
     if hasattr(model, "segment"):
         matrices["val_seg_miou"] = ConfusionMatrix(val.num_classes)
-    for start in range(0, min(len(val), max_images), 16):
-        samples = [val[i] for i in range(start, min(start + 16, len(val), max_images))]
+    shard = range(rank, min(len(val), max_images), world)
+    for start in range(0, len(shard), 16):
+        samples = [val[i] for i in shard[start : start + 16]]
         for name, net in views.items():
             results = predict_cams(net, [s.image for s in samples], [s.labels for s in samples], settings, device,
                                    spec.mean, spec.std)  # fmt: skip
@@ -277,4 +377,8 @@ def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_im
             for i, s in enumerate(samples):
                 up = F.interpolate(seg[i : i + 1], size=s.mask.shape, mode="bilinear", align_corners=False)
                 matrices["val_seg_miou"].update(up.argmax(1)[0].cpu(), torch.from_numpy(s.mask))
+    if world > 1:  # the matrices (numpy or CPU tensors) travel pickled
+        shards: list[dict[str, ConfusionMatrix]] = [{} for _ in range(world)]
+        dist.all_gather_object(shards, matrices)
+        matrices = {name: functools.reduce(operator.add, (m[name] for m in shards)) for name in matrices}
     return {name: round(cm.compute()["miou"], 5) for name, cm in matrices.items()}
