@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -271,3 +274,18 @@ def test_native_resolution_runs_each_image_at_its_own_size():
         assert np.array_equal(r.seed, seed[0].numpy())
     with pytest.raises(ValueError, match="different sizes"):
         image_pyramid(images[:2], settings)
+
+
+def test_without_pydensecrf_only_the_crf_fails_with_its_install_hint():
+    # a fresh interpreter in which pydensecrf cannot be imported: the labeler still imports, the CRF says why
+    code = (
+        "import sys; sys.modules['pydensecrf'] = None\n"
+        "import numpy as np, wsss.runtime.labeler, wsss.cam.irn\n"
+        "from wsss.cam.crf import refine_seed_crf\n"
+        "try:\n"
+        "    refine_seed_crf(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8), np.array([1.0]))\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install pydensecrf2" in out and "--refine par" in out

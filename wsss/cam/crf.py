@@ -1,12 +1,25 @@
-"""Dense CRF refinement with pydensecrf (§5); CPU-bound, so run over a process pool by the callers."""
+"""Dense CRF refinement with pydensecrf (§5); CPU-bound, so run over a process pool by the callers.
+
+pydensecrf is imported when a CRF first runs, so every other path (PAR, no refinement, training) works on a machine
+where it could not be built.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+INSTALL_HINT = "the dense CRF needs pydensecrf: pip install pydensecrf2 (or refine with --refine par / none)"
+
+
+def _pydensecrf():
+    """The ``pydensecrf.densecrf`` and ``pydensecrf.utils`` modules, or a one-line error saying how to get them."""
+    try:
+        return importlib.import_module("pydensecrf.densecrf"), importlib.import_module("pydensecrf.utils")
+    except ImportError as err:
+        raise RuntimeError(f"{INSTALL_HINT} ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ def dense_crf(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.nda
     """Mean-field inference (5.2) on an (L, H*W) float32 unary; returns (L, H, W) marginals."""
     h, w = image.shape[:2]
     n_labels = unary.shape[0]
+    dcrf, _ = _pydensecrf()
     crf = dcrf.DenseCRF2D(w, h, n_labels)  # width first
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gauss_sxy, compat=params.gauss_compat)
@@ -47,7 +61,7 @@ def dense_crf(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.nda
 
 def crf_from_probs(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRF_PRESETS["seg"]) -> np.ndarray:
     """Argmax of a CRF with unary ``-log(clip(P, 1e-5))`` (5.3); ``probs`` is (L, H, W)."""
-    unary = unary_from_softmax(np.ascontiguousarray(probs, dtype=np.float32), clip=1e-5)
+    unary = _pydensecrf()[1].unary_from_softmax(np.ascontiguousarray(probs, dtype=np.float32), clip=1e-5)
     return dense_crf(image, unary, params).argmax(0)
 
 
@@ -62,7 +76,7 @@ def crf_from_labels(image: np.ndarray, label: np.ndarray, keys: np.ndarray, para
     idx = lut[label]
     if len(keys) == 1:
         return np.full(label.shape, keys[0], np.uint8)
-    unary = unary_from_labels(idx, len(keys), gt_prob=params.gt_prob, zero_unsure=True)
+    unary = _pydensecrf()[1].unary_from_labels(idx, len(keys), gt_prob=params.gt_prob, zero_unsure=True)
     q = dense_crf(image, unary, params)
     return keys[q.argmax(0)].astype(np.uint8)
 
