@@ -15,14 +15,17 @@ Per source (``cams``, and ``cams2`` when given), with every map already resized 
 
 The Triton path makes one reduction pass for the per-(b, k) extrema and one elementwise pass writing label,
 confidence and, on request, the normalised maps; the (S, F) stack is read twice and no intermediate map is
-stored. Inference only: nothing here is differentiable.
+stored. Both grids are one-dimensional (planes x pixel blocks on axis 0, up to 2^31 - 1 programs), and the pixel
+block and warp count are autotuned: every config gives the same bits (min, max and elementwise operations).
+Inference only: nothing here is differentiable.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import backend_for, check_launch, triton_module
+from .dispatch import backend_for, triton_module
+from .utils import autotune, check_grid, check_launch
 
 triton = triton_module()
 if triton is not None:
@@ -32,7 +35,7 @@ NORM_EPS = 1e-5  # (1.5), (4.17)
 FLIP_MERGES = ("max", "sum")
 NORMS = ("minmax", "max")
 COMBINES = ("fuse", "avg", "max")
-BLOCK = 1024  # pixels per program
+MIN_BLOCK = 512  # the smallest pixel block of the autotuned configs: it sizes the partial extrema
 
 
 @torch.no_grad()
@@ -166,28 +169,35 @@ def _triton(cams, tags, bkg, flip_merge, norm, cams2, return_cams, combine="fuse
     label = torch.empty(b, h, w, device=cams.device, dtype=torch.int64)
     conf = torch.empty(b, h, w, device=cams.device, dtype=torch.float32)
     out = torch.empty(b, k, h, w, device=cams.device, dtype=torch.float32) if return_cams else conf
-    grid = (-(-hw // BLOCK), b)
-    _label_kernel[grid](cams, cams2, lo, hi, lo2, hi2, tags.float().contiguous(), bkg.contiguous(), label, conf, out,
-                        s, f, b, k, hw, NORM_EPS, MAX_MERGE=flip_merge == "max", FUSE=fuse,
-                        COMBINE=COMBINES.index(combine),
-                        WRITE_CAMS=return_cams, BLOCK=BLOCK)  # fmt: skip
+    _label_kernel[lambda meta: pixel_grid(b, hw, meta["BLOCK"])](
+        cams, cams2, lo, hi, lo2, hi2, tags.float().contiguous(), bkg.contiguous(), label, conf, out, s, f, b, k, hw,
+        NORM_EPS, MAX_MERGE=flip_merge == "max", FUSE=fuse, COMBINE=COMBINES.index(combine),
+        WRITE_CAMS=return_cams)  # fmt: skip
     return (out if return_cams else None), label, conf
 
 
 def _extrema(cams: torch.Tensor, flip_merge: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(b, k) min and max over the pixels of the merged map ``M``: per-block partials, then one reduction."""
+    """Per-(b, k) min and max over the pixels of the merged map ``M``: per-block partials, then one reduction.
+
+    The partials are sized for the smallest block; a larger block leaves the extra columns at +-inf."""
     s, f, b, k, h, w = cams.shape
     hw = h * w
-    n_blocks = -(-hw // BLOCK)
-    part_lo = torch.empty(b * k, n_blocks, device=cams.device, dtype=torch.float32)
-    part_hi = torch.empty_like(part_lo)
+    part_lo = torch.full((b * k, -(-hw // MIN_BLOCK)), float("inf"), device=cams.device, dtype=torch.float32)
+    part_hi = torch.full_like(part_lo, float("-inf"))
     check_launch(_extrema_kernel, cams)
-    _extrema_kernel[(n_blocks, b * k)](cams, part_lo, part_hi, s, f, b * k, hw, MAX_MERGE=flip_merge == "max",
-                                       BLOCK=BLOCK)  # fmt: skip
+    _extrema_kernel[lambda meta: pixel_grid(b * k, hw, meta["BLOCK"])](
+        cams, part_lo, part_hi, s, f, b * k, hw, part_lo.shape[1], MAX_MERGE=flip_merge == "max")  # fmt: skip
     return part_lo.amin(1).contiguous(), part_hi.amax(1).contiguous()
 
 
+def pixel_grid(units: int, hw: int, block: int) -> tuple[int]:
+    """One program per block of ``block`` pixels of each of ``units`` planes or images, all on grid axis 0 (CUDA
+    allows 2^31 - 1 programs there, 65535 on the other axes)."""
+    return check_grid((units * -(-hw // block),))
+
+
 if triton is not None:
+    CONFIGS = [triton.Config({"BLOCK": blk}, num_warps=w) for blk, w in ((1024, 4), (512, 4), (2048, 8), (1024, 8))]
 
     @triton.jit
     def _merged_block(cams, plane, pix, ok, S, F, PLANES, HW, MAX_MERGE: tl.constexpr):
@@ -202,22 +212,28 @@ if triton is not None:
             m = m + a  # scales in order, like the reference
         return m
 
+    @autotune(CONFIGS, key=["S", "F", "PLANES", "HW"])
     @triton.jit
-    def _extrema_kernel(cams, part_lo, part_hi, S, F, PLANES, HW, MAX_MERGE: tl.constexpr, BLOCK: tl.constexpr):
-        plane = tl.program_id(1).to(tl.int64)
-        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _extrema_kernel(cams, part_lo, part_hi, S, F, PLANES, HW, PART_COLS, MAX_MERGE: tl.constexpr,
+                        BLOCK: tl.constexpr):  # fmt: skip
+        blocks = tl.cdiv(HW, BLOCK)
+        plane = (tl.program_id(0) // blocks).to(tl.int64)
+        block = tl.program_id(0) % blocks
+        pix = block * BLOCK + tl.arange(0, BLOCK)
         ok = pix < HW
         m = _merged_block(cams, plane, pix, ok, S, F, PLANES, HW, MAX_MERGE)
-        out = plane * tl.num_programs(0) + tl.program_id(0)
+        out = plane * PART_COLS + block
         tl.store(part_lo + out, tl.min(tl.where(ok, m, float("inf")), axis=0))
         tl.store(part_hi + out, tl.max(tl.where(ok, m, float("-inf")), axis=0))
 
+    @autotune(CONFIGS, key=["S", "F", "B", "K", "HW"])
     @triton.jit
     def _label_kernel(cams, cams2, lo, hi, lo2, hi2, tags, bkg, label, conf, out, S, F, B, K, HW, eps,
                       MAX_MERGE: tl.constexpr, FUSE: tl.constexpr, COMBINE: tl.constexpr,
                       WRITE_CAMS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        b = tl.program_id(1).to(tl.int64)
-        pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        blocks = tl.cdiv(HW, BLOCK)
+        b = (tl.program_id(0) // blocks).to(tl.int64)
+        pix = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
         ok = pix < HW
         best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         arg = tl.zeros((BLOCK,), dtype=tl.int64)

@@ -64,16 +64,3 @@ def backend_for(*tensors: torch.Tensor, backend: str | None = None) -> str:
             "CPU) set before wsss.kernels is imported"
         )
     return "triton"
-
-
-def check_launch(kernel: object, *tensors: torch.Tensor) -> None:
-    """Raise a clear error before launching a compiled (non-interpreted) Triton kernel on CPU tensors.
-
-    ``triton.jit`` picks the interpreter when the kernel is defined, i.e. when ``wsss.kernels`` is imported, so
-    setting ``TRITON_INTERPRET=1`` afterwards is too late.
-    """
-    if not all(t.is_cuda for t in tensors) and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(
-            "Triton kernels were compiled for the GPU but got CPU tensors; set TRITON_INTERPRET=1 before "
-            "importing wsss.kernels to run them in the interpreter"
-        )

@@ -14,11 +14,15 @@ Two implementations share the contract:
 
 * ``patch_infonce_reference``: vectorised PyTorch. It gathers the similarities from the (B, N, N) Gram matrix
   ``v v^T`` (cheaper than gathering (B, N, k, D) key tensors) and lets autograd do the backward.
-* the Triton path: one program per block of anchors keeps the anchor rows in registers and streams the positive
-  and negative key rows past them one index column at a time (no (B, N, k, D) gather and no (B, N, N) matrix);
-  the k similarities per anchor and the log-sum-exp stay in registers. The forward saves only the (B, N, Kp+Kn)
-  similarities and the log-sum-exp; the backward reloads the key rows, accumulates the anchor gradient and
-  scatters the key gradients with fp32 atomic adds (summation order, hence the last bits, is not deterministic).
+* the Triton path: one program per block of anchors streams the positive and negative key rows past the anchor
+  rows, ``BLOCK_D`` features at a time (no (B, N, k, D) gather, no (B, N, N) matrix, no padding of D); the k
+  similarities per anchor and the log-sum-exp stay in registers. The forward saves only the (B, N, Kp+Kn)
+  similarities and the log-sum-exp. The backward turns them into the coefficients ``c_ij = dL/d<v_i, v_j>``
+  (PyTorch, elementwise) and forms ``dL/dv_r = sum_{(r, j)} c_rj v_j + sum_{(i, r)} c_ir v_i`` row by row: a stable
+  sort of the indices lists each row's terms (its own slots, then its uses as a key, in anchor order) and one
+  program per (row, feature chunk) adds them one after the other. No atomics: SAP's shared key rows, used by
+  every anchor of a class, cost one list each instead of N same-address atomic adds, and the gradient has the
+  same bits on every run and with every autotuned config.
 
 Inputs may be fp32, fp16 or bf16; similarities and sums are accumulated in fp32, the output is fp32 and the
 gradient comes back in ``v``'s dtype.
@@ -27,12 +31,12 @@ gradient comes back in ``v``'s dtype.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import backend_for, check_launch, triton_module
+from .dispatch import backend_for, triton_module
+from .utils import autotune, check_grid, check_launch, check_range
 
 triton = triton_module()
 if triton is not None:
@@ -40,7 +44,7 @@ if triton is not None:
 
 NEG_MODES = ("paper", "code")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_TILE = 4096  # anchor rows x padded feature width per register tile (4 such tiles live in the backward)
+BLOCK_D = 64  # features per chunk of the forward dot products; fixed, as it sets their summation order
 
 
 def patch_infonce(
@@ -88,7 +92,11 @@ def _reference(v, pos_idx, neg_idx, tau, neg_mode) -> torch.Tensor:
 
 
 def _check_inputs(v, pos_idx, neg_idx, tau, neg_mode) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes, dtypes, devices and index ranges; return the indices as contiguous int64."""
+    """Validate shapes, dtypes, devices and index ranges; return the indices as contiguous int64.
+
+    Indices outside [0, N) raise ``IndexError`` on the CPU; on a GPU the check runs without a host sync and a
+    failure is a device-side assert, a ``RuntimeError`` at the next synchronisation (``utils.check_range``).
+    """
     if v.dim() != 3 or not v.is_floating_point():
         raise ValueError(f"v must be a floating (B, N, D) tensor, got {v.dtype} of shape {tuple(v.shape)}")
     if neg_mode not in NEG_MODES:
@@ -105,25 +113,61 @@ def _check_inputs(v, pos_idx, neg_idx, tau, neg_mode) -> tuple[torch.Tensor, tor
             raise TypeError(f"{name} must hold integer indices, got {idx.dtype}")
         if idx.device != v.device:
             raise ValueError(f"{name} is on {idx.device} but v is on {v.device}")
-        # The range check is free on the CPU; on the GPU it would cost a host sync every training step, so there
-        # the indices (which come from top-k rankings) are trusted unless WSSS_CHECK_INDICES=1.
-        if (not idx.is_cuda or os.environ.get("WSSS_CHECK_INDICES") == "1") and bool(((idx < 0) | (idx >= n)).any()):
-            raise IndexError(f"{name} holds indices outside [0, {n})")
+        check_range(name, idx, 0, n)
         checked.append(idx.to(torch.int64).contiguous())
     return checked[0], checked[1]
-
-
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps): the whole feature row in one tile, as many anchors as fit ``MAX_TILE``;
-    full tiles get 8 warps (ptxas for sm_90, D <= 1024: at most 24 bytes of stack, 230 registers)."""
-    block_d = max(16, 1 << (d - 1).bit_length())
-    block_m = max(1, min(32, MAX_TILE // block_d))
-    return block_m, block_d, (8 if block_m * block_d >= MAX_TILE else 4)
 
 
 def _mode_constants(tau: float, neg_mode: str) -> tuple[float, float]:
     """(scale of the negative logits, shift of logY): paper (1/tau, 0); code (1, -log tau)."""
     return (1.0 / tau, 0.0) if neg_mode == "paper" else (1.0, -math.log(tau))
+
+
+def _pow2(x: int) -> int:
+    return max(2, 1 << (x - 1).bit_length())
+
+
+def forward_grid(n: int, b: int, block_m: int) -> tuple[int, int]:
+    """One program per block of ``block_m`` anchors (axis 0) of each image (axis 1)."""
+    return check_grid((-(-n // block_m), b))
+
+
+def gather_grid(rows: int, d: int, block_d: int) -> tuple[int, int]:
+    """One program per gradient row (axis 0, up to 2^31 - 1) and chunk of ``block_d`` features (axis 1)."""
+    return check_grid((rows, -(-d // block_d)))
+
+
+def similarity_grads(grad_loss, s_pos, a_neg, lse, inv_tau: float, neg_scale: float, shift: float) -> torch.Tensor:
+    """``c = dL/d<v_i, v_j>`` for the positive then the negative slots, (B, N, Kp + Kn) float32.
+
+    ``dL/ds_ij = -sigmoid(logY_i - s_ij)``, ``dL/dlogY_i = sum_j sigmoid(logY_i - s_ij)``, ``dlogY_i/da_ik =
+    softmax(a_i)_k``, with ``s = <v_i, v_j> / tau`` and ``a = <v_i, v_k> * neg_scale``.
+    """
+    g = grad_loss.float()[..., None]
+    sig = torch.sigmoid((lse + shift)[..., None] - s_pos)
+    c_neg = g * sig.sum(-1, keepdim=True) * neg_scale * torch.exp(a_neg - lse[..., None])
+    return torch.cat([-(g * inv_tau) * sig, c_neg], -1)
+
+
+def gradient_lists(idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The terms of ``dL/dv_r = sum_{(r, j)} c_rj v_j + sum_{(i, r)} c_ir v_i`` grouped by row ``r``, per image.
+
+    Args:
+        idx: (B, N, K) key indices of every anchor's slots; coef: (B, N, K) their coefficients ``c``.
+
+    Returns:
+        offsets (B, N + 1) int32 (row r's terms are ``[offsets[r], offsets[r + 1])``), sources (B, 2 N K) int32
+        (the row each term multiplies) and weights (B, 2 N K) float32, sorted by row and, within a row, its own
+        slots first, then its uses as a key in anchor order (a stable sort: the same order on every run).
+    """
+    b, n, k = idx.shape
+    anchors = torch.arange(n, device=idx.device, dtype=torch.int32).repeat_interleave(k).expand(b, -1)
+    keys = idx.reshape(b, n * k).to(torch.int32)
+    rows, order = torch.sort(torch.cat([anchors, keys], 1), dim=1, stable=True)
+    sources = torch.cat([keys, anchors], 1).gather(1, order)
+    weights = coef.reshape(b, n * k).repeat(1, 2).gather(1, order)
+    bounds = torch.arange(n + 1, device=idx.device, dtype=torch.int32).repeat(b, 1)
+    return torch.searchsorted(rows, bounds, out_int32=True), sources, weights
 
 
 class _PatchInfoNCE(torch.autograd.Function):
@@ -139,12 +183,10 @@ class _PatchInfoNCE(torch.autograd.Function):
         lse = torch.empty_like(loss)
         s_pos = torch.empty(b, n, kp, device=v.device, dtype=torch.float32)
         a_neg = torch.empty(b, n, kn, device=v.device, dtype=torch.float32)
-        block_m, block_d, warps = _blocks(d)
-        grid = (-(-n // block_m), b)
         check_launch(_forward_kernel, v)
-        _forward_kernel[grid](v, pos_idx, neg_idx, loss, lse, s_pos, a_neg, n, d, kp, kn, 1.0 / tau, neg_scale,
-                              shift, KP_PAD=_pow2(kp), KN_PAD=_pow2(kn), BLOCK_M=block_m, BLOCK_D=block_d,
-                              num_warps=warps)  # fmt: skip
+        _forward_kernel[lambda meta: forward_grid(n, b, meta["BLOCK_M"])](
+            v, pos_idx, neg_idx, loss, lse, s_pos, a_neg, n, d, kp, kn, 1.0 / tau, neg_scale, shift,
+            KP_PAD=_pow2(kp), KN_PAD=_pow2(kn), BLOCK_D=BLOCK_D)  # fmt: skip
         ctx.save_for_backward(v, pos_idx, neg_idx, s_pos, a_neg, lse)
         ctx.constants = (1.0 / tau, neg_scale, shift)
         return loss
@@ -152,100 +194,99 @@ class _PatchInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         v, pos_idx, neg_idx, s_pos, a_neg, lse = ctx.saved_tensors
-        inv_tau, neg_scale, shift = ctx.constants
         b, n, d = v.shape
-        kp, kn = pos_idx.shape[2], neg_idx.shape[2]
-        grad_v = torch.zeros(b, n, d, device=v.device, dtype=torch.float32)
-        block_m, block_d, warps = _blocks(d)
-        grid = (-(-n // block_m), b)
-        grad_loss = grad_loss.float().contiguous()
-        _backward_kernel[grid](v, pos_idx, neg_idx, s_pos, a_neg, lse, grad_loss, grad_v, n, d, kp, kn, inv_tau,
-                               neg_scale, shift, KP_PAD=_pow2(kp), KN_PAD=_pow2(kn), BLOCK_M=block_m,
-                               BLOCK_D=block_d, num_warps=warps)  # fmt: skip
-        return grad_v.to(v.dtype), None, None, None, None
-
-
-def _pow2(x: int) -> int:
-    return max(2, 1 << (x - 1).bit_length())
+        coef = similarity_grads(grad_loss, s_pos, a_neg, lse, *ctx.constants)
+        offsets, sources, weights = gradient_lists(torch.cat([pos_idx, neg_idx], 2), coef)
+        grad_v = torch.empty_like(v)
+        _gather_sum_kernel[lambda meta: gather_grid(b * n, d, meta["BLOCK_D"])](
+            v, offsets, sources, weights, grad_v, n, d, sources.shape[1])  # fmt: skip
+        return grad_v, None, None, None, None
 
 
 if triton is not None:
+    # BLOCK_M >= 4 num_warps keeps the lanes along D, hence each dot product's summation tree, the same in every
+    # config (fp32 and half loads alike); the gather kernel adds its terms in list order whatever its blocks
+    FORWARD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((32, 4), (16, 4), (64, 4), (64, 8))]
+    GATHER_CONFIGS = [triton.Config({"BLOCK_E": e, "BLOCK_D": bd}, num_warps=w)
+                      for e, bd, w in ((8, 256, 2), (16, 128, 1), (8, 256, 2), (32, 64, 1), (16, 256, 4))]  # fmt: skip
 
+    @triton.jit
+    def _add_dots(acc, v_i, image, idx, flat, row_ok, cols, tile_ok, D, K, K_PAD: tl.constexpr):
+        """``acc[:, c] += <v_i, v_key>`` over one feature chunk, for the K index columns c of ``idx``."""
+        slots = tl.arange(0, K_PAD)
+        for c in range(K):
+            key = tl.load(idx + flat * K + c, mask=row_ok, other=0)
+            v_k = tl.load(image + key[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            acc += tl.where(slots[None, :] == c, tl.sum(v_i * v_k, axis=1)[:, None], 0.0)
+        return acc
+
+    @triton.jit
+    def _column(x, c, K_PAD: tl.constexpr):
+        """Column ``c`` of a (rows, K_PAD) tile, exactly (one value plus zeros)."""
+        return tl.sum(tl.where(tl.arange(0, K_PAD)[None, :] == c, x, 0.0), axis=1)
+
+    @triton.jit
+    def _softplus(x):
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e  # log1p(e) without cancellation: log(u) * e / (u - 1), or e when u rounds to 1
+        return tl.maximum(x, 0.0) + tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
+
+    @autotune(FORWARD_CONFIGS, key=["N", "D", "KP", "KN"])
     @triton.jit
     def _forward_kernel(v, pos_idx, neg_idx, loss, lse, s_pos, a_neg, N, D, KP, KN, inv_tau, neg_scale, shift,
                         KP_PAD: tl.constexpr, KN_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_D: tl.constexpr):  # fmt: skip
-        # rows = anchors i of image b; the anchor tile stays in registers while key rows stream past it
+        # rows = anchors i of image b; key rows stream past the anchor rows one feature chunk at a time
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        flat = tl.program_id(1).to(tl.int64) * N + rows
-        cols = tl.arange(0, BLOCK_D)
-        tile_ok = row_ok[:, None] & (cols < D)[None, :]
-        v_i = tl.load(v + flat[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        kp_cols = tl.arange(0, KP_PAD)
+        b = tl.program_id(1).to(tl.int64)
+        flat = b * N + rows
+        image = v + b * N * D
         s = tl.zeros((BLOCK_M, KP_PAD), dtype=tl.float32)
-        for c in range(KP):  # s_ij = <v_i, v_j> / tau, one positive column at a time
-            j = tl.load(pos_idx + flat * KP + c, mask=row_ok, other=0)
-            v_j = tl.load(v + (flat - rows + j)[:, None] * D + cols[None, :], mask=tile_ok, other=0.0)
-            dot = tl.sum(v_i * v_j.to(tl.float32), axis=1) * inv_tau
-            s = tl.where(kp_cols[None, :] == c, dot[:, None], s)
-        kn_cols = tl.arange(0, KN_PAD)
         a = tl.zeros((BLOCK_M, KN_PAD), dtype=tl.float32)
-        for c in range(KN):  # negative logits: <v_i, v_k> / tau (paper) or <v_i, v_k> (code)
-            k = tl.load(neg_idx + flat * KN + c, mask=row_ok, other=0)
-            v_k = tl.load(v + (flat - rows + k)[:, None] * D + cols[None, :], mask=tile_ok, other=0.0)
-            dot = tl.sum(v_i * v_k.to(tl.float32), axis=1) * neg_scale
-            a = tl.where(kn_cols[None, :] == c, dot[:, None], a)
-        kn_ok = (kn_cols < KN)[None, :]
-        a_max = tl.max(tl.where(kn_ok, a, float("-inf")), axis=1)
-        lse_i = a_max + tl.log(tl.sum(tl.where(kn_ok, tl.exp(a - a_max[:, None]), 0.0), axis=1))
-        x = (lse_i + shift)[:, None] - s  # logY_i - s_ij
-        e = tl.exp(-tl.abs(x))
-        u = 1.0 + e  # log1p(e) without cancellation: log(u) * e / (u - 1), or e when u rounds to 1
-        log1p_e = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
-        softplus = tl.maximum(x, 0.0) + log1p_e
-        kp_ok = (kp_cols < KP)[None, :]
-        tl.store(loss + flat, tl.sum(tl.where(kp_ok, softplus, 0.0), axis=1), mask=row_ok)
-        tl.store(lse + flat, lse_i, mask=row_ok)
-        tl.store(s_pos + flat[:, None] * KP + kp_cols[None, :], s, mask=row_ok[:, None] & kp_ok)
-        tl.store(a_neg + flat[:, None] * KN + kn_cols[None, :], a, mask=row_ok[:, None] & kn_ok)
-
-    @triton.jit
-    def _backward_kernel(v, pos_idx, neg_idx, s_pos, a_neg, lse, grad_loss, grad_v, N, D, KP, KN, inv_tau,
-                         neg_scale, shift, KP_PAD: tl.constexpr, KN_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_D: tl.constexpr):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        flat = tl.program_id(1).to(tl.int64) * N + rows
-        cols = tl.arange(0, BLOCK_D)
-        tile_ok = row_ok[:, None] & (cols < D)[None, :]
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_ok = row_ok[:, None] & (cols < D)[None, :]
+            v_i = tl.load(v + flat[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            s = _add_dots(s, v_i, image, pos_idx, flat, row_ok, cols, tile_ok, D, KP, KP_PAD)
+            a = _add_dots(a, v_i, image, neg_idx, flat, row_ok, cols, tile_ok, D, KN, KN_PAD)
+        s = s * inv_tau  # s_ij = <v_i, v_j> / tau
+        a = a * neg_scale  # <v_i, v_k> / tau (paper) or <v_i, v_k> (code)
         kp_cols = tl.arange(0, KP_PAD)
         kn_cols = tl.arange(0, KN_PAD)
-        kp_ok = row_ok[:, None] & (kp_cols < KP)[None, :]
-        kn_ok = row_ok[:, None] & (kn_cols < KN)[None, :]
-        g = tl.load(grad_loss + flat, mask=row_ok, other=0.0)
-        lse_i = tl.load(lse + flat, mask=row_ok, other=0.0)
-        s = tl.load(s_pos + flat[:, None] * KP + kp_cols[None, :], mask=kp_ok, other=0.0)
-        a = tl.load(a_neg + flat[:, None] * KN + kn_cols[None, :], mask=kn_ok, other=0.0)
-        # dL/dlogY = sum_j sigmoid(logY - s_ij); dL/ds_ij = -sigmoid(logY - s_ij); dlogY/da_k = softmax(a)_k
-        x = (lse_i + shift)[:, None] - s
-        e = tl.exp(-tl.abs(x))  # sigmoid(x) without overflow: 1/(1+e) for x >= 0, e/(1+e) below
-        sig = tl.where(kp_ok, tl.where(x >= 0, 1.0, e) / (1.0 + e), 0.0)
-        c_pos = -(g * inv_tau)[:, None] * sig  # dL/d<v_i, v_j>
-        p = tl.where(kn_ok, tl.exp(a - lse_i[:, None]), 0.0)
-        c_neg = (g * tl.sum(sig, axis=1) * neg_scale)[:, None] * p  # dL/d<v_i, v_k>
-        v_i = tl.load(v + flat[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        a_max = tl.max(tl.where((kn_cols < KN)[None, :], a, float("-inf")), axis=1)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in range(KN):  # the slots one after the other: no summation tree that a config could change
+            total += tl.exp(_column(a, c, KN_PAD) - a_max)
+        lse_i = a_max + tl.log(total)
+        loss_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c in range(KP):
-            coef = tl.sum(tl.where(kp_cols[None, :] == c, c_pos, 0.0), axis=1)[:, None]
-            key = flat - rows + tl.load(pos_idx + flat * KP + c, mask=row_ok, other=0)
-            v_j = tl.load(v + key[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            acc += coef * v_j
-            tl.atomic_add(grad_v + key[:, None] * D + cols[None, :], coef * v_i, mask=tile_ok)
-        for c in range(KN):
-            coef = tl.sum(tl.where(kn_cols[None, :] == c, c_neg, 0.0), axis=1)[:, None]
-            key = flat - rows + tl.load(neg_idx + flat * KN + c, mask=row_ok, other=0)
-            v_k = tl.load(v + key[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            acc += coef * v_k
-            tl.atomic_add(grad_v + key[:, None] * D + cols[None, :], coef * v_i, mask=tile_ok)
-        tl.atomic_add(grad_v + flat[:, None] * D + cols[None, :], acc, mask=tile_ok)
+            loss_i += _softplus(lse_i + shift - _column(s, c, KP_PAD))  # softplus(logY_i - s_ij)
+        tl.store(loss + flat, loss_i, mask=row_ok)
+        tl.store(lse + flat, lse_i, mask=row_ok)
+        tl.store(s_pos + flat[:, None] * KP + kp_cols[None, :], s, mask=row_ok[:, None] & (kp_cols < KP)[None, :])
+        tl.store(a_neg + flat[:, None] * KN + kn_cols[None, :], a, mask=row_ok[:, None] & (kn_cols < KN)[None, :])
+
+    @autotune(GATHER_CONFIGS, key=["N", "D", "E"])
+    @triton.jit
+    def _gather_sum_kernel(v, offsets, sources, weights, out, N, D, E, BLOCK_E: tl.constexpr,
+                           BLOCK_D: tl.constexpr):  # fmt: skip
+        """``out[b, r] = sum_e weights[b, e] v[b, sources[b, e]]`` over ``e`` in ``[offsets[b, r], offsets[b, r+1])``,
+        one term after the other in list order (the same bits for every block size and warp count)."""
+        row = tl.program_id(0).to(tl.int64)  # b * N + r
+        b = row // N
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        start = tl.load(offsets + row + b)
+        end = tl.load(offsets + row + b + 1)
+        image = v + b * N * D
+        terms = b * E
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for e0 in range(start, end, BLOCK_E):
+            for e in tl.static_range(BLOCK_E):  # unrolled: BLOCK_E row loads in flight; past the end adds 0 * 0
+                ok = e0 + e < end
+                w = tl.load(weights + terms + e0 + e, mask=ok, other=0.0)
+                src = tl.load(sources + terms + e0 + e, mask=ok, other=0).to(tl.int64)
+                x = tl.load(image + src * D + cols, mask=col_ok & ok, other=0.0)
+                acc += w * x.to(tl.float32)
+        tl.store(out + row * D + cols, acc.to(out.dtype.element_ty), mask=col_ok)

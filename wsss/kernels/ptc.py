@@ -16,6 +16,9 @@ and the pair classes are recomputed from the labels wherever a similarity is for
   backward gives each program one row block: it sweeps the column blocks, forms each similarity tile once and
   adds ``dL/dF_hat_i = 2 sum_j c_ij sign(<F_hat_i, F_hat_j>) F_hat_j`` to its own rows in place (no atomics,
   deterministic). Neither holds (B, N, N); the normalisation stays in PyTorch, whose autograd covers it.
+
+The tiles are fixed by ``_tiles``, not autotuned: the token block sets the summation order of both passes (the
+per-tile partial sums, the column sweep of the backward), so a timed choice would make the bits depend on it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import backend_for, check_launch, triton_module
+from .dispatch import backend_for, triton_module
+from .utils import check_grid, check_launch, check_range
 
 triton = triton_module()
 if triton is not None:
@@ -39,7 +43,8 @@ def masked_ptc(feats: torch.Tensor, labels: torch.Tensor, backend: str | None = 
 
     Args:
         feats: (B, D, N) or (B, D, h, w) final-layer tokens ``F_tok``.
-        labels: (B, N) or (B, h, w) integer token labels ``l_aux`` (255 = ignore), from the aux CAM.
+        labels: (B, N) or (B, h, w) integer token labels ``l_aux`` in [0, 255] (255 = ignore), from the aux CAM;
+            others raise ``ValueError`` on the CPU, a device-side assert on a GPU (``utils.check_range``).
         backend: ``"triton"``, ``"torch"`` or None (automatic, see ``wsss.kernels.dispatch``).
 
     Pairs of tokens with an ignored label and the diagonal never count; with no valid pair at all the loss is
@@ -88,6 +93,7 @@ def _check_inputs(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         raise ValueError(f"labels {tuple(labels.shape)} do not match the token grid of feats {tuple(feats.shape)}")
     if labels.device != feats.device:
         raise ValueError(f"labels are on {labels.device} but feats on {feats.device}")
+    check_range("labels (class ids, 255 = ignore)", flat, 0, IGNORE_INDEX + 1, ValueError)
     return tokens, flat.to(torch.int64)
 
 
@@ -130,7 +136,7 @@ class _MaskedPTC(torch.autograd.Function):
         pairs = torch.triu_indices(n_blocks, n_blocks, device=t.device).t().to(torch.int32).contiguous()
         partial = torch.empty(b, pairs.shape[0], 2, device=t.device, dtype=torch.float32)
         check_launch(_forward_kernel, t)
-        _forward_kernel[(pairs.shape[0], b)](t, labels, pairs, partial, n, d, BLOCK=block, BLOCK_D=block_d,
+        _forward_kernel[check_grid((pairs.shape[0], b))](t, labels, pairs, partial, n, d, BLOCK=block, BLOCK_D=block_d,
                                              num_warps=warps)  # fmt: skip
         sums = partial.double().sum((0, 1))
         ctx.save_for_backward(t, labels, n_pos, n_neg)
@@ -145,8 +151,8 @@ class _MaskedPTC(torch.autograd.Function):
         # dL/dS_pos = -1/(2(n_pos+1)), dL/dS_neg = 1/(2(n_neg+1)); each unordered pair appears twice in S
         coef = torch.stack([-g / (n_pos.float() + 1), g / (n_neg.float() + 1)]).contiguous()
         grad_t = torch.zeros_like(t)
-        grid = (-(-n // block), b)
-        _backward_kernel[grid](t, labels, coef, grad_t, n, d, BLOCK=block, BLOCK_D=block_d, num_warps=warps)
+        _backward_kernel[check_grid((-(-n // block), b))](t, labels, coef, grad_t, n, d, BLOCK=block, BLOCK_D=block_d,
+                                                          num_warps=warps)  # fmt: skip
         return grad_t, None, None, None
 
 
