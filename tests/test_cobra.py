@@ -146,6 +146,40 @@ def test_sap_code_negatives_differ_from_paper():
     assert not torch.isclose(paper, code)
 
 
+def test_cap_and_sap_under_bf16_autocast_equal_float32():
+    """The ranked scores and the InfoNCE logits (/ tau) stay float32 under autocast (the reference path's Gram
+    matrix would otherwise run in bf16)."""
+    import inspect
+
+    v = _unit((2, 36, 16), 7)
+    aff = torch.rand(2, 36, 36, generator=torch.Generator().manual_seed(8))
+    m_cnn = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(9))
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    want = cap_loss(v, aff, 2, 4), sap_loss(v, m_cnn, y, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cap_loss(v, aff, 2, 4), sap_loss(v, m_cnn, y, 4, 2)
+        naive = inspect.unwrap(cap_loss)(v, aff, 2, 4), inspect.unwrap(sap_loss)(v, m_cnn, y, 4, 2)
+    for g, w, n in zip(got, want, naive, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+        assert abs(n.float() - w) > 1e-4 * abs(w)  # the guard matters
+
+
+def test_sap_ranks_float32_cnn_scores_under_bf16_autocast():
+    """Under autocast ``M_cnn`` is bf16 and its patches tie; SAP ranks ``W_c F_cnn`` recomputed in float32."""
+    from wsss.train.cobra import _cnn_scores
+
+    torch.manual_seed(0)
+    model = _cobra()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0)), mode="train")[0]
+        scores = _cnn_scores(model, out)
+    assert out.m_cnn.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, F.conv2d(out.f_cnn.float(), model.cnn_classifier.weight), rtol=0, atol=0)
+    ties = lambda m: sum(144 - len(row.unique()) for row in m.flatten(2).flatten(0, 1))  # noqa: E731
+    assert ties(out.m_cnn) > 10 * max(ties(scores), 1)  # 12 x 12 patches per map
+    assert _cnn_scores(model, model(torch.randn(1, 3, 48, 48), mode="train")[0]).dtype == torch.float32
+
+
 def test_pseudo_labels_first_index_rule_for_absent_classes():
     m = torch.full((1, 4, 1, 2), -1.0)  # every present channel negative: absent classes (logit 0) win in code mode
     labels = torch.tensor([[1.0, 0.0, 0.0]])

@@ -203,3 +203,50 @@ def test_dense_energy_matches_brute_force_and_official_gradient():
     assert math.isclose(loss.item(), total / 2, rel_tol=1e-5)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------- bf16 autocast (§3.5)
+
+BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
+
+
+def _near_duplicates(n: int = 48, m: int = 480, d: int = 64, classes: int = 4, seed: int = 0):
+    """Anchors, keys and prototypes clustered by class, as SeCo's own keys are: many logits near the row maximum."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(classes, d, generator=gen), dim=1)
+    f, g = torch.arange(n) % classes + 1, torch.arange(m) % classes + 1
+    f[::7], g[::5] = -1, 0
+
+    def around(tags):
+        return F.normalize(centres[tags.clamp_min(1) - 1] + 0.05 * torch.randn(len(tags), d, generator=gen), dim=1)
+
+    return around(f), around(g), f, g, centres
+
+
+def test_bf16_contrast_logits_tie_with_the_row_maximum():
+    """Why LIL and LIG run in float32: bf16 q @ k / tau ties with the row maximum, which (3.10) ``e != 1`` drops."""
+    q, k, *_ = _near_duplicates()
+    with torch.autocast(**BF16):
+        low = q @ k.t() / 0.08
+    exact = q @ k.t() / 0.08
+    ties = lambda a: (a == a.amax(1, keepdim=True)).sum(1)  # noqa: E731
+    assert low.dtype == torch.bfloat16 and ties(low).max() > 1
+    assert (ties(exact) == 1).all()
+
+
+def test_lil_and_lig_under_bf16_autocast_equal_float32():
+    import inspect
+
+    q, k, f, g, centres = _near_duplicates()
+    want_lil, want_f, _ = lil_loss(q, k, f, g)
+    want_lig = lig_loss(q, centres, want_f)
+    with torch.autocast(**BF16):
+        lil, f_revised, _ = lil_loss(q.bfloat16(), k, f, g)  # the projection head's bf16 output is widened
+        lig = lig_loss(q, centres, f_revised)
+        naive = inspect.unwrap(lil_loss)(q, k, f, g)[0], inspect.unwrap(lig_loss)(q, centres, f_revised)
+    assert lil.dtype == lig.dtype == torch.float32 and torch.equal(f_revised, want_f)
+    torch.testing.assert_close(lil, lil_loss(q.bfloat16().float(), k, f, g)[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(lig, want_lig, rtol=1e-6, atol=0)
+    # the test can fail: without the float32 guard autocast moves both losses far beyond that tolerance
+    for low, exact in zip(naive, (want_lil, want_lig), strict=True):
+        assert abs(low.float() - exact) > 1e-4 * abs(exact)

@@ -117,3 +117,26 @@ def test_coco_seg_labels_come_from_the_aux_cam_until_the_switch(synth):
     flipped = objective.pseudo_labels(model, x, y, box, 4)["seg_label"]
     assert not torch.equal(before, flipped), "before the switch the label follows the aux CAM"
     assert torch.equal(after, objective.pseudo_labels(model, x, y, box, 5)["seg_label"])
+
+
+def test_pseudo_labels_under_bf16_autocast_equal_float32():
+    """The thresholded pseudo-labels (seg_label, roi, crop positions and flags) come out of a float32 forward
+    whatever the autocast: bf16 CAMs would flip pixels near 0.25 / 0.5 / 0.7."""
+    import inspect
+
+    from wsss.models import build_model
+    from wsss.train.seco import SeCoObjective
+
+    cfg = get_config("seco-tiny-synth", [*MICRO, "seco.local_crop=8", "seco.n_crops=4"])
+    torch.manual_seed(0)
+    model = build_model(model_spec(cfg, ("background", *(f"c{i}" for i in range(8))))).eval()
+    objective = SeCoObjective(model, cfg)
+    x, y = torch.randn(2, 3, 48, 48), torch.tensor([[1.0] + [0.0] * 7, [1.0, 1.0] + [0.0] * 6])
+    box = torch.tensor([[0, 48, 0, 40]] * 2)
+    want = objective.pseudo_labels(model, x, y, box, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = objective.pseudo_labels(model, x, y, box, 3)
+        naive = torch.no_grad()(inspect.unwrap(SeCoObjective.pseudo_labels))(objective, model, x, y, box, 3)
+    for key in ("aux_cam", "seg_label", "roi", "positions", "flags"):
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(naive["aux_cam"].float(), want["aux_cam"])  # autocast does reach this forward on CPU

@@ -65,7 +65,7 @@ class CoBraObjective(nn.Module):
             if s["cam_loss"]:
                 losses["cam"] = cam_l1_loss(out.m_cnn, out.m_tran, y, self.crop, s["cam_l1_terms"])
             if s["sap"]:
-                losses["sap"] = sap_loss(v_s, out.m_cnn, y, *s["k_sap"], s["tau"], s["pseudo_rank"],
+                losses["sap"] = sap_loss(v_s, _cnn_scores(net, out), y, *s["k_sap"], s["tau"], s["pseudo_rank"],
                                          s["absent_mask"], s["sap_anchors"], s["sap_neg_exp"],
                                          s["contrast_reduction"])  # fmt: skip
             if s["cap"]:
@@ -73,3 +73,14 @@ class CoBraObjective(nn.Module):
         total = losses["cls_cnn"] + losses["cls_tran"] + zero
         total = total + s["lambda_cam"] * losses["cam"] + s["lambda_sap"] * losses["sap"]
         return {"loss": total + s["lambda_cap"] * losses["cap"], **losses}
+
+
+@torch.no_grad()
+def _cnn_scores(net: nn.Module, out) -> torch.Tensor:
+    """``M_cnn`` for SAP's pseudo labels and ranking (indices only), in float32: under bf16 autocast ``W_c``'s
+    outputs keep 8 mantissa bits, so patches tie and the stable ranking picks others than in float32."""
+    if out.m_cnn.dtype == torch.float32:
+        return out.m_cnn
+    classifier = (net.module if hasattr(net, "module") else net).cnn_classifier
+    with torch.autocast(out.f_cnn.device.type, enabled=False):
+        return classifier(out.f_cnn.float())

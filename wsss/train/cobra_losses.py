@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..kernels import patch_infonce
 from ..models.cobra import image_logits
+from .precision import float32
 
 
 def stable_topk(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -78,6 +79,7 @@ def contrast_reduce(per_anchor: torch.Tensor, anchors: torch.Tensor, k_pos: int,
     raise ValueError(f"contrast_reduction must be 'mean' or 'paper_sum', got {reduction!r}")
 
 
+@float32  # ranks the affinity and divides by tau: bf16 would tie and reorder
 def cap_loss(v_c: torch.Tensor, affinity: torch.Tensor, k_pos: int = 5, k_neg: int = 20, tau: float = 0.1,
              reduction: str = "mean") -> torch.Tensor:  # fmt: skip
     """(4.8) CAP: every CNN patch embedding ``v^c_i`` is pulled to its top-``k+`` and pushed from its bottom-``k-``
@@ -88,6 +90,7 @@ def cap_loss(v_c: torch.Tensor, affinity: torch.Tensor, k_pos: int = 5, k_neg: i
     return contrast_reduce(per_anchor, torch.ones_like(per_anchor), k_pos, reduction)
 
 
+@float32  # ranks the CNN scores and divides by tau
 def sap_loss(
     v_s: torch.Tensor,
     m_cnn: torch.Tensor,

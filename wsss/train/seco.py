@@ -20,6 +20,7 @@ from ..data.transforms import denormalize, to_uint8_levels
 from ..models import CAMSettings
 from ..models.backbone import forward_tokens
 from ..models.seco import ProjectionHead, SeCoNet
+from .precision import float32
 from .seco_crops import crop_and_tag, crop_windows
 from .seco_losses import dense_energy_loss, lig_loss, lil_loss, ptc_loss, seg_loss
 from .seco_state import KeyQueue, PrototypeBank, ema_update, loss_weights
@@ -81,9 +82,10 @@ class SeCoObjective(nn.Module):
         return losses
 
     @torch.no_grad()
+    @float32  # the CAMs are thresholded at 0.25 / 0.5 / 0.7: under bf16 autocast pixels near them would flip
     def pseudo_labels(self, model, x, y, box, step: int, dense: bool = True) -> dict[str, torch.Tensor]:
         """§3.2 steps 2-5 as a dict: ``aux_cam``, PAR-refined ``seg_label`` (None unless ``dense``), the ``roi``
-        (-1 uncertain), and the crops' ``positions`` and ``flags``."""
+        (-1 uncertain), and the crops' ``positions`` and ``flags``; in float32 whatever the autocast."""
         s, k = self.cfg, self.num_fg
         raw = forward_pyramid(_BothCAMs(model), tensor_pyramid(x, self.cam), self.cam)
         fused = normalized_maps(stack_maps(raw, tuple(x.shape[-2:]), self.cam), self.cam)  # (1.4), (1.5)
@@ -95,8 +97,9 @@ class SeCoObjective(nn.Module):
             seg_label = refine_with_background(to_uint8_levels(x) / 255, valid, y, s["high"], s["low"], box)
         roi_source = aux_cam if step < s["cam2mask"] else cam
         _, roi = cam_to_label(roi_source, y, s["bkg"], s["high"], s["low"], box, ignore_mid=True, uncertain=-1)
-        # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1)
-        rng = torch.Generator().manual_seed(step)
+        # crop positions are a function of the step (not of the global RNG), like the code's per-call reseed (Q3.1);
+        # drawn where the ROI is, so nothing crosses to the host
+        rng = torch.Generator(roi.device).manual_seed(step)
         positions, flags = crop_and_tag(roi, k, s["n_crops"], s["local_crop"], s["tag_thresh"], generator=rng)
         return {"aux_cam": aux_cam, "seg_label": seg_label, "roi": roi, "positions": positions, "flags": flags}
 

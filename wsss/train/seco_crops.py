@@ -19,7 +19,8 @@ def crop_and_tag(
     """Window positions (B, n_crops, 2) (top-left row, col) and flags (B, 2 + n_crops) = [g, g, c_1..c_n].
 
     ``roi`` (B, H, W) holds ``-1`` (uncertain), ``0``, ``1..K`` and 255 (outside the image box), as
-    ``cam_to_label(..., uncertain=-1)`` makes it. ``num_classes`` is K.
+    ``cam_to_label(..., uncertain=-1)`` makes it. ``num_classes`` is K; ``generator`` (on ``roi``'s device, or
+    None for the global one) draws the positions.
     """
     b, h, w = roi.shape
     margin = size // 2
@@ -68,8 +69,7 @@ def _draw_positions(r0, n_crops: int, size: int, margin: int, generator) -> torc
     centres = r0[:, margin : margin + span_h, margin : margin + span_w].flatten(1) == -1  # (B, P)
     enough = centres.sum(1, keepdim=True) >= n_crops
     allowed = torch.where(enough, centres, torch.ones_like(centres))
-    scores = torch.rand(centres.shape, generator=generator, device=r0.device if generator is None else "cpu")
-    scores = scores.to(r0.device).masked_fill(~allowed, -1.0)
+    scores = torch.rand(centres.shape, generator=generator, device=r0.device).masked_fill(~allowed, -1.0)
     pick = scores.topk(n_crops, dim=1).indices  # (B, n)
     return torch.stack([pick // span_w, pick % span_w], dim=-1)
 

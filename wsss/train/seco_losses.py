@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from ..data.palette import IGNORE_INDEX
 from ..kernels import masked_ptc
+from .precision import float32
 
 
+@float32
 def lil_loss(
     q: torch.Tensor, k: torch.Tensor, f: torch.Tensor, g: torch.Tensor, tau: float = 0.08, tau_base: float = 0.08,
     impl: str = "code",
@@ -68,6 +70,7 @@ def _supcon(logits, f, g, noisy, tau: float, tau_base: float) -> torch.Tensor:
     return -(tau / tau_base) * (per_row * used).sum() / anchors.sum().clamp_min(1)
 
 
+@float32
 def lig_loss(
     q: torch.Tensor, prototypes: torch.Tensor, f: torch.Tensor, tau: float = 0.1, tau_base: float = 0.1
 ) -> torch.Tensor:
@@ -79,8 +82,8 @@ def lig_loss(
     num_classes = prototypes.shape[0]
     l = q @ prototypes.t() / tau  # (3.15)
     positive = f >= 1
-    present = torch.zeros(num_classes, dtype=torch.bool, device=q.device)
-    present[(f[positive] - 1)] = True  # (3.16) classes among the tags
+    # (3.16) classes among the tags, by a scatter (no host sync); tags 0 and -1 land in the dropped slot 0
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=q.device).scatter_(0, f.clamp_min(0), True)[1:]
     e = (l * present[None, :]).exp()
     e = e * (e != 1)  # removes classes outside the batch (zeroed logits), as the code does
     own = l.gather(1, (f - 1).clamp_min(0)[:, None])[:, 0]
@@ -126,9 +129,8 @@ class _DenseEnergy(torch.autograd.Function):
     """E = -(1/B) sum Sm . (W * Sm) . Gt with the official custom gradient -(2/B) (W * Sm) . Gt (gate constant)."""
 
     @staticmethod
-    @torch.autocast("cuda", enabled=False)  # the GEMM form of the distance needs float32
+    @float32  # the GEMM form of the distance needs float32
     def forward(ctx, probs, features, gate, chunk: int):
-        probs, features = probs.float(), features.float()
         b, c, h, w = probs.shape
         flat = probs.flatten(2).transpose(1, 2)  # (B, P, C)
         feats = features.flatten(2).transpose(1, 2)  # (B, P, 5)

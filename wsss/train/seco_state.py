@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import float32
+
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float = 0.999) -> None:
@@ -29,6 +31,7 @@ class PrototypeBank(nn.Module):
         self.register_buffer("prototypes", torch.randn(num_classes, dim))
 
     @torch.no_grad()
+    @float32  # a running state: bf16 products would round every update
     def update(self, cls_tokens: torch.Tensor, label_idx: torch.Tensor) -> torch.Tensor:
         """``label_idx`` (N,) holds the class (1..K) of single-class images and -1 otherwise."""
         k = self.prototypes.shape[0]
