@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[cpu,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)

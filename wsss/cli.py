@@ -391,11 +391,21 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option(
     "--backend",
-    type=click.Choice(["torch", "onnx", "trt"]),
+    type=click.Choice(["torch", "onnx", "onnx-trt", "trt"]),
     default=None,
-    help="Default: torch for --ckpt, by file suffix for --engine.",
+    help="Default: torch for --ckpt, by file suffix for --engine (onnx: ONNX Runtime on the CPU or its CUDA "
+    "provider; onnx-trt: its TensorRT provider, engines cached in NAME.trt-cache next to the .onnx; trt: a "
+    "TensorRT engine from wsss export --trt).",
 )
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the network (torch backend).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="The network's forward: autocast for the torch backend (fp16 on CUDA only; CAM post-processing and "
+    "thresholds stay float32), fp16 engines for onnx-trt; a trt engine runs at the precision it was built with.",
+)
 @click.option(
     "--refine",
     type=click.Choice(["none", "crf", "par"]),
@@ -426,6 +436,7 @@ def label(
     out,
     backend,
     use_compile,
+    precision,
     refine,
     shard,
     resume,
@@ -451,24 +462,36 @@ def label(
       wsss label --engine cam.onnx --data voc:VOC2012:train_aug --out labels --shard 0/4   # one of 4 machines
       wsss label ... --resume            # after a crash or kill: finishes the job, redoing nothing twice
       wsss label merge labels            # one summary.json from all shards
+      wsss label --ckpt M.safetensors --device cuda:1 --precision bf16 ...   # GPU 1, bf16 network forward
     Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
     reasons, seconds per stage, configuration, checkpoint hash). Bad images are recorded, never fatal.
     Without image tags the classifier's own predictions pick the classes (sigmoid > 0.5, at least the top one).
     """
     if ctx.invoked_subcommand is not None:
         return
+    from .export.tensorrt import ProfileError
     from .runtime.labeler import LabelConfig, shard_from_env
 
     if data_spec is None or out is None:
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales,
-                                                     flip, bkg_thresh, input_size, seed_source)  # fmt: skip
+    try:
+        runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec,
+                                                         scales, flip, bkg_thresh, input_size, seed_source)  # fmt: skip
+    except RuntimeError as err:  # an execution provider or engine that cannot start here
+        raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
-                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet)  # fmt: skip
-    summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
+                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision)  # fmt: skip
+    try:
+        runner = runner.at_precision(precision)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--precision") from None
+    try:
+        summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
+    except ProfileError as err:  # an image size outside a TensorRT profile
+        raise click.ClickException(str(err)) from None
     click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary['images_per_s']} images/s -> {out}")
     if fail_on_error and summary["failed"]:
         sys.exit(1)
@@ -552,10 +575,16 @@ def _open_backend(ckpt, engine, backend, device, use_compile):
     help="Add output 'cams_norm' at the input size, by the checkpoint's CAM rules: ReLU + per-class min-max "
     "normalised CAMs (CoBra: the fused seed map M_fuse of the max-normalised sources, then A_obj as is).",
 )
-@click.option("--min-shape", default="1x3x224x224", show_default=True, help="TensorRT profile minimum.")
-@click.option("--opt-shape", default="4x3x448x448", show_default=True, help="TensorRT profile optimum.")
-@click.option("--max-shape", default="8x3x672x672", show_default=True, help="TensorRT profile maximum.")
-@click.option("--verify", is_flag=True, help="Compare ONNX Runtime (and the engine) with PyTorch at three sizes.")
+@click.option("--min-shape", default=None, help="TensorRT profile minimum, e.g. 1x3x224x224 (default: see below).")
+@click.option("--opt-shape", default=None, help="TensorRT profile optimum (default: see below).")
+@click.option("--max-shape", default=None, help="TensorRT profile maximum (default: see below).")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Compare ONNX Runtime (its CUDA provider with TF32 off, where it runs) with PyTorch at three sizes, and "
+    "the engine with ONNX Runtime at the profile's min, opt and max shapes; fails on NaN/Inf or a larger error "
+    "than the precision allows.",
+)
 @click.option("--simplify", is_flag=True, help="Run onnxslim on the exported graph.")
 def export(ckpt, vit_ckpt, what, onnx_path, trt_path, fp16, opset, dynamic, normalize, min_shape,
            opt_shape, max_shape, verify, simplify) -> None:  # fmt: skip
@@ -571,6 +600,15 @@ def export(ckpt, vit_ckpt, what, onnx_path, trt_path, fp16, opset, dynamic, norm
     'cams_vit' (B,K+1,...) = attention-weighted ViT CAMs and the class-token attention), or 'seg' (B,C,...). The
     model spec (family, architecture, classes, normalisation, CAM rules), the version and the source
     checkpoints' SHA-256 are stored in the file's metadata; `wsss label --engine` reads them back.
+
+    
+    The default TensorRT profile serves `wsss label` with the checkpoint's CAM settings (flips double a batch;
+    larger batches run in chunks):
+      fixed input size S (SeCo, CAM): min 1x3xAxA, opt 16x3xSxS, max 16x3xBxB, A and B the smallest and largest
+        scale of S (seco-vitb16-voc: 224, 448, 672)
+      native size (CoBra): images up to 500 px a side at every scale (scales to 2.0: max 4x3x1000x1000), min one
+        patch; larger images (COCO's 640) need an explicit --max-shape, e.g. 4x3x1280x1280
+    `wsss label` refuses an image size outside the profile in one line naming the shape to export.
     """
     from .export.run import run_export
 
@@ -592,13 +630,26 @@ def bench() -> None:
 @click.option("--data", "data_spec", required=True, help=DATA_HELP)
 @click.option("--images", default=200, show_default=True, help="Images to label (the first N of the dataset).")
 @click.option("--batch", "batches", default="8,16", show_default=True, help="Batch sizes to try.")
-@click.option("--backends", default="torch,onnx", show_default=True, help="Backends to try: torch, onnx.")
+@click.option(
+    "--backends",
+    default="torch,onnx",
+    show_default=True,
+    help="Backends to try: torch, onnx, onnx-trt (the last two from an ONNX export made here).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="The labeler's network forward, as for wsss label (the baseline runs fp32).",
+)
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="crf", show_default=True)
 @click.option("--scales", default=None, help="CAM scales (default: the checkpoint's).")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def bench_label_cmd(ckpt, data_spec, images, batches, backends, refine, scales, workers, device, json_path) -> None:
+def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refine, scales, workers, device,
+                    json_path) -> None:  # fmt: skip
     """End-to-end images/second of `wsss label` per backend and batch size, against the research-code loop.
 
     \b
@@ -611,8 +662,11 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, refine, scales, 
     from .runtime.bench import bench_label
 
     sizes = [int(b) for b in batches.split(",")]
-    result = bench_label(ckpt, _dataset(data_spec), scales and _floats(scales), images, sizes, backends.split(","),
-                         refine, workers, device)  # fmt: skip
+    try:
+        result = bench_label(ckpt, _dataset(data_spec), scales and _floats(scales), images, sizes,
+                             backends.split(","), refine, workers, device, precision=precision)  # fmt: skip
+    except ValueError as err:  # no such GPU, a precision or backend that cannot run here
+        raise click.ClickException(str(err)) from None
     click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'img/s':>8s} {'speedup':>8s}")
     for row in result["rows"]:
         click.echo(f"{row['pipeline']:14s} {row['backend']:8s} {row['batch']:5d} {row['images_per_s']:8.2f} "

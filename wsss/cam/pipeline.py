@@ -30,9 +30,12 @@ from .labels import cam_to_label
 
 @dataclass
 class CAMResult:
-    cam: torch.Tensor  # (K, H, W) float32 normalised (fused) CAMs at the image's resolution
-    tags: torch.Tensor  # (K,) the classes used (given or predicted)
-    seed: np.ndarray  # (H, W) uint8: 0 background, 1..K classes
+    """One image's CAMs and seed, on the host (``seed`` a NumPy array) or, from ``predict_cams(on_device=True)``,
+    all on the device (``seed`` a tensor)."""
+
+    cam: torch.Tensor | None  # (K, H, W) normalised (fused) CAMs at the image's resolution (None: not fetched)
+    tags: torch.Tensor  # (K,) float multi-hot, the classes used (given or predicted)
+    seed: np.ndarray | torch.Tensor  # (H, W) uint8: 0 background, 1..K classes
 
 
 @dataclass
@@ -67,10 +70,11 @@ def image_pyramid(images: Sequence[np.ndarray], settings: CAMSettings, device: t
 
     SeCo (``bilinear_floor``): normalise, resize to ``input_size`` and to each scale bilinearly (ac=False), as
     the code does on normalised tensors. CoBra (``pil_bicubic_round``): PIL bicubic on the uint8 image, then
-    normalise, as its data loader does.
+    normalise, as its data loader does. Normalised on the host, the images reach ``device`` in one copy.
     """
     if settings.rescale == "bilinear_floor":
-        x = [normalize_images(img, mean, std, device)[None] for img in _same_size(images, settings)]
+        x = [t[None] for t in to_device([normalize_images(img, mean, std) for img in _same_size(images, settings)],
+                                        device)]  # fmt: skip
         if settings.input_size:
             size = (settings.input_size,) * 2
             x = [F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in x]
@@ -79,8 +83,29 @@ def image_pyramid(images: Sequence[np.ndarray], settings: CAMSettings, device: t
         images = [_pil_resize(img, (settings.input_size,) * 2) for img in images]
     images = _same_size(images, settings)
     sizes = pyramid_sizes(images[0].shape[:2], settings)
-    return [torch.stack([normalize_images(_pil_resize(img, size), mean, std, device) for img in images])
-            for size in sizes]  # fmt: skip
+    return to_device([torch.stack([normalize_images(_pil_resize(img, size), mean, std) for img in images])
+                      for size in sizes], device)  # fmt: skip
+
+
+def to_device(arrays: Sequence[np.ndarray | torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """Host arrays of one dtype -> tensors on ``device`` in one copy: packed into one buffer (pinned for CUDA),
+    copied without blocking the host, then viewed in their own shapes."""
+    device = torch.device(device)
+    parts = [torch.as_tensor(a).reshape(-1) for a in arrays]
+    flat = torch.empty(sum(p.numel() for p in parts), dtype=parts[0].dtype, pin_memory=device.type == "cuda")
+    flat = torch.cat(parts, out=flat).to(device, non_blocking=True)
+    return [v.view(tuple(a.shape)) for v, a in zip(flat.split([p.numel() for p in parts]), arrays, strict=True)]
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors -> NumPy arrays, with one device-to-host copy (one wait) per dtype among them."""
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    for dtype in {t.dtype for t in tensors}:
+        idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        for i, a in zip(idx, np.split(flat, np.cumsum([tensors[i].numel() for i in idx])[:-1]), strict=True):
+            out[i] = a.reshape(tensors[i].shape)
+    return out
 
 
 def base_size(images: Sequence[np.ndarray], settings: CAMSettings) -> tuple[int, int]:
@@ -180,49 +205,61 @@ def predicted_tags(logits: torch.Tensor, score_thresh: float) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_cams(net, images: list[np.ndarray], tags: list[np.ndarray | None], settings: CAMSettings,
-                 device: torch.device | str = "cpu", mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD) -> list[CAMResult]:  # fmt: skip
+                 device: torch.device | str = "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 on_device: bool = False) -> list[CAMResult]:  # fmt: skip
     """CAMs and seeds for images of any sizes; ``tags[i]`` (K,) multi-hot, or None for the classifier's own.
 
     At a fixed ``input_size`` the batch runs at that size and each image's normalised CAMs are resized to it and
-    thresholded there (§3.15). At native size images of one shape share a pass; none is padded.
+    thresholded there (§3.15). At native size images of one shape share a pass; none is padded. ``on_device``:
+    the results stay on ``device`` for further work there (PAR); else they come to the host in one copy per dtype
+    (``cam`` float32 and ``tags`` CPU tensors, ``seed`` a uint8 array).
     """
     if settings.input_size:
-        return _predict(net, images, tags, settings, device, mean, std)
-    results: list[CAMResult | None] = [None] * len(images)
-    shapes = [img.shape[:2] for img in images]
-    for shape in dict.fromkeys(shapes):
-        group = [i for i, s in enumerate(shapes) if s == shape]
-        for i, r in zip(group, _predict(net, [images[i] for i in group], [tags[i] for i in group], settings,
-                                        device, mean, std), strict=True):  # fmt: skip
-            results[i] = r
-    return results
+        results = _predict(net, images, tags, settings, device, mean, std)
+    else:
+        results: list[CAMResult | None] = [None] * len(images)
+        shapes = [img.shape[:2] for img in images]
+        for shape in dict.fromkeys(shapes):
+            group = [i for i, s in enumerate(shapes) if s == shape]
+            for i, r in zip(group, _predict(net, [images[i] for i in group], [tags[i] for i in group], settings,
+                                            device, mean, std), strict=True):  # fmt: skip
+                results[i] = r
+    return results if on_device else _on_host(results)
 
 
 def _predict(net, images, tags, settings: CAMSettings, device, mean, std) -> list[CAMResult]:
+    """One pass of images of one size (or of any sizes at a fixed ``input_size``); results on the device."""
     inputs = image_pyramid(images, settings, device, mean, std)
     raw = forward_pyramid(net, inputs, settings)
-    y = _tags(tags, raw.logits, settings, device)
+    y = _tags(tags, raw.logits, settings)
     cams, bkg, label = postprocess(stack_maps(raw, base_size(images, settings), settings), y, settings)
     if not settings.input_size:
-        return [_result(cams[i], y[i], label[i]) for i in range(len(images))]
+        return [CAMResult(cams[i], y[i], label[i].to(torch.uint8)) for i in range(len(images))]
     results = []
     for i, img in enumerate(images):
         cam = F.interpolate(cams[i : i + 1], size=img.shape[:2], mode="bilinear", align_corners=False)
         _, seed = cam_to_label(cam, y[i : i + 1], bkg[i])
-        results.append(_result(cam[0], y[i], seed[0]))
+        results.append(CAMResult(cam[0], y[i], seed[0].to(torch.uint8)))
     return results
 
 
-def _tags(tags: list[np.ndarray | None], logits: torch.Tensor, settings: CAMSettings, device) -> torch.Tensor:
-    """Given tags where known, else the classifier's own (``sigmoid(z) > score_thresh``), as (B, K) float."""
+def _tags(tags: list[np.ndarray | None], logits: torch.Tensor, settings: CAMSettings) -> torch.Tensor:
+    """Given tags where known, else the classifier's own (``sigmoid(z) > score_thresh``), as (B, K) float; the given
+    ones reach the device in one copy (NaN rows: not given)."""
     guessed = predicted_tags(logits, settings.score_thresh)
-    given = [None if t is None else torch.as_tensor(t, dtype=torch.float32, device=device) for t in tags]
-    return torch.stack([g if t is None else t for t, g in zip(given, guessed, strict=True)])
+    given = np.full(guessed.shape, np.nan, np.float32)
+    for i, t in enumerate(tags):
+        if t is not None:
+            given[i] = t
+    given = to_device([given], logits.device)[0]
+    return torch.where(given.isnan(), guessed, given)
 
 
-def _result(cam: torch.Tensor, y: torch.Tensor, seed: torch.Tensor) -> CAMResult:
-    return CAMResult(cam.float().cpu(), y.cpu(), seed.to(torch.uint8).cpu().numpy())
+def _on_host(results: list[CAMResult]) -> list[CAMResult]:
+    n = len(results)
+    host = to_host([*(r.seed for r in results), *(r.tags for r in results), *(r.cam for r in results)])
+    return [CAMResult(torch.from_numpy(c), torch.from_numpy(t), s)
+            for s, t, c in zip(host[:n], host[n : 2 * n], host[2 * n :], strict=True)]  # fmt: skip
 
 
 def _same_size(images: Sequence[np.ndarray], settings: CAMSettings) -> Sequence[np.ndarray]:

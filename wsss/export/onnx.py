@@ -23,6 +23,7 @@ Position embeddings are resampled inside the graph, which needs the torch dynamo
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ INPUT = "image"
 NORM_OUTPUT = "cams_norm"
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| relative to the output's max magnitude
 SOURCE_KEYS = ("source_sha256", "source_sha256_vit")
+EXAMPLE_BATCH = 2  # the example input's batch: >= 2, or torch.export specialises it to 1 (a static graph keeps it)
+ORT_HINT = "pip install 'wsss[cpu]' (or 'wsss[gpu]' for onnxruntime-gpu on CUDA machines; never both)"
 
 
 class CAMGraph(nn.Module):
@@ -104,15 +107,15 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | Path, what: str = 
     ``dynamic``: batch, height and width are free (any H, W >= the patch size); the graph is then run once by ONNX
     Runtime at a second, off-grid size against PyTorch, so that a graph that torch.export specialised to the
     example input is refused instead of written. Static graphs take ``example_size`` (default: ``reference_size``).
+    ``model`` may sit on any device: the graph is traced from a CPU copy (``on_cpu``).
     """
     out = Path(out)
     patch, size = spec.patch_size, example_size or reference_size(spec)
-    graph = graph_for(model.eval(), spec, what, normalize)
-    device = next(model.parameters()).device
-    # batch >= 2, or torch.export specialises it to 1; off the patch grid and not square, so that neither the
-    # crop to whole patches nor a square-image branch is specialised away
+    graph = graph_for(on_cpu(model).eval(), spec, what, normalize)
+    # off the patch grid and not square, so that neither the crop to whole patches nor a square-image branch is
+    # specialised away
     hw = (off_grid(size + patch // 2, patch), off_grid(size + 3 * patch // 2, patch)) if dynamic else (size, size)
-    example = torch.randn(2, 3, *hw, device=device)
+    example = torch.randn(EXAMPLE_BATCH, 3, *hw)
     names = output_names(spec, what, normalize)
     shapes = None
     if dynamic:
@@ -129,12 +132,19 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | Path, what: str = 
     proto.doc_string = _describe(spec, names)
     onnx.checker.check_model(proto)
     if dynamic:
-        _check_generalises(graph, proto, out, parity_sizes(spec)[1], device)
+        _check_generalises(graph, proto, out, parity_sizes(spec)[1])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(out)
     return ExportResult(out, proto.opset_import[0].version, names, metadata)
+
+
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU, else a CPU copy (the original stays on its device): exports trace on
+    the CPU, so that the graph, its example input and the parity checks never mix devices or use TF32."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
 
 
 def reference_size(spec: ModelSpec) -> int:
@@ -186,27 +196,71 @@ def parse_metadata(props: dict[str, Any], path: str | Path) -> tuple[ModelSpec, 
     return spec, decoded
 
 
-def onnx_session(path: str | Path, providers: list[str] | None = None):
-    import onnxruntime as ort
+def import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise RuntimeError(f"ONNX Runtime is not installed: {ORT_HINT}") from err
+    return ort
 
-    available = ort.get_available_providers()
-    wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), providers=wanted)
+
+def ort_providers(device: torch.device | str = "cpu", tensorrt: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """ONNX Runtime execution providers with their options for ``device``: the CPU; on ``cuda:N`` the CUDA provider
+    on GPU N with TF32 off (fp32 means fp32, as in ``--verify``), after the TensorRT provider when ``tensorrt``
+    gives its options (``wsss.export.tensorrt.ort_tensorrt_options``)."""
+    device = torch.device(device)
+    cpu = ("CPUExecutionProvider", {})
+    if device.type != "cuda":
+        return [cpu]
+    index = str(device.index or 0)
+    cuda = ("CUDAExecutionProvider", {"device_id": index, "use_tf32": "0"})
+    if tensorrt is None:
+        return [cuda, cpu]
+    return [("TensorrtExecutionProvider", {"device_id": index, **tensorrt}), cuda, cpu]
 
 
-def _check_generalises(graph: nn.Module, proto: onnx.ModelProto, out: Path, hw: tuple[int, int], device) -> None:
+def cuda_provider_usable() -> bool:
+    """A CUDA GPU and an onnxruntime with the CUDA provider (onnxruntime-gpu)."""
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+
+
+def onnx_session(path: str | Path, providers: list[tuple[str, dict]] | None = None):
+    """An ``InferenceSession`` on ``providers`` (default: the CPU), refused in one line when ONNX Runtime lacks one
+    of them or starts without it: a CUDA provider that fails to load must not fall back to the CPU unseen."""
+    ort = import_onnxruntime()
+    providers = providers or ort_providers("cpu")
+    names = [name for name, _ in providers]
+    absent = [n for n in names if n not in ort.get_available_providers()]
+    if absent:
+        raise RuntimeError(f"{path}: this onnxruntime {ort.__version__} has no {', '.join(absent)}: {ORT_HINT}, or "
+                           "use --device cpu")  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=names, provider_options=[opts for _, opts in providers])
+    check_providers(session, names, path)
+    return session
+
+
+def check_providers(session, wanted: list[str], path: str | Path) -> None:
+    """Refuse a session that started without a provider it was asked for (ONNX Runtime only logs the fallback)."""
+    got = session.get_providers()
+    lost = [p for p in wanted if p not in got]
+    if lost:
+        raise RuntimeError(f"{path}: ONNX Runtime could not start {', '.join(lost)} and would run on "
+                           f"{', '.join(got)}: a CUDA, cuDNN or TensorRT library is missing or of another version "
+                           "(its log above names it); fix the install, or use --device cpu")  # fmt: skip
+
+
+def _check_generalises(graph: nn.Module, proto: onnx.ModelProto, out: Path, hw: tuple[int, int]) -> None:
     """Refuse a dynamic graph that does not run like PyTorch at a size other than the example's."""
     x = np.random.default_rng(1).standard_normal((1, 3, *hw)).astype(np.float32)
     with torch.no_grad():
-        want = [t.cpu().numpy() for t in graph(torch.from_numpy(x).to(device))]
+        want = [t.numpy() for t in graph(torch.from_numpy(x))]
+    ort = import_onnxruntime()
     try:
-        import onnxruntime as ort
-
         quiet = ort.SessionOptions()
         quiet.log_severity_level = 4  # the failure is reported below, in one line
         session = ort.InferenceSession(proto.SerializeToString(), quiet, providers=["CPUExecutionProvider"])
         got = session.run(None, {INPUT: x})
-        worst = max(_errors(a, b)[1] for a, b in zip(want, got, strict=True))
+        worst = max(errors(a, b)[1] for a, b in zip(want, got, strict=True))
     except Exception as err:  # ORT reports shape errors as its own exception types
         worst, why = float("inf"), str(err).splitlines()[0][-200:]
     else:
@@ -217,32 +271,33 @@ def _check_generalises(graph: nn.Module, proto: onnx.ModelProto, out: Path, hw: 
                            "of the network; export with --static for one input size")  # fmt: skip
 
 
-def _errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Max abs and scale-relative difference; infinite for different shapes."""
-    if a.shape != b.shape:
+def errors(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Max abs and scale-relative difference; infinite for different shapes or a NaN/Inf in ``b``."""
+    if a.shape != b.shape or not np.isfinite(b).all():
         return float("inf"), float("inf")
     err = float(np.abs(a - b).max())
     return err, err / (float(np.abs(a).max()) or 1.0)
 
 
 @torch.no_grad()
-def verify_onnx(model: nn.Module, path: str | Path, sizes: list[tuple[int, int]], batch: int = 2) -> list[dict]:
-    """ONNX Runtime against PyTorch on random and image-like inputs, for every output of the file (the graph is
-    rebuilt from the file's spec and outputs); max abs and scale-relative error per size, input and output."""
+def verify_onnx(model: nn.Module, path: str | Path, sizes: list[tuple[int, int]], batch: int = 2,
+                device: torch.device | str = "cpu") -> list[dict]:  # fmt: skip
+    """ONNX Runtime on ``device``'s providers (CUDA with TF32 off) against PyTorch on the CPU, on random and
+    image-like inputs, for every output of the file (the graph is rebuilt from the file's spec and outputs); max abs
+    and scale-relative error per size, input and output."""
     spec, props = read_metadata(path)
     names = props["outputs"]
-    graph = graph_for(model.eval(), spec, "seg" if names == ["seg"] else "cam", NORM_OUTPUT in names)
-    device = next(model.parameters()).device
-    session = onnx_session(path)
+    graph = graph_for(on_cpu(model).eval(), spec, "seg" if names == ["seg"] else "cam", NORM_OUTPUT in names)
+    session = onnx_session(path, ort_providers(device))
     rows = []
     rng = np.random.default_rng(0)
     for h, w in sizes:
         for kind in ("random", "image-like"):
             x = _input(rng, kind, batch, h, w)
-            want = [t.cpu().numpy() for t in graph(torch.from_numpy(x).to(device))]
+            want = [t.numpy() for t in graph(torch.from_numpy(x))]
             got = session.run(names, {INPUT: x})
             for name, a, b in zip(names, want, got, strict=True):
-                err, rel = _errors(a, b)
+                err, rel = errors(a, b)
                 rows.append({"size": f"{batch}x3x{h}x{w}", "input": kind, "output": name, "max_abs": err,
                              "max_rel": rel})  # fmt: skip
     return rows

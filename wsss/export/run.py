@@ -8,34 +8,48 @@ from pathlib import Path
 from torch import nn
 
 from ..models import load_model
-from .onnx import FP32_TOLERANCE, export_onnx, parity_sizes, reference_size, verify_onnx
-from .tensorrt import Profile, build_engine, import_tensorrt, parse_shape, verify_engine
+from .onnx import (
+    FP32_TOLERANCE,
+    cuda_provider_usable,
+    export_onnx,
+    onnx_session,
+    ort_providers,
+    parity_sizes,
+    reference_size,
+    verify_onnx,
+)
+from .tensorrt import EngineRunner, build_engine, dims, export_profile, import_tensorrt, parse_shape, verify_engine
 
 __all__ = ["FP32_TOLERANCE", "run_export"]
 
 
 def run_export(ckpt: Path, *, what: str = "cam", onnx_path: Path | None = None, trt_path: str | None = None,
                fp16: bool = False, opset: int = 18, dynamic: bool = True, normalize: bool = False,
-               shapes: tuple[str, str, str] = ("1x3x224x224", "4x3x448x448", "8x3x672x672"), verify: bool = False,
+               shapes: tuple[str | None, str | None, str | None] = (None, None, None), verify: bool = False,
                simplify: bool = False, echo: Callable[[str], None] = print,
                vit_ckpt: Path | None = None) -> list[Path]:  # fmt: skip
     """Export ``what`` ("cam", "seg" or "both") of any checkpoint ``load_model`` reads; returns the files written.
 
     ``vit_ckpt``: the other file of an official CoBra pair (found next to ``ckpt`` by the official naming when not
-    given). ``verify``: ONNX Runtime against PyTorch at three sizes, two off the patch grid (and the engine
-    against ONNX Runtime); raises above ``FP32_TOLERANCE``.
+    given). ``shapes``: the TensorRT profile's min, opt and max (None: ``label_profile`` of the spec). ``verify``:
+    ONNX Runtime (its CUDA provider, TF32 off, where it runs) against PyTorch at three sizes, two off the patch
+    grid, raising above ``FP32_TOLERANCE``; the engine against ONNX Runtime at the profile's min, opt and max
+    shapes, raising on NaN/Inf or above ``ENGINE_TOLERANCE``.
     """
-    profile = Profile(*(parse_shape(s) for s in shapes))  # refuse bad shapes before any work
+    given = tuple(s and parse_shape(s) for s in shapes)  # refuse bad shapes before any work
     if trt_path is not None:
         import_tensorrt()
-    if not dynamic and trt_path is not None and profile.min != profile.max:
-        raise ValueError("--static exports one input size; give equal --min-shape/--max-shape or use --dynamic")
     loaded = load_model(ckpt, vit_path=vit_ckpt)
     echo(str(loaded.report))
     model, spec = loaded.model, loaded.spec
+    profile = export_profile(spec, given, dynamic)
+    if not dynamic and trt_path is not None and not profile.min == profile.opt == profile.max:
+        raise ValueError(f"--static exports one input shape, {dims(profile.opt)}: give no other --min-shape/"
+                         "--opt-shape/--max-shape, or use --dynamic")  # fmt: skip
     targets = ["cam", "seg"] if what == "both" else [what]
     if "seg" in targets and not hasattr(model, "segment"):
         raise ValueError(f"{spec.family} networks have no segmentation head; export --what cam")
+    device = "cuda" if verify and cuda_provider_usable() else "cpu"
     written = []
     for target in targets:
         out = onnx_path if onnx_path and len(targets) == 1 else _default_path(ckpt, onnx_path, target)
@@ -47,16 +61,18 @@ def run_export(ckpt: Path, *, what: str = "cam", onnx_path: Path | None = None, 
         written.append(out)
         if verify:
             sizes = parity_sizes(spec) if dynamic else [(reference_size(spec),) * 2]
-            _report_parity(model, out, sizes, echo)
+            _report_parity(model, out, sizes, device, echo)
         if trt_path is not None:
             engine = out.with_suffix(".engine") if trt_path == "auto" or len(targets) > 1 else Path(trt_path)
             build_engine(out, engine, profile, fp16=fp16, timing_cache=out.parent / "timing.cache")
-            echo(f"wrote {engine} (+ {engine.name}.json)")
+            echo(f"wrote {engine} (+ {engine.name}.json; profile {profile})")
             written.append(engine)
             if verify:
-                for row in verify_engine(engine, out, [profile.min, profile.opt]):
-                    echo(f"  TensorRT vs ORT {row['shape']:>14s} {row['output']:9s} max abs {row['max_abs']:.2e}"
-                         f"  rel {row['max_rel']:.2e}")  # fmt: skip
+                runner, session = EngineRunner.open(engine), onnx_session(out, ort_providers(device))
+                verify_engine(runner, session, [profile.min, profile.opt, profile.max], report=lambda r: echo(
+                    f"  TensorRT vs ORT {r['shape']:>14s} {r['output']:9s} max abs {r['max_abs']:.2e}"
+                    f"  rel {r['max_rel']:.2e}"))  # fmt: skip
+                echo(f"  engine OK ({runner.precision})")
     return written
 
 
@@ -65,15 +81,16 @@ def _default_path(ckpt: Path, onnx_path: Path | None, target: str) -> Path:
     return base.with_name(f"{base.name}.{target}.onnx")
 
 
-def _report_parity(model: nn.Module, path: Path, sizes: list[tuple[int, int]], echo) -> None:
-    rows = verify_onnx(model, path, sizes, batch=2)
+def _report_parity(model: nn.Module, path: Path, sizes: list[tuple[int, int]], device: str, echo) -> None:
+    rows = verify_onnx(model, path, sizes, batch=2, device=device)
     for r in rows:
         echo(f"  ORT vs torch {r['size']:>14s} {r['input']:10s} {r['output']:9s} max abs {r['max_abs']:.2e}  "
              f"rel {r['max_rel']:.2e}")  # fmt: skip
     worst = max(r["max_rel"] for r in rows)
-    if worst > FP32_TOLERANCE:
-        raise RuntimeError(f"{path}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {FP32_TOLERANCE})")
-    echo(f"  parity OK: worst relative error {worst:.2e} <= {FP32_TOLERANCE}")
+    if not worst <= FP32_TOLERANCE:
+        raise RuntimeError(f"{path}: ONNX Runtime ({device}) differs from PyTorch by {worst:.2e} (> {FP32_TOLERANCE}"
+                           "; inf: NaN/Inf in its outputs)")  # fmt: skip
+    echo(f"  parity OK ({device} provider): worst relative error {worst:.2e} <= {FP32_TOLERANCE}")
 
 
 def _simplify(path: Path) -> None:

@@ -22,18 +22,22 @@ from ..cam.pipeline import predict_cams
 from ..data.datasets import WSSSDataset
 from ..data.palette import save_label_png
 from ..models import CAMSettings, load_model
-from .backends import TorchBackend, open_backend
+from .backends import TorchBackend, open_backend, select_device
 from .labeler import LabelConfig, label_dataset
 
 
-def device_info() -> dict:
+def device_info(device: str | None = None) -> dict:
+    """The machine; the GPU named is ``device``'s when it is a CUDA device, else the current one."""
     info = {
         "python": platform.python_version(), "torch": torch.__version__, "wsss": __version__,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
     }  # fmt: skip
+    if device is not None:
+        info["device"] = str(device)
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        gpu = torch.device(device or "cuda")
+        info["gpu"] = torch.cuda.get_device_name(gpu if gpu.type == "cuda" else None)
     return info
 
 
@@ -63,34 +67,40 @@ def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSet
 def bench_label(
     ckpt: Path, data: WSSSDataset, scales: tuple[float, ...] | None, images: int, batches: list[int],
     backends: list[str], refine: str = "crf", workers: int = 2, device: str = "cpu", vit_ckpt: Path | None = None,
+    precision: str = "fp32",
 ) -> dict:  # fmt: skip
     """Images/second of the baseline and of the labeler per backend and batch size, with the checkpoint's CAM
-    settings (``scales`` overrides its scales)."""
+    settings (``scales`` overrides its scales); ``precision`` is the labeler's (the baseline runs fp32)."""
+    if "trt" in backends:
+        raise ValueError("bench label builds no TensorRT engine: bench onnx-trt, or label with --engine M.engine")
     data = Subset(data, images)
     loaded = load_model(ckpt, vit_path=vit_ckpt)
     settings = loaded.spec.cam.override(scales=scales)
+    torch_backend = TorchBackend(loaded.model, select_device(device), spec=loaded.spec)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        engines = {}
-        if "onnx" in backends:  # exported on the CPU, before the network moves to ``device``
+        engines = {"torch": (torch_backend, loaded.meta)}
+        exported = [name for name in backends if name != "torch"]
+        if exported:  # traced from a CPU copy of the network, which stays on ``device``
             from ..export.onnx import export_onnx
 
-            path = export_onnx(loaded.model, loaded.spec, tmp / "cam.onnx", meta=loaded.meta).path
-            backend, _, meta = open_backend(engine=path, device=device)
-            engines["onnx"] = (backend, meta)
-        torch_backend = TorchBackend(loaded.model, device, spec=loaded.spec)
-        engines["torch"] = (torch_backend, loaded.meta)
+            path = export_onnx(torch_backend.model, loaded.spec, tmp / "cam.onnx", meta=loaded.meta).path
+            for name in exported:
+                backend, _, meta = open_backend(engine=path, backend=name, device=device)
+                engines[name] = (backend, meta)
         seconds = research_baseline(torch_backend, data, settings, refine, tmp / "baseline")
         rows.append({"pipeline": "research loop", "backend": "torch", "batch": 1, "workers": 0,
                      "images_per_s": len(data) / seconds})  # fmt: skip
         for name in backends:
             backend, backend_meta = engines[name]
             for batch in batches:
-                cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True)
+                cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True,
+                              precision=precision)  # fmt: skip
                 summary = label_dataset(backend, backend.spec, backend_meta, data, tmp / f"{name}-{batch}", cfg)
                 rows.append({"pipeline": "wsss label", "backend": name, "batch": batch, "workers": workers,
-                             "images_per_s": summary["images_per_s"], "stages_s": summary["stages_s"]})  # fmt: skip
+                             "precision": precision, "images_per_s": summary["images_per_s"],
+                             "stages_s": summary["stages_s"]})  # fmt: skip
     base = rows[0]["images_per_s"]
     for row in rows:
         row["speedup"] = row["images_per_s"] / base
@@ -99,5 +109,5 @@ def bench_label(
         "refine": refine,
         "settings": settings.to_dict(),
         "rows": rows,
-        "device": device_info(),
+        "device": device_info(device),
     }

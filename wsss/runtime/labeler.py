@@ -2,7 +2,10 @@
 
 Stages: decoding in a loader pool -> multi-scale + flip CAMs on the backend (``wsss.cam.pipeline.predict_cams``,
 the one CAM post-processing path) -> refinement (PAR batched on the device, or dense CRF in a process pool) ->
-writers in a thread pool. Outputs are written under temporary names and renamed; an item enters the journal
+writers in a thread pool. A chunk reaches the device in one copy per kind (images, tags) and stays there through
+post-processing and PAR; only what the host needs comes back, one copy per dtype: the uint8 labels (and seeds
+where written, shown or CRF-refined), the tags, and float16 CAMs when they are saved.
+Outputs are written under temporary names and renamed; an item enters the journal
 only after all its files exist. Work is cut into fixed chunks of ``batch`` items of the shard, and an unfinished
 chunk is redone whole, so a resumed run computes every batch exactly as an uninterrupted one.
 """
@@ -27,10 +30,11 @@ from .. import __version__
 from ..cam.crf import refine_seed_crf
 from ..cam.overlay import save_overlay
 from ..cam.par import refine_labels
-from ..cam.pipeline import CAMResult, predict_cams
+from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
 from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
 from ..models import CAMSettings, ModelSpec
+from .backends import select_device
 from .rle import encode_label_map
 from .workers import loader_options, worker_pool
 
@@ -53,6 +57,7 @@ class LabelConfig:
     format: str = "png"  # png | coco-rle
     overlays: int = 0
     quiet: bool = False
+    precision: str = "fp32"  # the network's forward: fp32 | fp16 | bf16 (``backend.at_precision``)
 
 
 @dataclass
@@ -144,9 +149,8 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
         _atomic(out / cfg.seed_dir / f"{sample.id}.png", lambda p: save_label_png(p, res.seed))
     if cfg.label_dir:
         _atomic(out / cfg.label_dir / f"{sample.id}.png", lambda p: save_label_png(p, label))
-    if cfg.save_cams:
-        cams = res.cam.numpy().astype(np.float16)
-        _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, cams=cams, tags=res.tags.numpy()))
+    if cfg.save_cams:  # res.cam: float16
+        _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, cams=res.cam.numpy(), tags=res.tags.numpy()))
     if cfg.format == "coco-rle":
         record = {"id": sample.id, "height": label.shape[0], "width": label.shape[1],
                   "segments": encode_label_map(label, class_names)}  # fmt: skip
@@ -155,14 +159,40 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
     return {"id": sample.id, "status": "ok", "classes": classes, "tags_given": sample.labels is not None}
 
 
-def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSettings, device) -> list[np.ndarray]:
-    """PAR on the device at each image's resolution (§2.5 with the whole image as its box)."""
-    labels = []
-    for sample, res in zip(samples, results, strict=True):
-        image = torch.from_numpy(sample.image).to(device).permute(2, 0, 1)[None].float() / 255
-        lab = refine_labels(image, res.cam[None].to(device), res.tags[None].to(device), settings.bkg_thresh)
-        labels.append(lab[0].to(torch.uint8).cpu().numpy())
+def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSettings, device) -> list[torch.Tensor]:
+    """uint8 PAR labels on the device at each image's resolution (§2.5 with the whole image as its box), one call
+    per image size; the images reach the device in one copy."""
+    images = to_device([s.image for s in samples], device)
+    shapes = [s.image.shape for s in samples]
+    labels: list[torch.Tensor | None] = [None] * len(samples)
+    for shape in dict.fromkeys(shapes):
+        group = [i for i, s in enumerate(shapes) if s == shape]
+        image = torch.stack([images[i] for i in group]).permute(0, 3, 1, 2).float() / 255
+        cams, tags = (torch.stack([getattr(results[i], k) for i in group]) for k in ("cam", "tags"))
+        for i, lab in zip(group, refine_labels(image, cams, tags, settings.bkg_thresh), strict=True):
+            labels[i] = lab.to(torch.uint8)
     return labels
+
+
+def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: LabelConfig,
+           overlay: bool) -> tuple[list[CAMResult], list[np.ndarray]]:  # fmt: skip
+    """Host results and labels of a chunk (PAR's, else the seeds), one copy per dtype: seeds only where written,
+    shown or refined on the host, CAMs (float16) only when saved."""
+    wanted = {"tags": [r.tags.to(torch.uint8) for r in results]}  # multi-hot: exact in uint8
+    if refined is not None:
+        wanted["labels"] = refined
+    if refined is None or cfg.seed_dir or overlay:
+        wanted["seeds"] = [r.seed for r in results]
+    if cfg.save_cams:
+        wanted["cams"] = [r.cam.half() for r in results]
+    n = len(results)
+    flat = to_host([t for group in wanted.values() for t in group])
+    host = {k: flat[i * n : (i + 1) * n] for i, k in enumerate(wanted)}
+    none = [None] * n
+    cams = [None if c is None else torch.from_numpy(c) for c in host.get("cams", none)]
+    hosted = [CAMResult(c, torch.from_numpy(t.astype(np.float32)), s)
+              for c, t, s in zip(cams, host["tags"], host.get("seeds", none), strict=True)]  # fmt: skip
+    return hosted, host.get("labels", host.get("seeds"))
 
 
 def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: str | Path, cfg: LabelConfig) -> dict:
@@ -170,6 +200,8 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     summary (also written to ``out``). ``meta`` carries the checkpoint's / artifact's SHA-256 for the record.
     Refuses a dataset whose classes are not the network's (DatasetError)."""
     check_classes(data, spec.class_names)
+    select_device(backend.device)  # Triton kernels and PAR launch on the backend's GPU
+    backend = backend.at_precision(cfg.precision)
     out = Path(out)
     index, count = cfg.shard
     tag = f"shard-{index}-of-{count}"
@@ -255,27 +287,27 @@ def _rebatch(loader, sizes: list[int]):
 
 
 def _process(backend, spec, samples, out, cfg, crf_pool, writers, overlay_ids, timing) -> list[Future]:
-    """Forward + post-process one chunk, then hand refinement and writing to the pools."""
+    """Forward + post-process one chunk on the device, bring back what the host needs, then hand CRF refinement
+    and writing to the pools."""
     if not samples:
         return []
     tic = time.perf_counter()
     results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
-                           backend.device, spec.mean, spec.std)  # fmt: skip
+                           backend.device, spec.mean, spec.std, on_device=True)  # fmt: skip
     timing["cam_s"] += time.perf_counter() - tic
     tic = time.perf_counter()
-    if cfg.refine == "par":
-        labels = _refine_par(samples, results, cfg.settings, backend.device)
-    elif cfg.refine == "crf":
+    refined = _refine_par(samples, results, cfg.settings, backend.device) if cfg.refine == "par" else None
+    overlays = [s.id in overlay_ids for s in samples]
+    results, labels = _fetch(results, refined, cfg, any(overlays))
+    timing["fetch_s"] += time.perf_counter() - tic  # the device's work so far is waited for here
+    tic = time.perf_counter()
+    if cfg.refine == "crf":
         labels = [crf_pool.submit(refine_seed_crf, s.image, r.seed, r.tags.numpy()) for s, r in
                   zip(samples, results, strict=True)]  # fmt: skip
-    else:
-        labels = [r.seed for r in results]
     timing["refine_submit_s"] += time.perf_counter() - tic
     names = spec.class_names
-    futures = []
-    for sample, res, label in zip(samples, results, labels, strict=True):
-        futures.append(writers.submit(_finish, out, sample, label, res, cfg, names, sample.id in overlay_ids))
-    return futures
+    return [writers.submit(_finish, out, sample, label, res, cfg, names, overlay)
+            for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
 
 
 def _finish(out, sample, label, res, cfg, names, overlay: bool) -> dict:
