@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -78,8 +79,7 @@ def augment(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tu
 def normalize_images(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None) -> torch.Tensor:
     """uint8 HxWx3 RGB -> normalised float32 3xHxW, ``(x / 255 - mean) / std`` (the one normalisation)."""
     x = torch.from_numpy(np.require(img, requirements=("C", "W"))).to(device).permute(2, 0, 1).float().div_(255)
-    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device)
     return (x - m) / s
 
 
@@ -90,9 +90,15 @@ def to_tensor(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
 
 def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Normalised (..., 3, H, W) -> RGB in [0, 1]."""
-    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device)
     return (x * s + m).clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) mean and std on ``device``, made once per device: no host-to-device copy in every call.
+    Read only (shared between calls)."""
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
 def to_uint8_levels(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

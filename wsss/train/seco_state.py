@@ -34,12 +34,11 @@ class PrototypeBank(nn.Module):
     @float32  # a running state: bf16 products would round every update
     def update(self, cls_tokens: torch.Tensor, label_idx: torch.Tensor) -> torch.Tensor:
         """``label_idx`` (N,) holds the class (1..K) of single-class images and -1 otherwise."""
-        k = self.prototypes.shape[0]
-        valid = label_idx >= 1
-        onehot = F.one_hot((label_idx - 1).clamp_min(0), k).float() * valid[:, None]  # (N, K)
+        classes = torch.arange(1, self.prototypes.shape[0] + 1, device=label_idx.device)
+        onehot = (label_idx[:, None] == classes).float()  # (N, K), rows of -1 empty (F.one_hot checks on the host)
         later = onehot.flip(0).cumsum(0).flip(0) - onehot  # items of the same class after item i
         n_after = (later * onehot).sum(1)
-        weight = (1 - self.momentum) * self.momentum**n_after * valid  # (N,)
+        weight = (1 - self.momentum) * self.momentum**n_after * onehot.sum(1)  # (N,), 0 for items without a class
         decay = self.momentum ** onehot.sum(0)  # (K,)
         self.prototypes.mul_(decay[:, None]).add_(onehot.t() @ (weight[:, None] * cls_tokens.float()))
         self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
