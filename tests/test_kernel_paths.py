@@ -1,7 +1,8 @@
 """The training and inference paths through the kernel dispatch: Triton (interpreter) and the references agree.
 
-``WSSS_KERNELS=triton`` forces the Triton kernels on CPU tensors (they run in the Triton interpreter, which
-``make test`` switches on); ``WSSS_KERNELS=torch`` switches them off. Same seeds, same losses, same gradients.
+``WSSS_KERNELS=triton`` forces the Triton kernels: on CPU tensors in the Triton interpreter (which ``make test``
+switches on), on a GPU compiled when the interpreter is off (the GPU check); ``WSSS_KERNELS=torch`` switches them
+off. Same seeds, same losses, same gradients.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from wsss.train.seco_losses import ptc_loss
 
 CLASSES = ("background", "a", "b", "c")
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu")
 pytestmark = pytest.mark.skipif(
-    not (triton_available() and interpreter_enabled()), reason="needs triton and TRITON_INTERPRET=1 (make test)"
+    not (triton_available() and (interpreter_enabled() or DEVICE.type == "cuda")),
+    reason="needs triton and TRITON_INTERPRET=1 (make test) or a CUDA device",
 )
 
 
@@ -50,14 +53,14 @@ def _both(monkeypatch, fn):
 def _cobra(seed: int = 0):
     torch.manual_seed(seed)
     cfg = get_config("cobra-tiny-synth", TINY_COBRA)
-    return build_model(model_spec(cfg, CLASSES)), cfg
+    return build_model(model_spec(cfg, CLASSES)).to(DEVICE), cfg
 
 
 @pytest.mark.parametrize("source", ["fuse", "cnn", "avg", None])
 def test_inference_seeds_identical_with_kernels_on_and_off(monkeypatch, source):
     model, cfg = _cobra()
     if source is None:  # a single-source network (SeCo/CAM rules): min-max, flip max, fixed threshold
-        model = build_model(ModelSpec("cam", {"backbone": cfg["model"]["backbone"]}, CLASSES))
+        model = build_model(ModelSpec("cam", {"backbone": cfg["model"]["backbone"]}, CLASSES)).to(DEVICE)
     model.eval()
     rng = np.random.default_rng(0)
     # 28 x 36: no multiple of the patch size 8; native size runs it unpadded (ViT 3 x 4 grid; 0.5 -> 14 x 18).
@@ -69,7 +72,7 @@ def test_inference_seeds_identical_with_kernels_on_and_off(monkeypatch, source):
         settings = model.spec.cam.replace(input_size=size, scales=(1.0, 0.5), bg_percentile=60.0)
         if source is not None:
             settings = settings.replace(source=source)
-        on, off = _both(monkeypatch, lambda s=settings: predict_cams(model, images, tags, s))
+        on, off = _both(monkeypatch, lambda s=settings: predict_cams(model, images, tags, s, DEVICE))
         for a, b in zip(on, off, strict=True):
             assert np.array_equal(a.seed, b.seed)
             torch.testing.assert_close(a.cam, b.cam, rtol=1e-5, atol=1e-6)
@@ -78,7 +81,8 @@ def test_inference_seeds_identical_with_kernels_on_and_off(monkeypatch, source):
 def test_cobra_training_step_identical_with_kernels_on_and_off(monkeypatch):
     model, cfg = _cobra()
     objective = CoBraObjective(model, cfg)
-    batch = {"image": torch.randn(2, 3, 48, 48), "labels": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])}
+    batch = {"image": torch.randn(2, 3, 48, 48, device=DEVICE),
+             "labels": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=DEVICE)}  # fmt: skip
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -94,8 +98,8 @@ def test_cobra_training_step_identical_with_kernels_on_and_off(monkeypatch):
 
 
 def test_seco_ptc_identical_with_kernels_on_and_off(monkeypatch):
-    feats = torch.randn(2, 16, 5, 7, requires_grad=True)
-    labels = torch.randint(0, 3, (2, 5, 7))
+    feats = torch.randn(2, 16, 5, 7, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 5, 7), device=DEVICE)
     labels[0, 0, :3] = 255
 
     def loss_and_grad():

@@ -1,10 +1,17 @@
 """wsss.kernels: each Triton kernel against its PyTorch reference, each reference against the METHODS formulas.
 
-The Triton paths run on CUDA or, on CPU, under the Triton interpreter (``TRITON_INTERPRET=1``, which ``make test``
-sets before Python starts); without either they are skipped. Shapes stay small: the interpreter is slow.
+The Triton paths run on CUDA (compiled, when ``TRITON_INTERPRET`` is not set) or, on CPU, under the Triton
+interpreter (``TRITON_INTERPRET=1``, which ``make test`` sets before Python starts); without either they are
+skipped. Shapes stay small: the interpreter is slow. The CUDA-only tests (device-side range asserts, no host syncs)
+run on the GPU check.
 """
 
 from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,9 +23,11 @@ from wsss.cam.pipeline import forward_pyramid, stack_maps, tensor_pyramid
 from wsss.kernels import (
     NORM_EPS,
     backend_for,
+    cam_post,
     cam_postprocess,
     cam_postprocess_reference,
     combine_sources,
+    infonce,
     masked_ptc,
     masked_ptc_reference,
     normalize_maps,
@@ -27,6 +36,8 @@ from wsss.kernels import (
     patch_infonce_reference,
 )
 from wsss.kernels.dispatch import interpreter_enabled, triton_available
+from wsss.kernels.infonce import gradient_lists
+from wsss.kernels.utils import check_grid, check_range
 from wsss.models import CAMSettings
 from wsss.train.seco_losses import label_to_aff_mask
 
@@ -37,12 +48,16 @@ HALF_GRAD_REL = 1e-2  # fp16/bf16 gradients: both sides accumulate in fp32, then
 ORACLE_REL = 1e-10  # float64 reference against the per-anchor / per-pair Python transcriptions
 CAM_ABS = 1e-6  # normalised CAMs in [0, 1): the Triton path repeats the reference's fp32 operations in order
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# the interpreter runs kernels on CPU tensors; without it, a GPU runs them compiled
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu")
 TRITON_RUNS = triton_available() and (DEVICE.type == "cuda" or interpreter_enabled())
 requires_triton = pytest.mark.skipif(
     not TRITON_RUNS,
     reason="Triton kernels need `import triton` and a CUDA device, or TRITON_INTERPRET=1 set before Python starts "
     "(make test sets it)",
+)
+requires_cuda_triton = pytest.mark.skipif(
+    not (triton_available() and DEVICE.type == "cuda"), reason="compiled Triton on a CUDA device (the GPU check)"
 )
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -112,8 +127,8 @@ def test_patch_infonce_code_and_paper_modes_differ_only_through_tau():
     ("shape", "dtype", "neg_mode"),
     [
         ((1, 37, 24, 1, 5), torch.float32, "paper"),  # batch 1, Kp = 1, N not a multiple of the anchor block
-        ((3, 45, 130, 4, 7), torch.float32, "code"),  # D not a power of two, several anchor blocks
-        ((3, 45, 130, 4, 7), torch.float32, "paper"),
+        ((2, 45, 130, 4, 7), torch.float32, "code"),  # D = 2 chunks + a masked tail, several anchor blocks
+        ((2, 45, 130, 4, 7), torch.float32, "paper"),
         ((2, 33, 16, 3, 2), torch.float16, "paper"),
         ((2, 33, 16, 3, 2), torch.bfloat16, "code"),
     ],
@@ -131,17 +146,157 @@ def test_patch_infonce_triton_matches_reference(shape, dtype, neg_mode):
 
 
 def test_patch_infonce_rejects_bad_inputs():
-    v, pos, neg, _ = infonce_inputs(2, 5, 3, 2, 3)
+    v, pos, neg, _ = (t.cpu() for t in infonce_inputs(2, 5, 3, 2, 3))  # a GPU reports the range by device assert
     with pytest.raises(ValueError, match="pos_idx"):
         patch_infonce(v, pos[:1], neg, 0.1)
     with pytest.raises(IndexError, match="neg_idx"):
         patch_infonce(v, pos, neg + 5, 0.1)
+    with pytest.raises(IndexError, match="pos_idx"):
+        patch_infonce(v, pos - 3, neg, 0.1, backend="torch")
     with pytest.raises(TypeError, match="integer"):
         patch_infonce(v, pos.float(), neg, 0.1)
     with pytest.raises(ValueError, match="neg_mode"):
         patch_infonce(v, pos, neg, 0.1, "exp")
     with pytest.raises(ValueError, match="tau"):
         patch_infonce(v, pos, neg, 0.0)
+
+
+def sap_shaped_inputs(b, n, d, kp, kn, dtype=torch.float32, seed=1):
+    """SAP's index pattern: the anchors of one pseudo class share one ranked list of key rows, so a few rows are
+    keys of every anchor of their class (two classes here, assigned at random)."""
+    v, _, _, weight = infonce_inputs(b, n, d, kp, kn, dtype, seed)
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randint(0, 2, (b, n), generator=g)
+    ranked = torch.stack([torch.randperm(n, generator=g) for _ in range(2 * b)]).view(b, 2, n)
+    lists = ranked.gather(1, cls[..., None].expand(-1, -1, n))  # (B, N, N): each anchor's class ranking
+    return v, lists[..., :kp].contiguous().to(DEVICE), lists[..., -kn:].contiguous().to(DEVICE), weight
+
+
+def test_gradient_lists_group_every_term_by_row_in_a_fixed_order():
+    g = torch.Generator().manual_seed(3)
+    b, n, k, d = 2, 9, 4, 5
+    idx = torch.randint(0, n, (b, n, k), generator=g)
+    idx[:, :, 0] = 2  # a key row of every anchor
+    coef = torch.randn(b, n, k, generator=g, dtype=torch.float64)
+    v = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    offsets, sources, weights = gradient_lists(idx, coef)
+    assert offsets.dtype == sources.dtype == torch.int32 and (offsets[:, -1] == 2 * n * k).all()
+    # dL/dv: every slot (i, j) adds c_ij v_j to row i and c_ij v_i to row j
+    want = torch.einsum("bik,bikd->bid", coef, v[torch.arange(b)[:, None, None], idx])
+    for bi in range(b):
+        want[bi].index_add_(0, idx[bi].flatten(), coef[bi].flatten()[:, None] * v[bi].repeat_interleave(k, 0))
+    got = torch.zeros_like(v)
+    for bi in range(b):
+        for r in range(n):
+            lo, hi = offsets[bi, r].item(), offsets[bi, r + 1].item()
+            got[bi, r] = (weights[bi, lo:hi, None] * v[bi, sources[bi, lo:hi].long()]).sum(0)
+            assert torch.equal(sources[bi, lo : lo + k].long(), idx[bi, r])  # the row's own slots first, in order
+            assert torch.equal(weights[bi, lo : lo + k], coef[bi, r])
+            users = sources[bi, lo + k : hi]  # then its uses as a key, in anchor order
+            assert len(users) == (idx[bi] == r).sum() and (users[1:] >= users[:-1]).all()
+    assert (offsets[:, 3] - offsets[:, 2] >= k + n).all()  # the shared row lists every anchor
+    assert_close_rel(got, want, ORACLE_REL)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((1, 53, 70, 5, 3), torch.float32),  # N past one anchor block, D = 64 + a masked tail of 6
+        ((1, 24, 16, 4, 4), torch.bfloat16),  # D below one chunk
+    ],
+)
+def test_patch_infonce_shared_keys_gradient_is_deterministic_and_matches_reference(shape, dtype):
+    v, pos, neg, weight = sap_shaped_inputs(*shape, dtype=dtype)
+    v.requires_grad_(True)
+    want = torch.autograd.grad((patch_infonce(v, pos, neg, 0.1, "code", backend="torch") * weight).sum(), v)[0]
+    grads = [torch.autograd.grad((patch_infonce(v, pos, neg, 0.1, "code", backend="triton") * weight).sum(), v)[0]
+             for _ in range(2)]  # fmt: skip
+    assert torch.equal(grads[0], grads[1])  # the same bits on every run
+    assert_close_rel(grads[0], want, grad_rel(dtype))
+    assert "tl.atomic" not in inspect.getsource(infonce)  # key rows are reduced from sorted lists, not atomics
+
+
+def force_config(monkeypatch, kernel, config):
+    """Make an autotuned kernel run ``config`` (a single config is launched without timing)."""
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+@requires_triton
+def test_patch_infonce_bits_do_not_depend_on_the_autotuned_config(monkeypatch):
+    v, pos, neg, _ = sap_shaped_inputs(1, 37, 70, 3, 2)  # anchor blocks of 16, 32, 64; two feature chunks
+    losses = []
+    for config in infonce.FORWARD_CONFIGS:
+        force_config(monkeypatch, infonce._forward_kernel, config)
+        losses.append(patch_infonce(v, pos, neg, 0.1, backend="triton"))
+    assert all(torch.equal(loss, losses[0]) for loss in losses[1:])
+    v, pos, neg, weight = sap_shaped_inputs(1, 12, 70, 3, 2)
+    v.requires_grad_(True)
+    grads = []
+    for config in infonce.GATHER_CONFIGS:  # term blocks of 8 to 32, feature chunks of 64 to 256
+        force_config(monkeypatch, infonce._gather_sum_kernel, config)
+        grads.append(torch.autograd.grad((patch_infonce(v, pos, neg, 0.1, backend="triton") * weight).sum(), v)[0])
+    assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
+
+
+DEVICE_ASSERT_SCRIPT = """
+import torch
+from wsss.kernels import infonce, masked_ptc, patch_infonce
+
+infonce._forward_kernel.configs = infonce._forward_kernel.configs[:1]  # timing configs would synchronise
+v = torch.randn(1, 8, 4, device="cuda")
+idx = torch.zeros(1, 8, 2, dtype=torch.int64, device="cuda")
+if CASE == "infonce":
+    patch_infonce(v, idx, idx + 8, 0.1)
+else:
+    masked_ptc(v.transpose(1, 2), torch.full((1, 8), 256, device="cuda"))
+print("queued", flush=True)
+torch.cuda.synchronize()
+print("not reached", flush=True)
+"""
+
+
+@requires_cuda_triton
+@pytest.mark.parametrize("case", ["infonce", "ptc"])
+def test_range_checks_on_cuda_are_device_asserts_without_a_sync(case):
+    """Out-of-range indices or labels on a GPU: queued without a host sync, a RuntimeError at the next
+    synchronisation (in a subprocess: a device-side assert leaves the CUDA context unusable)."""
+    script = f"CASE = {case!r}\n" + textwrap.dedent(DEVICE_ASSERT_SCRIPT)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "queued" in run.stdout and "not reached" not in run.stdout, run.stdout + run.stderr
+    assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr
+
+
+@requires_cuda_triton
+def test_kernels_run_without_host_syncs_on_cuda():
+    v, pos, neg, weight = sap_shaped_inputs(2, 53, 70, 5, 3)
+    feats, labels = ptc_inputs(2, 24, 6, 6)
+    cams, tags, cams2 = cam_inputs((2, 2, 2, 3, 9, 13), torch.float32, fuse=True)
+    v.requires_grad_(True)
+    feats.requires_grad_(True)
+
+    def step():
+        infonce_loss = (patch_infonce(v, pos, neg, 0.1, backend="triton") * weight).sum()
+        torch.autograd.grad(infonce_loss + masked_ptc(feats, labels, backend="triton"), (v, feats))
+        cam_postprocess(cams, tags, torch.full((2,), 0.3, device=DEVICE), "sum", "max", cams2, backend="triton")
+
+    step()  # compiles and autotunes, which synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call now raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_check_range_on_the_cpu_raises_at_once():
+    check_range("idx", torch.tensor([0, 3, 4]), 0, 5)
+    check_range("idx", torch.zeros(0, dtype=torch.int64), 0, 1)
+    with pytest.raises(IndexError, match=r"idx holds values outside \[0, 4\)"):
+        check_range("idx", torch.tensor([0, 3, 4]), 0, 4)
+    with pytest.raises(ValueError, match="labels"):
+        check_range("labels", torch.tensor([-1, 0]), 0, 256, ValueError)
 
 
 # ------------------------------------------------------------------------------------------------- masked_ptc
@@ -226,6 +381,10 @@ def test_masked_ptc_accepts_flat_tokens_and_rejects_mismatches():
         masked_ptc(feats, labels[:, :2])
     with pytest.raises(ValueError, match="integer"):
         masked_ptc(feats, labels.float())
+    feats, labels = feats.cpu(), labels.cpu()  # a GPU reports the range by device assert
+    for bad in (256, -1):
+        with pytest.raises(ValueError, match=r"labels .*outside \[0, 256\)"):
+            masked_ptc(feats, labels.masked_fill(labels == 0, bad))
 
 
 # --------------------------------------------------------------------------------------------- cam_postprocess
@@ -403,6 +562,28 @@ def test_cam_postprocess_background_wins_ties():
     for backend in ("torch", "triton"):
         _, label, _ = cam_postprocess(cams, tags, bkg, return_cams=False, backend=backend)
         assert (label.flatten(1)[:, 5] == 0).all()
+
+
+@requires_triton
+def test_cam_postprocess_bits_do_not_depend_on_the_autotuned_config(monkeypatch):
+    cams, tags, cams2 = cam_inputs((2, 2, 2, 3, 30, 21), torch.float32, seed=6, fuse=True)  # 630 px: partial blocks
+    outputs = []
+    for config in cam_post.CONFIGS:
+        for kernel in (cam_post._extrema_kernel, cam_post._label_kernel):
+            force_config(monkeypatch, kernel, config)
+        outputs.append(cam_postprocess(cams, tags, 0.3, "sum", "minmax", cams2, return_cams=True, backend="triton"))
+    for out in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out, outputs[0], strict=True))
+
+
+def test_cam_postprocess_grid_puts_planes_on_axis_0():
+    planes = 70000  # B * K beyond the 65535 programs CUDA allows on grid axes 1 and 2
+    assert cam_post.pixel_grid(planes, 4, 512) == (planes,)
+    assert cam_post.pixel_grid(planes, 1100, 512) == (3 * planes,)
+    with pytest.raises(ValueError, match="axis 1"):
+        check_grid((1, planes))  # the old layout: (pixel blocks, B * K)
+    with pytest.raises(ValueError, match="axis 0"):
+        cam_post.pixel_grid(2**20, 2**20, 512)
 
 
 def test_cam_postprocess_without_cams_and_bad_inputs():
