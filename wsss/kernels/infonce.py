@@ -161,8 +161,9 @@ def gradient_lists(idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor,
         slots first, then its uses as a key in anchor order (a stable sort: the same order on every run).
     """
     b, n, k = idx.shape
-    anchors = torch.arange(n, device=idx.device, dtype=torch.int32).repeat_interleave(k).expand(b, -1)
+    anchors = torch.arange(n, device=idx.device, dtype=torch.int32)[:, None].expand(n, k).reshape(1, n * k)
     keys = idx.reshape(b, n * k).to(torch.int32)
+    anchors = anchors.expand(b, -1)
     rows, order = torch.sort(torch.cat([anchors, keys], 1), dim=1, stable=True)
     sources = torch.cat([keys, anchors], 1).gather(1, order)
     weights = coef.reshape(b, n * k).repeat(1, 2).gather(1, order)

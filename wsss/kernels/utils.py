@@ -12,9 +12,10 @@ MAX_GRID = (2**31 - 1, 65535, 65535)  # CUDA's grid limits per axis: put large d
 def check_range(name: str, t: torch.Tensor, low: int, high: int, error: type[Exception] = IndexError) -> None:
     """Require ``low <= t < high`` on every device without a host sync.
 
-    On the CPU the check is free and raises ``error`` at once. On a GPU it is queued with ``torch._assert_async``:
-    a failure is a device-side assert that surfaces as a ``RuntimeError`` ("device-side assert triggered") at the
-    next synchronisation, and leaves the CUDA context unusable, as any out-of-bounds access would.
+    On the CPU the check is free and raises ``error`` at once. On a GPU it is queued with ``torch._assert_async``
+    (no host sync): a failure is a device-side assert, which surfaces as a ``RuntimeError`` ("device-side assert
+    triggered") from the next CUDA call after it fires, at the latest the next synchronisation, and leaves the CUDA
+    context unusable; the kernels queued after it never run, so nothing is read or written out of bounds.
     """
     message = f"{name} holds values outside [{low}, {high})"
     if t.numel() == 0:
