@@ -211,6 +211,7 @@ def test_torch_backend_takes_the_networks_spec():
     assert [t.shape for t in backend(torch.randn(1, 3, 20, 35))] == [(1, 3), (1, 3, 2, 4)]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; none on this machine")
 def test_tensorrt_engine_matches_onnxruntime(cam_ckpt, tmp_path):
     pytest.importorskip("tensorrt", reason="pip install 'wsss[gpu]' to test TensorRT")
@@ -220,10 +221,14 @@ def test_tensorrt_engine_matches_onnxruntime(cam_ckpt, tmp_path):
     assert engine.suffix == ".engine"
     sidecar = json.loads(engine.with_suffix(".engine.json").read_text())
     assert sidecar["spec"] == load_model(cam_ckpt).spec.to_dict() and sidecar["outputs"] == ["logits", "cams"]
+    assert sidecar["profile"]["max"] == [2, 3, 64, 96]
     backend, spec, meta = open_backend(engine=engine, device="cuda")
-    x = torch.randn(2, 3, 61, 93, device="cuda")
+    x = torch.randn(5, 3, 61, 93, device="cuda")  # beyond the profile's batch of 2: runs in chunks
     want = OnnxBackend(tmp_path / "m.onnx")(x.cpu())
     got = backend(x)
     assert len(got) == 2 and meta["artifact_sha256"] == file_sha256(engine)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.cpu(), b, atol=1e-3, rtol=1e-3)
+    assert backend.runner.stream.cuda_stream != torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match=r"outside the TensorRT profile .*--max-shape 2x3x64x128"):
+        backend(torch.randn(1, 3, 64, 128, device="cuda"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -240,6 +241,60 @@ def test_bench_label_reports_baseline_and_ratio(tiny_ckpt, synth, tmp_path):
     assert [(r["pipeline"], r["batch"]) for r in rows] == [("research loop", 1), ("wsss label", 2)]
     assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and "cam_s" in rows[1]["stages_s"]
     assert "torch" in json.loads(out.read_text())["device"]
+
+
+def test_device_and_precision_are_refused_in_one_line_before_any_work(tiny_ckpt, synth, tmp_path):
+    base = ["label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--out", tmp_path / "o", "--quiet"]
+    fp16 = CliRunner().invoke(cli, list(map(str, [*base, "--precision", "fp16"])))
+    assert fp16.exit_code == 2 and "--precision fp16 runs on CUDA devices only" in fp16.output
+    if not torch.cuda.is_available():
+        gpu = CliRunner().invoke(cli, list(map(str, [*base, "--device", "cuda:1"])))
+        assert gpu.exit_code == 2 and "--device cuda:1: no CUDA GPU is visible" in gpu.output
+    assert not (tmp_path / "o").exists()
+
+
+def _agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a.keys() == b.keys() and a
+    return float(np.mean([np.mean(a[k] == b[k]) for k in a]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="labels on a CUDA GPU; none on this machine")
+def test_label_on_cuda_matches_the_cpu(tiny_ckpt, synth, tmp_path):
+    """GPU check: the labeler on cuda:0 (Triton post-processing, PAR on the device, ORT's CUDA provider with IO
+    binding where onnxruntime-gpu is installed) against the CPU run; bf16 within a stated tolerance."""
+    from wsss.export.onnx import cuda_provider_usable
+
+    CliRunner().invoke(cli, ["export", "--ckpt", str(tiny_ckpt), "--onnx", str(tmp_path / "m.onnx")])
+    runs = {"cpu": ["--ckpt", tiny_ckpt], "cuda": ["--ckpt", tiny_ckpt, "--device", "cuda:0"],
+            "bf16": ["--ckpt", tiny_ckpt, "--device", "cuda", "--precision", "bf16"]}  # fmt: skip
+    if cuda_provider_usable():
+        runs["onnx-cuda"] = ["--engine", tmp_path / "m.onnx", "--device", "cuda:0"]
+    for name, args in runs.items():
+        _label(*args, "--data", f"voc:{synth}:val", "--out", tmp_path / name, "--refine", "par", "--save-cams",
+               "--quiet")  # fmt: skip
+    cpu = _pngs(tmp_path / "cpu" / "labels")
+    for name in runs:
+        summary = json.loads((tmp_path / name / "summary-shard-0-of-1.json").read_text())
+        assert summary["ok"] == 6 and summary["device"] == ("cpu" if name == "cpu" else "cuda:0")
+        floor = 0.97 if name == "bf16" else 0.999  # stated tolerances: bf16 rounding; arg-max ties on float noise
+        assert _agreement(cpu, _pngs(tmp_path / name / "labels")) >= floor, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks the labeler on a CUDA GPU; none here")
+def test_bench_label_on_cuda_exports_a_network_that_runs_there(tiny_ckpt, synth, tmp_path):
+    """Defect 4: the network moves to the GPU first, then the ONNX export traces a CPU copy of it."""
+    from wsss.export.onnx import cuda_provider_usable
+
+    backends = "torch,onnx" if cuda_provider_usable() else "torch"
+    out = tmp_path / "bench.json"
+    args = ["bench", "label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--images", 4, "--batch", 2,
+            "--backends", backends, "--device", "cuda", "--refine", "par", "--json", out]  # fmt: skip
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert [r["backend"] for r in record["rows"][1:]] == backends.split(",") and record["device"]["gpu"]
 
 
 def test_rle_round_trip_column_major_zeros_first():

@@ -198,6 +198,7 @@ def test_default_profiles_serve_the_labeler():
         Profile((1, 3, 64, 64), (1, 3, 32, 32), (1, 3, 64, 64))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the runner's own CUDA stream needs a GPU")
 def test_the_runner_launches_on_its_own_stream_after_the_current_one():
     engine = FakeEngine(PROFILE)

@@ -257,7 +257,7 @@ def _tags(tags: list[np.ndarray | None], logits: torch.Tensor, settings: CAMSett
 
 def _on_host(results: list[CAMResult]) -> list[CAMResult]:
     n = len(results)
-    host = to_host([*(r.seed for r in results), *(r.tags for r in results), *(r.cam for r in results)])
+    host = to_host([*(r.seed for r in results), *(r.tags for r in results), *(r.cam.float() for r in results)])
     return [CAMResult(torch.from_numpy(c), torch.from_numpy(t), s)
             for s, t, c in zip(host[:n], host[n : 2 * n], host[2 * n :], strict=True)]  # fmt: skip
 
