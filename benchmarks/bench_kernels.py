@@ -13,9 +13,9 @@ card); on CUDA the measured peak of the whole case is recorded beside the estima
 every batch size. On CPU the Triton column runs only under the Triton interpreter (a correctness smoke run, not
 a speed).
 
-    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --quick   # tiny shapes on CPU, Triton interpreted, < 1 min
-    python benchmarks/bench_kernels.py --quick --threads 1          # CPU references only; one thread keeps timings
-                                                                    # stable on a shared CPU
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --quick   # tinier shapes, Triton interpreted, < 1 min
+    python benchmarks/bench_kernels.py --quick --threads 1          # small shapes, CPU references only, ~15 s; one
+                                                                    # thread keeps timings stable on a shared CPU
     python benchmarks/bench_kernels.py --device cuda                # paper shapes: N = 196/784, D up to 768
     python benchmarks/bench_kernels.py --device cuda --scale 0.5    # half the batch sizes (a smaller GPU)
 """
@@ -66,13 +66,20 @@ def paper_cases(scale: float = 1.0) -> list[Case]:
     return [Case(c.kernel, {**c.shape, "b": max(1, round(c.shape["b"] * scale))}) for c in cases]
 
 
-def quick_cases() -> list[Case]:
-    """Tiny shapes for a CPU smoke run (small enough for the Triton interpreter)."""
+def quick_cases(interpreted: bool = False) -> list[Case]:
+    """Small shapes for a CPU smoke run; tinier ones when the Triton interpreter runs (one program at a time)."""
+    if interpreted:
+        return [
+            Case("sap", dict(b=1, h=4, w=4, d=32, c=5, k_pos=4, k_neg=2)),
+            Case("cap", dict(b=1, h=4, w=4, d=32, k_pos=2, k_neg=4)),
+            Case("masked_ptc", dict(b=2, h=5, w=5, d=32)),
+            Case("cam_post", dict(s=2, f=2, b=2, k=3, h=24, w=24, flip_merge="sum", norm="max", fuse=True)),
+        ]
     return [
-        Case("sap", dict(b=1, h=4, w=4, d=32, c=5, k_pos=4, k_neg=2)),
-        Case("cap", dict(b=1, h=4, w=4, d=32, k_pos=2, k_neg=4)),
-        Case("masked_ptc", dict(b=2, h=5, w=5, d=32)),
-        Case("cam_post", dict(s=2, f=2, b=2, k=3, h=24, w=24, flip_merge="sum", norm="max", fuse=True)),
+        Case("sap", dict(b=2, h=7, w=7, d=64, c=20, k_pos=20, k_neg=5)),
+        Case("cap", dict(b=2, h=7, w=7, d=64, k_pos=5, k_neg=20)),
+        Case("masked_ptc", dict(b=2, h=7, w=7, d=64)),
+        Case("cam_post", dict(s=2, f=2, b=2, k=5, h=64, w=64, flip_merge="sum", norm="max", fuse=True)),
     ]
 
 
@@ -250,7 +257,7 @@ def bench_case(case: Case, device: torch.device, repeats: int) -> dict:
 
 def _fmt(results: dict, name: str, key: str) -> str:
     if name not in results:
-        return "n/a" if name == "triton" else "-"
+        return NA_TRITON if name == "triton" else "-"
     value = results[name][key]
     if value is None:
         return "n/a (CPU)"
@@ -294,7 +301,7 @@ def main() -> None:
         torch.cuda.set_device(device)  # Triton launches on the current device
     interpreted = device.type != "cuda" and triton_runs(device)
     repeats = args.repeats or (1 if interpreted else 3 if args.quick else 10)
-    cases = quick_cases() if args.quick else paper_cases(args.scale)
+    cases = quick_cases(interpreted) if args.quick else paper_cases(args.scale)
     rows, skipped = [], []
     for case in cases:
         estimate = footprint(case)
@@ -310,7 +317,7 @@ def main() -> None:
         rows.append(row)
     print()
     print_table(rows)
-    name = f"bench_kernels_{device.type}{'_quick' if args.quick else ''}"
+    name = f"bench_kernels_{device.type}{'_quick' if args.quick else ''}{'_interpreted' if interpreted else ''}"
     column = "triton (interpreter: not a speed)" if interpreted else "triton" if triton_runs(device) else NA_TRITON
     write_result(name, {"quick": args.quick, "scale": args.scale, "max_gib": args.max_gib, "repeats": repeats,
                         "triton_column": column, "rows": rows, "skipped": skipped})  # fmt: skip
