@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import write_result
+from common import add_json_option, write_result
 from official_loops import official_cap_loop, official_sap_loop
 from wsss.kernels import cam_postprocess, masked_ptc
 from wsss.kernels.dispatch import ENV_VAR, interpreter_enabled, triton_available
@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the paper shapes' batch sizes")
     parser.add_argument("--max-gib", type=float, default=16.0, help="skip cases estimated above this footprint")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,7 +321,7 @@ def main() -> None:
     name = f"bench_kernels_{device.type}{'_quick' if args.quick else ''}{'_interpreted' if interpreted else ''}"
     column = "triton (interpreter: not a speed)" if interpreted else "triton" if triton_runs(device) else NA_TRITON
     write_result(name, {"quick": args.quick, "scale": args.scale, "max_gib": args.max_gib, "repeats": repeats,
-                        "triton_column": column, "rows": rows, "skipped": skipped})  # fmt: skip
+                        "triton_column": column, "rows": rows, "skipped": skipped}, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

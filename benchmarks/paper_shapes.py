@@ -27,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from common import add_json_option, write_result
+
 PAPER_CONFIGS = ("seco-vitb16-voc", "seco-vitb16-coco", "cobra-r152-deits-voc", "cam-vitb16-voc")
 SIZE = (500, 375)  # width, height: the common VOC image size
 
@@ -125,18 +127,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3, help="500x375 images to label.")
     parser.add_argument("--refine", default="crf", choices=["crf", "par", "none"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.child:  # one config's training, in its own process
         result = train_steps(args.child, args.data, args.out, args.steps, args.batch, args.device)
         (Path(args.out).parent / "train.json").write_text(json.dumps(result))
         return
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import write_result
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="wsss-paper-") as tmp:
@@ -149,9 +148,7 @@ def main() -> None:
                   f"label {r.get('label', {}).get('wall_s', '-')} s, export {r.get('export', {}).get('wall_s', '-')} s,"
                   f" {'passed' if r['passed'] else 'FAILED'}", flush=True)  # fmt: skip
     suffix = "" if args.device == "cpu" else "_" + args.device.replace(":", "")
-    path = write_result(f"paper_shapes{suffix}", {"image_size": SIZE, "refine": args.refine, "rows": rows})
-    if args.json:
-        args.json.write_text(path.read_text())
+    write_result(f"paper_shapes{suffix}", {"image_size": SIZE, "refine": args.refine, "rows": rows}, args.json)
     if not all(r["passed"] for r in rows):
         sys.exit(1)
 
