@@ -154,11 +154,10 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
 def _list_configs(ctx: click.Context, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from .train.configs import CONFIGS
+    from .train.configs import config_summaries
 
-    for name, cfg in sorted(CONFIGS.items()):
-        click.echo(f"{name:20s} {cfg['model']['backbone']['name']}, crop {cfg['data']['crop']}, "
-                   f"{cfg['train']['iters']} iters x batch {cfg['train']['batch_size']}")  # fmt: skip
+    for name, summary in config_summaries().items():
+        click.echo(f"{name:20s} {summary}")
     ctx.exit()
 
 

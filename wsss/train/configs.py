@@ -133,6 +133,12 @@ CONFIGS["cobra-tiny-synth"] = {
 }  # fmt: skip
 
 
+def config_summaries() -> dict[str, str]:
+    """Every named config with its one-line summary, sorted by name (``wsss train --list-configs``)."""
+    return {name: f"{cfg['model']['backbone']['name']}, crop {cfg['data']['crop']}, {cfg['train']['iters']} iters "
+                  f"x batch {cfg['train']['batch_size']}" for name, cfg in sorted(CONFIGS.items())}  # fmt: skip
+
+
 def model_spec(cfg: dict[str, Any], class_names: tuple[str, ...]) -> ModelSpec:
     """The spec of the network a config trains, for a dataset's classes (background first)."""
     return ModelSpec(cfg["method"], copy.deepcopy(cfg["model"]), tuple(class_names),
