@@ -48,8 +48,11 @@ class Check:
     after: object = None  # callable(tmp) -> dict of results to check and embed; raises AssertionError on failure
 
 
-def available(need: str) -> bool:
+def available(need: str, mode: str) -> bool:
+    """An importable module, or "ort-cuda": ONNX Runtime with its CUDA provider (on the CPU, ONNX Runtime)."""
     if need == "ort-cuda":
+        if mode == "cpu":
+            return importlib.util.find_spec("onnxruntime") is not None
         if importlib.util.find_spec("onnxruntime") is None:
             return False
         import onnxruntime
@@ -88,7 +91,7 @@ def _version(module: str) -> str | None:
 def run_step(check: Check, mode: str, deadline: float, tmp: Path) -> dict:
     row = {"name": check.name, "verifies": check.verifies}
     argv = check.cuda if mode == "cuda" else check.cpu
-    missing = [n for n in check.needs if not available(n)]
+    missing = [n for n in check.needs if not available(n, mode)]
     left = deadline - time.monotonic()
     reason = (check.why_not_cpu if argv is None else f"not installed: {', '.join(missing)}" if missing
               else "time budget spent" if left < 10 else None)  # fmt: skip
@@ -165,166 +168,68 @@ def all_terms(name: str) -> list[str]:
 
 def checks(tmp: Path) -> list[Check]:
     data, d = f"voc:{tmp}/synth", str(tmp)
-    train = [  # a few AMP steps of each tiny config
-        Check(f"train-{name}", f"{name}: AMP (bf16) training steps on the GPU, every logged loss finite",
-              [*CLI, "train", "--config", name, "--data", f"{data}:train", "--out", f"{d}/{name}", "--device", "cuda",
-               "--set", "train.iters=6", "--set", "train.log_every=2", *all_terms(name)],
-              [*CLI, "train", "--config", name, "--data", f"{data}:train", "--out", f"{d}/{name}", "--device", "cpu",
-               "--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.batch_size=4",
-               *all_terms(name)],
-              timeout_s=180, after=lambda t, n=name: finite_metrics(t / n))
-        for name in TINY
-    ]  # fmt: skip
-    seco = f"{d}/seco-tiny-synth/last.safetensors"
+    py, seco = sys.executable, f"{d}/seco-tiny-synth/last.safetensors"
+    kernel_tests = [py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "tests/test_kernel_paths.py"]
     label = [*CLI, "label", "--ckpt", seco, "--data", f"{data}:val", "--quiet", "--fail-on-error"]
+    par_label = [*label, "--refine", "par"]
+    bench_label = [*CLI, "bench", "label", "--ckpt", seco, "--data", f"{data}:val", "--refine", "par"]
+    backends = "torch,onnx" if available("ort-cuda", "cuda") else "torch"
+    seco_step = [py, "benchmarks/bench_seco_step.py", "--data", f"{tmp}/synth", "--json", f"{d}/bench_seco_step.json"]
+    paper_seco = [py, "benchmarks/paper_shapes.py", "--configs", "seco-vitb16-voc", "--device", "cuda", "--steps",
+                  "6", "--batch", "4", "--refine", "par", "--json", f"{d}/paper_seco.json"]  # fmt: skip
+    onnx_label = [py, "-c", _ONNX_LABEL, seco, data, d]
     return [
-        Check(
-            "kernel-tests",
-            "Triton kernels compiled for this GPU (no interpreter) against their torch references",
-            [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "tests/test_kernel_paths.py"],
-            [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "tests/test_kernel_paths.py"],
-            timeout_s=240,
-        ),  # fmt: skip
-        Check(
-            "gpu-tests",
-            "the suite's CUDA-only tests (marker gpu): sync-free training steps, device selection, "
-            "TensorRT runner, ORT IO binding",
-            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"],
-            None,
-            timeout_s=240,
-            why_not_cpu="every test marked gpu skips without CUDA (the suite runs them as skips)",
-        ),  # fmt: skip
-        Check(
-            "bench-kernels",
-            "kernel speed and memory against the references (fits a 24 GB RTX 3090)",
-            [sys.executable, "benchmarks/bench_kernels.py", "--repeats", "3", "--json", f"{d}/bench_kernels.json"],
-            [sys.executable, "benchmarks/bench_kernels.py", "--quick", "--json", f"{d}/bench_kernels.json"],
-            timeout_s=150,
-            after=embed("bench_kernels.json"),
-        ),  # fmt: skip
-        *train,
-        Check(
-            "label-cpu",
-            "reference labels on the CPU (PAR refinement), for the GPU runs to agree with",
-            [*label, "--out", f"{d}/label-cpu", "--refine", "par", "--device", "cpu"],
-            [*label, "--out", f"{d}/label-cpu", "--refine", "par", "--device", "cpu"],
-        ),  # fmt: skip
-        Check(
-            "label-cuda-par",
-            "wsss label on CUDA: Triton CAM post-processing and PAR on the device",
-            [*label, "--out", f"{d}/label-cuda", "--refine", "par", "--device", "cuda"],
-            None,
-            after=labels_agree("label-cpu", "label-cuda", 0.995),
-        ),  # fmt: skip
-        Check(
-            "label-cuda-bf16",
-            "wsss label with a bf16 network forward: labels agree with fp32",
-            [*label, "--out", f"{d}/label-bf16", "--refine", "par", "--device", "cuda", "--precision", "bf16"],
-            None,
-            after=labels_agree("label-cpu", "label-bf16", 0.98),
-        ),  # fmt: skip
-        Check(
-            "label-cuda-crf",
-            "wsss label on CUDA with the dense CRF pool",
-            [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cuda"],
-            [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cpu"],
-            needs=("pydensecrf",),
-        ),
-        Check(
-            "bench-label",
-            "wsss bench label on the device (torch and ONNX Runtime) against the research loop",
-            [
-                *CLI,
-                "bench",
-                "label",
-                "--ckpt",
-                seco,
-                "--data",
-                f"{data}:val",
-                "--images",
-                "32",
-                "--batch",
-                "8,16",
-                "--refine",
-                "par",
-                "--device",
-                "cuda",
-                "--json",
-                f"{d}/bench_label.json",
-            ],
-            [
-                *CLI,
-                "bench",
-                "label",
-                "--ckpt",
-                seco,
-                "--data",
-                f"{data}:val",
-                "--images",
-                "4",
-                "--batch",
-                "2",
-                "--refine",
-                "par",
-                "--device",
-                "cpu",
-                "--json",
-                f"{d}/bench_label.json",
-            ],
-            timeout_s=240,
-            after=embed("bench_label.json"),
-        ),  # fmt: skip
-        Check(
-            "bench-seco-step",
-            "SeCo's paper-config step in its training precision, vectorised vs loop losses",
-            [sys.executable, "benchmarks/bench_seco_step.py", "--json", f"{d}/bench_seco_step.json"],
-            [sys.executable, "benchmarks/bench_seco_step.py", "--quick", "--json", f"{d}/bench_seco_step.json"],
-            timeout_s=180,
-            after=embed("bench_seco_step.json"),
-        ),  # fmt: skip
-        Check(
-            "onnx-cuda",
-            "ONNX export, then labels through ONNX Runtime's CUDA provider agree with torch",
-            [sys.executable, "-c", _ONNX_LABEL, seco, data, d, "cuda"],
-            [sys.executable, "-c", _ONNX_LABEL, seco, data, d, "cpu"],
-            timeout_s=180,
-            needs=("onnxruntime",),
-            after=labels_agree("label-cpu", "label-onnx", 0.995),
-        ),  # fmt: skip
-        Check(
-            "tensorrt",
-            "TensorRT engine built from the ONNX file and verified against ONNX Runtime at min/opt/max",
-            [*CLI, "export", "--ckpt", seco, "--onnx", f"{d}/trt.onnx", "--trt", f"{d}/net.engine", "--verify"],
-            None,
-            timeout_s=240,
-            needs=("tensorrt",),
-        ),  # fmt: skip
-        Check(
-            "paper-seco-step",
-            "seco-vitb16-voc at 448, batch 4 (the paper's), all loss terms on: s/step beside "
-            "SeCo's 1.61 s/iteration on an RTX 3090",
-            [
-                sys.executable,
-                "benchmarks/paper_shapes.py",
-                "--configs",
-                "seco-vitb16-voc",
-                "--device",
-                "cuda",
-                "--steps",
-                "6",
-                "--batch",
-                "4",
-                "--refine",
-                "par",
-                "--json",
-                f"{d}/paper_seco.json",
-            ],
-            None,
-            timeout_s=300,
-            after=embed("paper_seco.json"),
-            why_not_cpu="benchmarks/paper_shapes.py measures it on the CPU (minutes per step)",
-        ),  # fmt: skip
-    ]
+        Check("kernel-tests", "Triton kernels compiled for this GPU (no interpreter) against their torch references",
+              kernel_tests, kernel_tests, timeout_s=240),
+        Check("gpu-tests", "the suite's CUDA-only tests (marker gpu): sync-free steps, device selection, the "
+              "TensorRT runner, ONNX Runtime IO binding, labels on CUDA against the CPU's",
+              [py, "-m", "pytest", "-q", "-m", "gpu", "tests"], None, timeout_s=240,
+              why_not_cpu="every test marked gpu skips without CUDA (the suite runs them as skips)"),
+        Check("bench-kernels", "kernel speed and memory against the references (fits a 24 GB RTX 3090)",
+              [py, "benchmarks/bench_kernels.py", "--repeats", "3", "--json", f"{d}/bench_kernels.json"],
+              [py, "benchmarks/bench_kernels.py", "--quick", "--json", f"{d}/bench_kernels.json"],
+              timeout_s=150, after=embed("bench_kernels.json")),
+        *(Check(f"train-{name}", f"{name}: bf16-AMP training steps with every loss term on, each logged loss finite",
+                [*train_command(name, data, d), "--device", "cuda", "--set", "train.iters=6"],
+                [*train_command(name, data, d), "--device", "cpu", "--set", "train.iters=2", "--set",
+                 "train.batch_size=4"], timeout_s=180, after=lambda t, n=name: finite_metrics(t / n))
+          for name in TINY),
+        Check("label-cpu", "reference labels on the CPU (PAR refinement), for the GPU runs to agree with",
+              [*par_label, "--out", f"{d}/label-cpu", "--device", "cpu"],
+              [*par_label, "--out", f"{d}/label-cpu", "--device", "cpu"]),
+        Check("label-cuda-par", "wsss label on CUDA: Triton CAM post-processing and PAR on the device",
+              [*par_label, "--out", f"{d}/label-cuda", "--device", "cuda"], None,
+              after=labels_agree("label-cpu", "label-cuda", 0.995)),
+        Check("label-cuda-bf16", "wsss label with a bf16 network forward: labels agree with the fp32 CPU run",
+              [*par_label, "--out", f"{d}/label-bf16", "--device", "cuda", "--precision", "bf16"], None,
+              after=labels_agree("label-cpu", "label-bf16", 0.97)),
+        Check("label-crf", "wsss label with the dense CRF process pool",
+              [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cuda"],
+              [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cpu"], needs=("pydensecrf",)),
+        Check("bench-label", f"wsss bench label on the device ({backends}) against the research loop",
+              [*bench_label, "--images", "32", "--batch", "8,16", "--backends", backends, "--device", "cuda",
+               "--json", f"{d}/bench_label.json"],
+              [*bench_label, "--images", "4", "--batch", "2", "--backends", "torch,onnx", "--device", "cpu",
+               "--json", f"{d}/bench_label.json"], timeout_s=240, after=embed("bench_label.json")),
+        Check("bench-seco-step", "SeCo's paper-config step in its training precision, vectorised vs loop losses",
+              [*seco_step, "--config", "seco-vitb16-voc", "--device", "cuda"],
+              [*seco_step, "--quick", "--device", "cpu"], timeout_s=180, after=embed("bench_seco_step.json")),
+        Check("onnx-cuda", "ONNX export, then labels through ONNX Runtime's CUDA provider (IO binding) agree with "
+              "torch's", [*onnx_label, "cuda"], [*onnx_label, "cpu"], timeout_s=180, needs=("ort-cuda",),
+              after=labels_agree("label-cpu", "label-onnx", 0.995)),
+        Check("tensorrt", "a TensorRT engine built from the ONNX file, verified against ONNX Runtime at min/opt/max",
+              [*CLI, "export", "--ckpt", seco, "--onnx", f"{d}/trt.onnx", "--trt", f"{d}/net.engine", "--verify"],
+              None, timeout_s=240, needs=("tensorrt",)),
+        Check("paper-seco-step", "seco-vitb16-voc at 448, batch 4 (the paper's), every loss term on: s/step beside "
+              "SeCo's 1.61 s/iteration on an RTX 3090", paper_seco, None, timeout_s=300,
+              after=embed("paper_seco.json"),
+              why_not_cpu="benchmarks/paper_shapes.py measures it on the CPU (minutes per step)"),
+    ]  # fmt: skip
+
+
+def train_command(name: str, data: str, d: str) -> list[str]:
+    return [*CLI, "train", "--config", name, "--data", f"{data}:train", "--out", f"{d}/{name}", "--set",
+            "train.log_every=1", *all_terms(name)]  # fmt: skip
 
 
 # Export the checkpoint, then label the val images through ONNX Runtime on the given device.
