@@ -343,7 +343,9 @@ def test_tiny_training_run_saves_both_branches(synth, tmp_path):
     assert records, "the contrast losses are logged"
 
 
-def test_mask_stages_run_and_resume(synth, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
+def test_mask_stages_run_and_resume(synth, tmp_path, device):
     """IR labels -> IRN -> random walk -> masks through the CLI; a rerun finds every output and redoes nothing."""
     from click.testing import CliRunner
 
@@ -354,7 +356,7 @@ def test_mask_stages_run_and_resume(synth, tmp_path):
     ckpt = train(cfg, VOCDataset(synth, "train"), tmp_path / "run", progress=False)
     out = tmp_path / "masks"
     args = ["cobra-masks", "--ckpt", str(ckpt), "--data", f"voc:{synth}:train", "--out", str(out), "--irn", "tiny",
-            "--pad-size", "64"]  # fmt: skip
+            "--pad-size", "64", "--device", device]  # fmt: skip
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = VOCDataset(synth, "train")

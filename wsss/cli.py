@@ -266,8 +266,9 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     help="Random-walk length: T is squared this many times (default 8, T^256; 0 skips the walk).",
 )
 @click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N for every stage (default: cuda if available).")
 def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size,
-                ir_thresholds, rw_exp_times, seed) -> None:  # fmt: skip
+                ir_thresholds, rw_exp_times, seed, device) -> None:  # fmt: skip
     """CoBra's masks: IR labels -> IRN -> random walk -> relative threshold + CRF (§4.9, §4.10).
 
     \b
@@ -288,7 +289,7 @@ def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pret
         loaded = load_model(ckpt, vit_path=vit_ckpt)
         data = _dataset(data_spec, loaded.spec.class_names if data_spec.startswith("folder:") else None)
         masks = run(loaded, data, out, irn_preset, irn_epochs, irn_pretrained, rw_source, pad_size, fixed,
-                    rw_exp_times, seed)  # fmt: skip
+                    rw_exp_times, seed, device)  # fmt: skip
     except (CheckpointError, DatasetError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"masks -> {masks}")

@@ -29,6 +29,7 @@ from ..models import CAMSettings, LoadedModel, save_checkpoint
 from ..models.cobra import CoBraNet
 from ..models.resnet import ResNetConfig
 from .irn import IRLabelDataset, IRNConfig, load_irn, train_irn
+from .loop import select_device
 
 
 @dataclass
@@ -66,7 +67,7 @@ def cobra_maps(model: CoBraNet, image: np.ndarray, tags: np.ndarray, settings: C
 
 
 def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, settings: CAMSettings, percentile: float = 93.0,
-                    fixed: tuple[float, float] | None = None, progress: bool = True) -> Path:  # fmt: skip
+                    fixed: tuple[float, float] | None = None, progress: bool = True, device="cpu") -> Path:  # fmt: skip
     """Stage 4 of §4.1: IR labels from ``M_fuse`` with (4.21) thresholds ``t_fg, t_bg`` and CRF row C.
 
     (4.21) reads the thresholds off the un-normalised class-token attention, whose scale grows with the ViT's
@@ -75,7 +76,7 @@ def write_ir_labels(model: CoBraNet, data: WSSSDataset, out: Path, settings: CAM
     """
     for i, target in _missing(data, out, "IR labels", progress):
         sample = data[i]
-        maps = cobra_maps(model, sample.image, _tags(data, i), settings)
+        maps = cobra_maps(model, sample.image, _tags(data, i), settings, device)
         t_fg, t_bg = fixed or ir_thresholds(maps.attn, percentile)
         label = ir_labels(sample.image, maps.fused().cpu().numpy(), maps.keys, t_fg, t_bg)
         save_label_png(target, label)
@@ -97,20 +98,20 @@ def fit_irn(cfg: IRNConfig, data: WSSSDataset, ir_dir: Path, out: Path, cobra: C
 
 @torch.no_grad()
 def write_masks(model: CoBraNet, irn_path: Path, data: WSSSDataset, out: Path, settings: CAMSettings,
-                rw_source: str = "tran",
-                pad_size: int = 512, exp_times: int | None = None, progress: bool = True) -> Path:  # fmt: skip
+                rw_source: str = "tran", pad_size: int = 512, exp_times: int | None = None, progress: bool = True,
+                device="cpu") -> Path:  # fmt: skip
     """Stages 6-7: random walk of ``M_tran^{/4}`` (or ``M_fuse``) on IRN's boundaries, (4.22), CRF row D.
 
     ``exp_times`` (default: the IRN checkpoint's, 8, i.e. ``T^256``) sets the walk length; 0 skips the walk.
     """
     if rw_source not in ("tran", "fuse"):
         raise ValueError(f"rw_source must be 'tran' or 'fuse', got {rw_source!r}")
-    irn, cfg = load_irn(irn_path)
+    irn, cfg = load_irn(irn_path, device)
     for i, target in _missing(data, out, "masks", progress):
         sample = data[i]
-        maps = cobra_maps(model, sample.image, _tags(data, i), settings)
+        maps = cobra_maps(model, sample.image, _tags(data, i), settings, device)
         source = maps.tran4 if rw_source == "tran" else maps.fused(stride4=True)
-        edge = irn.infer_edge(normalize_images(sample.image), pad_size)
+        edge = irn.infer_edge(normalize_images(sample.image, device=device), pad_size)
         steps = cfg.exp_times if exp_times is None else exp_times
         rw = random_walk(source, edge, cfg.beta, steps, cfg.radius_infer) if steps else source
         save_label_png(target, cobra_mask(rw, sample.image.shape[:2], maps.keys, image=sample.image))
@@ -136,25 +137,27 @@ def _tags(data: WSSSDataset, i: int) -> np.ndarray:
 def cobra_masks(loaded: LoadedModel, data: WSSSDataset, out: str | Path, irn_preset: str = "paper",
                 irn_epochs: int | None = None, irn_pretrained: str | None = None, rw_source: str = "tran",
                 pad_size: int = 512, ir_thresholds_fixed: tuple[float, float] | None = None,
-                rw_exp_times: int | None = None, seed: int = 0) -> Path:  # fmt: skip
+                rw_exp_times: int | None = None, seed: int = 0, device: str | None = None) -> Path:  # fmt: skip
     """The whole of §4.1 steps 4-7 for a CoBra network from ``load_model`` (ours or the official pair): IR labels,
     IRN, masks.
 
     IRN's ResNet has the CoBra CNN's architecture at output stride 16 (``strides=(1, 2, 2, 1)``, fixed BN);
-    ``irn_preset`` "paper" is §4.10's schedule, "tiny" a CPU-sized one. Returns ``out/masks``.
+    ``irn_preset`` "paper" is §4.10's schedule, "tiny" a CPU-sized one. Every stage runs on ``device`` (default:
+    CUDA when there is one). Returns ``out/masks``.
     """
     out = Path(out)
     if loaded.spec.family != "cobra":
         raise ValueError(f"{loaded.report.source}: a {loaded.spec.family} network, not CoBra")
     check_classes(data, loaded.spec.class_names)
-    model, settings = loaded.model, loaded.spec.cam
+    device = select_device(device)
+    model, settings = loaded.model.to(device), loaded.spec.cam
     trunk = replace(ResNetConfig.from_dict(loaded.spec.arch["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
-    cfg = (IRNConfig.tiny if irn_preset == "tiny" else IRNConfig)(backbone=trunk, pretrained=irn_pretrained,
-                                                                 num_classes=data.num_classes)  # fmt: skip
+    preset = IRNConfig.tiny if irn_preset == "tiny" else IRNConfig
+    cfg = preset(backbone=trunk, pretrained=irn_pretrained, num_classes=data.num_classes, device=str(device))
     if irn_epochs:
         cfg = replace(cfg, epochs=irn_epochs)
-    write_ir_labels(model, data, out / "ir_labels", settings, fixed=ir_thresholds_fixed)
+    write_ir_labels(model, data, out / "ir_labels", settings, fixed=ir_thresholds_fixed, device=device)
     irn = out / "irn.safetensors"
     if not irn.is_file():
         fit_irn(cfg, data, out / "ir_labels", irn, cobra=model, seed=seed)
-    return write_masks(model, irn, data, out / "masks", settings, rw_source, pad_size, rw_exp_times)
+    return write_masks(model, irn, data, out / "masks", settings, rw_source, pad_size, rw_exp_times, device=device)

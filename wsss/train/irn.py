@@ -27,6 +27,7 @@ from ..data.transforms import normalize_images
 from ..models import CheckpointError, ModelSpec, load_model, save_model
 from ..models.irn import EdgeDisplacement
 from ..models.resnet import ResNetConfig, ResNetTrunk, load_resnet_weights
+from .loop import select_device
 
 ImageSource = str | Path | np.ndarray  # a file, or an (H, W, 3) uint8 RGB array
 LabelSource = str | Path | np.ndarray  # a label PNG, or an (H, W) uint8 array (255 = unsure)
@@ -280,7 +281,9 @@ def train_irn(
     ``meanshift_images`` is the ``infer_list`` (CoBra: train_aug; IRN: train); default: the training images.
     ``log(step, losses)`` is called after every step. Returns ``out_path``.
     """
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN times its convolutions once
     torch.manual_seed(seed)
     model = build_irn(cfg).to(device).train()
     data = IRLabelDataset(samples, cfg.crop, cfg.scale_range, seed)

@@ -102,15 +102,21 @@ def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: 
     return torch.device("cuda", index)
 
 
-def _setup(requested: str | None) -> tuple[torch.device, int, int]:
-    """(device, rank, world size): under torchrun the process group is started (NCCL on CUDA, else gloo) and the
-    rank's GPU made current; ``--device cuda:N`` makes cuda:N current too (Triton launches on the current one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) if world > 1 else None
+def select_device(requested: str | None, local_rank: int | None = None) -> torch.device:
+    """``resolve_device`` on this machine, the chosen GPU made current (Triton launches on the current device)."""
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = resolve_device(requested, local_rank, cuda, torch.cuda.current_device() if cuda else 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return device
+
+
+def _setup(requested: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size): under torchrun the process group is started (NCCL on CUDA, else gloo) on the
+    rank's GPU ``cuda:LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) if world > 1 else None
+    device = select_device(requested, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, (dist.get_rank() if world > 1 else 0), world
