@@ -1,10 +1,13 @@
 """Seconds per SeCo training step and peak memory: our vectorised losses against loop-style ones.
 
-The loop-style variant swaps in per-row transcriptions of LIL and LIG and a per-image affinity mask, the way the
-official code computes them (Python loops with host syncs), everything else unchanged.
+Each step is the training loop's own (``wsss.train.loop.train_step``): bf16 autocast on CUDA when the config asks
+for AMP (as training runs it), float32 on the CPU. The loop-style variant swaps in per-row transcriptions of LIL
+and LIG and a per-image affinity mask, the way the official code computes them (Python loops with host syncs),
+everything else unchanged.
 
     python benchmarks/bench_seco_step.py --config seco-tiny-synth --data demo_out/synth --steps 5
     python benchmarks/bench_seco_step.py --config seco-vitb16-voc --data VOC2012 --device cuda   # on a GPU
+    python benchmarks/bench_seco_step.py --quick --data demo_out/synth   # seconds: a micro network, 2 steps
 """
 
 from __future__ import annotations
@@ -16,12 +19,24 @@ from pathlib import Path
 import torch
 
 import wsss.train.seco as seco
-from common import write_result
+from common import add_json_option, write_result
 from wsss.data.datasets import VOCDataset
-from wsss.data.transforms import AugmentConfig
-from wsss.models import build_model
-from wsss.train.configs import get_config, model_spec
-from wsss.train.loop import OBJECTIVES, TrainSet, _batches
+from wsss.train.configs import get_config
+from wsss.train.loop import _batches, build_training, train_step, training_set
+from wsss.train.precision import float32
+
+# --quick: a micro SeCo (3 blocks of width 48 at 48 px) with every term on from the first timed step
+QUICK = [
+    'model.backbone.overrides={"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}',
+    "model.backbone.img_size=48",
+    "data.crop=48",
+    "data.cache_images=false",
+    "train.batch_size=2",
+    "seco.n_crops=2",
+    "seco.local_crop=16",
+    "seco.queue=32",
+    "seco.proj_hidden=32",
+]
 
 
 def lil_loop(q, k, f, g, tau=0.08, tau_base=0.08, impl="code"):
@@ -91,31 +106,25 @@ def ptc_loop(feats, labels):
 
 def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
     originals = (seco.lil_loss, seco.lig_loss, seco.ptc_loss)
-    if loop_style:
-        seco.lil_loss, seco.lig_loss, seco.ptc_loss = lil_loop, lig_loop, ptc_loop
+    if loop_style:  # in the precision of ours, so that only the form of the computation differs
+        seco.lil_loss, seco.lig_loss, seco.ptc_loss = float32(lil_loop), float32(lig_loop), ptc_loop
     try:
         torch.manual_seed(0)
-        model = build_model(model_spec(cfg, data.classes)).to(device)
-        objective = OBJECTIVES["seco"](model, cfg).to(device)
-        optim = torch.optim.AdamW([*model.parameters(), *objective.trainable()], lr=1e-5)
-        d = cfg["data"]
-        trainset = TrainSet(data, AugmentConfig(d["crop"], tuple(d["scale_range"])), 0, False, seco_views=True)
-        batches = _batches(trainset, cfg["train"], 0, 0, 1, 0)
+        _, model, objective, optim = build_training(cfg, data.classes, device, verbose=False)
+        batches = _batches(training_set(cfg, data, 0), cfg["train"], 0, 0, 1, 0, pin=device.type == "cuda")
+        amp = cfg["train"]["amp"] and device.type == "cuda"  # as the training loop decides
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
         for step in range(steps + 1):  # the first step warms up
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             tic = time.perf_counter()
-            losses = objective(model, batch, step + 2001)  # every term on
-            optim.zero_grad()
-            losses["loss"].backward()
-            optim.step()
+            train_step(model, objective, optim, batch, step + 100_000, amp)  # every term on
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - tic)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        return {"s_per_step": sum(times[1:]) / steps, "peak_mib": peak}
+        return {"s_per_step": sum(times[1:]) / steps, "peak_mib": peak, "precision": "bf16-autocast" if amp else "fp32"}
     finally:
         seco.lil_loss, seco.lig_loss, seco.ptc_loss = originals
 
@@ -127,17 +136,22 @@ def main() -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a micro network and 2 steps (seconds on a CPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_json_option(parser)
     args = parser.parse_args()
-    cfg = get_config(args.config, ["pretrained=null", *args.overrides])
+    quick = QUICK if args.quick else []
+    cfg = get_config(args.config, ["pretrained=null", *quick, *args.overrides])
+    steps = 2 if args.quick else args.steps
     data, device = VOCDataset(args.data, args.split), torch.device(args.device)
-    ours = time_steps(cfg, data, device, args.steps, loop_style=False)
-    loops = time_steps(cfg, data, device, args.steps, loop_style=True)
+    ours = time_steps(cfg, data, device, steps, loop_style=False)
+    loops = time_steps(cfg, data, device, steps, loop_style=True)
     ratio = loops["s_per_step"] / ours["s_per_step"]
-    print(f"{args.config} on {device}: vectorised {ours['s_per_step']:.3f} s/step, loop-style losses "
-          f"{loops['s_per_step']:.3f} s/step ({ratio:.2f}x)")  # fmt: skip
-    write_result(f"bench_seco_step_{args.config}_{device.type}",
-                 {"config": args.config, "vectorised": ours, "loop_style": loops, "ratio": ratio})  # fmt: skip
+    print(f"{args.config}{' (quick)' if args.quick else ''} on {device}, {ours['precision']}: vectorised "
+          f"{ours['s_per_step']:.3f} s/step, loop-style {loops['s_per_step']:.3f} s/step ({ratio:.2f}x)")  # fmt: skip
+    write_result(f"bench_seco_step_{args.config}_{device.type}{'_quick' if args.quick else ''}",
+                 {"config": args.config, "quick": args.quick, "overrides": [*quick, *args.overrides], "steps": steps,
+                  "vectorised": ours, "loop_style": loops, "ratio": ratio}, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":
