@@ -229,14 +229,13 @@ def train(
     finally:  # whatever ended the loop, the last finished step is kept
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        if stop["signal"] is None:
-            _sync_buffers(model, world)
         if rank == 0 and step > saved:
             _save(out, model, spec, optim, objective, meta, step)
         if log:
             log.close()
     if stop["signal"] is not None:
         raise KeyboardInterrupt(f"training interrupted at step {step}; checkpoint saved, rerun with --resume")
+    _sync_buffers(model, world)  # every rank ends with the BatchNorm statistics of the saved model
     return out / CHECKPOINT
 
 
