@@ -439,3 +439,26 @@ def test_loader_workers_are_capped_at_the_cores_per_rank(monkeypatch, capsys):
     assert loader_workers(2) == 2 and loader_workers(0) == 0 and capsys.readouterr().out == ""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert loader_workers(8) == 1
+
+
+def test_batches_are_a_function_of_the_step_whatever_the_workers(synth):
+    """One loader serves the run: 2 worker processes give the in-process batches, and starting at step 5 gives
+    the batches an uninterrupted run sees from step 5 on (resume), across an epoch boundary."""
+    from conftest import TINY
+
+    from wsss.data.datasets import VOCDataset
+    from wsss.train.loop import _batches, training_set
+
+    cfg = get_config("cam-tiny-synth", TINY)  # 16 images, batch 4: 4 steps per epoch
+    trainset = training_set(cfg, VOCDataset(synth, "train"), 0)
+
+    def images(start: int, workers: int, n: int) -> list[torch.Tensor]:
+        batches = _batches(trainset, {**cfg["train"], "workers": workers}, 0, 0, 1, start, verbose=False)
+        return [next(batches)["image"] for _ in range(n)]
+
+    straight = images(0, 0, 7)
+    for a, b in zip(straight, images(0, 2, 7), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight[5:], images(5, 0, 2), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(straight[0], straight[4])  # a new epoch, a new order and new views
