@@ -343,8 +343,8 @@ def test_tiny_training_run_saves_both_branches(synth, tmp_path):
     assert records, "the contrast losses are logged"
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])  # fmt: skip
 def test_mask_stages_run_and_resume(synth, tmp_path, device):
     """IR labels -> IRN -> random walk -> masks through the CLI; a rerun finds every output and redoes nothing."""
     from click.testing import CliRunner

@@ -115,6 +115,7 @@ def test_the_detector_sees_the_patterns():
     assert not mode.found, mode.found
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", sorted(RUNS))
 def test_a_cuda_training_step_never_synchronises(method, synth):

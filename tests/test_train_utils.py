@@ -420,6 +420,7 @@ def test_resolve_device_refuses_what_cannot_run(requested, local_rank, cuda, mes
         resolve_device(requested, local_rank, cuda)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_makes_the_requested_gpu_current():
     """Triton launches on the current device: ``--device cuda:N`` must make cuda:N current."""
