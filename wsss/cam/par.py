@@ -8,6 +8,7 @@ propagation step accumulates the 48 weighted shifts in place rather than stackin
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,8 +44,14 @@ def par_kernel(image: torch.Tensor, dilations=DILATIONS, w1: float = 0.3, w2: fl
     sigma = nb.std(dim=2, keepdim=True)  # unbiased, over the 48 neighbours only (Q2.3)
     diff = (nb - image.unsqueeze(2)).abs() / ((sigma + 1e-8) * w1)
     a_rgb = -(diff**2).mean(dim=1)  # squared before the mean over channels
-    a_pos = position_logits(dilations, w1).to(image).view(1, -1, 1, 1)
-    return a_rgb.softmax(dim=1) + w2 * a_pos.softmax(dim=1)
+    return a_rgb.softmax(dim=1) + w2 * _position_weights(tuple(dilations), w1, image.device, image.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _position_weights(dilations: tuple[int, ...], w1: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``softmax(a_pos)`` as (1, N, 1, 1) on the device, made once: PAR runs in every SeCo step, and a host-built
+    tensor copied to a GPU each call would wait for it."""
+    return position_logits(dilations, w1).to(device, dtype).softmax(dim=0).view(1, -1, 1, 1)
 
 
 def par(image: torch.Tensor, maps: torch.Tensor, iterations: int = 10, dilations=DILATIONS) -> torch.Tensor:
