@@ -179,7 +179,7 @@ def _cam_options(command):
         click.option("--batch", default=16, show_default=True, help="Images per forward pass."),
         click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size."),
         click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images."),
-        click.option("--device", default="cpu", show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (the GPU that runs it)."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -646,7 +646,7 @@ def bench() -> None:
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="crf", show_default=True)
 @click.option("--scales", default=None, help="CAM scales (default: the checkpoint's).")
 @click.option("--workers", default=2, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refine, scales, workers, device,
                     json_path) -> None:  # fmt: skip
