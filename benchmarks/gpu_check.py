@@ -271,7 +271,7 @@ def main() -> None:
                 continue
             rows.append(run_step(check, mode, deadline, Path(tmp)))
             r = rows[-1]
-            print(f"{r['name']:18s} {r['status']:8s} {r.get('seconds', 0):6.1f}s  {r.get('reason', '')}", flush=True)
+            print(f"{r['name']:24s} {r['status']:8s} {r.get('seconds', 0):6.1f}s  {r.get('reason', '')}", flush=True)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("passed", "failed", "timeout", "skipped")}
     report = {"check": "gpu_check", "mode": mode, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "wall_s": round(time.time() - start, 1), "environment": environment(), "counts": counts,
