@@ -38,8 +38,12 @@ class Lattice:
     """
 
     def __init__(self, features: torch.Tensor, groups: torch.Tensor) -> None:
+        self.d = features.shape[0]
+        self._matrices(*self._simplices(features, groups))
+
+    def _simplices(self, features: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each pixel's enclosing simplex: (d+1, N) vertex codes and barycentric weights (its temporaries die here)."""
         d, n = features.shape
-        self.d = d
         elevated = self._elevate(features)
         down = torch.round(elevated * np.float32(1.0 / (d + 1)))  # nearest 0-coloured point, ties to even
         rem0 = down * (d + 1)
@@ -49,7 +53,7 @@ class Lattice:
         rem0 += wrap * (d + 1)
         order = torch.empty_like(rank).scatter_(0, rank, torch.arange(d + 1, device=rank.device)[:, None].expand(-1, n))
         bary = self._barycentric((elevated - rem0) * np.float32(1.0 / (d + 1)), order)
-        self._matrices(self._vertex_codes(rem0, order, groups), bary)
+        return self._vertex_codes(rem0, order, groups), bary
 
     def _elevate(self, f: torch.Tensor) -> torch.Tensor:
         """(d, N) -> (d+1, N) lattice coordinates, summed in pydensecrf's order."""
@@ -112,15 +116,18 @@ class Lattice:
         device = codes.device
         codes, perm = torch.sort(codes.T.reshape(-1), stable=True)
         keys, counts = torch.unique_consecutive(codes, return_counts=True)
+        del codes
         self.size = keys.numel()
         crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()  # int32 indices: MKL's, no copy per product
         self.splat = _csr(crow, (perm // width).int(), bary.T.reshape(-1).index_select(0, perm), (self.size, n))
-        vertex = torch.empty_like(perm).scatter_(0, perm, torch.repeat_interleave(counts)).view(n, width).T
-        packed = _sort_rows(vertex * width + torch.arange(width, device=device)[:, None])  # (vertex, r) per pixel
+        ids = torch.repeat_interleave(counts.int())
+        vertex = torch.empty_like(ids).scatter_(0, perm, ids).view(n, width).T
+        del perm, ids
+        packed = _sort_rows(vertex * width + torch.arange(width, device=device, dtype=torch.int32)[:, None])
         alpha = np.float32(1.0 / (1.0 + 2.0**-self.d))  # pydensecrf's slice constant
         weights = (bary * alpha).gather(0, packed % width)
         crow = torch.arange(0, n * width + 1, width, device=device, dtype=torch.int32)
-        self.slice = _csr(crow, (packed // width).T.reshape(-1).int(), weights.T.reshape(-1), (n, self.size))
+        self.slice = _csr(crow, (packed // width).T.reshape(-1), weights.T.reshape(-1), (n, self.size))
         self.neighbours = self._neighbours(keys)
 
     def _neighbours(self, keys: torch.Tensor) -> torch.Tensor:
