@@ -16,7 +16,8 @@ Gaussian kernels against pydensecrf. ``memory`` is the peak RSS of a fresh proce
 one batch. The machine is shared, so the load average is recorded beside the times.
 
     python benchmarks/crf_agreement.py              # about 2 minutes on 2 cores
-    python benchmarks/crf_agreement.py --quick      # a smoke run, seconds
+    python benchmarks/crf_agreement.py --quick      # a smoke run, about 1 minute
+    python benchmarks/crf_agreement.py --device cuda  # the torch CRF on a GPU (pydensecrf2 must be installed)
 """
 
 from __future__ import annotations
@@ -99,14 +100,17 @@ def run_pydensecrf(images, seeds, tags, preset: str, processes: int) -> tuple[li
         return out, time.perf_counter() - start
 
 
-def run_torch(images, seeds, tags, preset: str, batch: int, threads: int) -> tuple[list[np.ndarray], float]:
+def run_torch(images, seeds, tags, args, threads: int) -> tuple[list[np.ndarray], float]:
+    """Batches of ``args.batch`` on ``args.device``; the uint8 labels come back to the host (a sync per batch)."""
     torch.set_num_threads(threads)
-    refine_seed_crf_batch(images[:1], seeds[:1], tags[:1], preset)  # warm-up
+    refine_seed_crf_batch(images[:1], seeds[:1], tags[:1], args.preset, args.device)  # warm-up
     out = []
     start = time.perf_counter()
-    for i in range(0, len(images), batch):
-        sl = slice(i, i + batch)
-        out += [m.numpy() for m in refine_seed_crf_batch(images[sl], seeds[sl], tags[sl], preset)]
+    for i in range(0, len(images), args.batch):
+        sl = slice(i, i + args.batch)
+        out += [
+            m.cpu().numpy() for m in refine_seed_crf_batch(images[sl], seeds[sl], tags[sl], args.preset, args.device)
+        ]
     return out, time.perf_counter() - start
 
 
@@ -123,7 +127,7 @@ def compare(name: str, images, truths, seeds, num_classes: int, args) -> dict:
     _, t_ref2 = run_pydensecrf(images, seeds, tags, args.preset, 2)
     ours, times = None, {}
     for threads in (1, 2):
-        ours, times[threads] = run_torch(images, seeds, tags, args.preset, args.batch, threads)
+        ours, times[threads] = run_torch(images, seeds, tags, args, threads)
     n = len(images)
     agree = float(np.mean(np.concatenate([(a == b).ravel() for a, b in zip(ours, ref, strict=True)])))
     m_ref, m_ours = miou(ref, truths, num_classes), miou(ours, truths, num_classes)
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--n-real", type=int, default=16, help="of those, resized to 500x375")
     parser.add_argument("--preset", default="seed", choices=sorted(crf.CRF_PRESETS))
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="where the torch CRF runs (cuda: pydensecrf still on the CPU)")
     parser.add_argument("--quick", action="store_true", help="6 native, 2 real-size images")
     add_json_option(parser)
     args = parser.parse_args()
@@ -206,11 +211,11 @@ def main() -> None:
     big8 = resize_set(images[:8], truths[:8], seeds[:8])
     sets["memory"] = memory(big8[0], big8[2], [tags_of(t, num_classes) for t in big8[1]], args.preset)
     print(sets["exact_vs_pydensecrf"], sets["memory"])
-    write_result(
-        "crf_agreement" + ("_quick" if args.quick else ""),
-        {"preset": args.preset, "batch": args.batch, "seeds": "ground truth degraded (see the script's docstring)",
-         "goal": GOAL, "load_average_before_after": [load_before, os.getloadavg()], **sets},
-    )  # fmt: skip
+    name = "crf_agreement" + ("_quick" if args.quick else "") + ("" if args.device == "cpu" else f"_{args.device}")
+    record = {"preset": args.preset, "batch": args.batch, "torch_device": args.device, "memory_device": "cpu",
+              "seeds": "ground truth degraded (see the script's docstring)", "goal": GOAL,
+              "load_average_before_after": [load_before, os.getloadavg()]}  # fmt: skip
+    write_result(name, {**record, **sets})
 
 
 if __name__ == "__main__":
