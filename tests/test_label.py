@@ -234,13 +234,18 @@ def test_tags_restrict_classes_and_predictions_fill_in(tiny_ckpt, synth, tmp_pat
 def test_bench_label_reports_baseline_and_ratio(tiny_ckpt, synth, tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--images", 4, "--batch", 2,
-            "--backends", "torch", "--json", out]  # fmt: skip
+            "--backends", "torch", "--crf-impl", "torch,pydensecrf", "--json", out]  # fmt: skip
     result = CliRunner().invoke(cli, list(map(str, args)))
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["pipeline"], r["batch"]) for r in rows] == [("research loop", 1), ("wsss label", 2)]
+    assert [(r["pipeline"], r["batch"], r["crf_impl"]) for r in rows] == [
+        ("research loop", 1, "pydensecrf"), ("wsss label", 2, "torch"), ("wsss label", 2, "pydensecrf")]  # fmt: skip
     assert rows[0]["speedup"] == 1.0 and rows[1]["images_per_s"] > 0 and "cam_s" in rows[1]["stages_s"]
+    printed = [line for line in result.output.splitlines() if "wsss label" in line]
+    assert printed[0].endswith(rows[1]["timeline"]["bound_by"])  # the timeline is printed per row
     assert "torch" in json.loads(out.read_text())["device"]
+    refused = CliRunner().invoke(cli, list(map(str, [*args[:-4], "--crf-impl", "gpu"])))
+    assert refused.exit_code == 2 and "--crf-impl" in refused.output
 
 
 def test_device_and_precision_are_refused_in_one_line_before_any_work(tiny_ckpt, synth, tmp_path):

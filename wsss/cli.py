@@ -13,6 +13,7 @@ from . import __version__
 
 # wsss.models.spec.SEED_SOURCES, repeated so that `wsss --help` does not import torch (tests/test_structure.py checks)
 SEED_SOURCES = ("cnn", "vit", "avg", "max", "fuse")
+CRF_IMPLS = ("auto", "torch", "pydensecrf")  # wsss.runtime.labeler.CRF_IMPLS, repeated for the same reason
 DATA_HELP = "Dataset SPEC: voc:ROOT[:SPLIT], coco:ROOT[:SPLIT] or folder:DIR[:LABELS_FILE] (CSV or JSON)."
 
 
@@ -176,6 +177,10 @@ def _cam_options(command):
                      help="CoBra networks: the CAM seeds come from (default: the checkpoint's, fuse)."),
         click.option("--input-size", type=int, default=None,
                      help="Square inference size (default: the checkpoint's); 0 keeps each image's own size."),
+        click.option("--crf-impl", type=click.Choice(CRF_IMPLS), default="auto", show_default=True,
+                     help="Who runs --refine crf (one model, labels agree on >= 99.9% of pixels): torch, batched on "
+                          "the device (per image in the pool on a CPU), or pydensecrf in the process pool; auto: "
+                          "torch on a GPU, pydensecrf on a CPU (faster there) where installed."),
         click.option("--batch", default=16, show_default=True, help="Images per forward pass."),
         click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size."),
         click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images."),
@@ -216,8 +221,8 @@ def _run_labeler(runner, spec, meta, dataset, out, cfg) -> dict:
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
               help="crf: also write dense-CRF masks (§5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
-def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, batch, workers, overlays,
-        device):  # fmt: skip
+def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, crf_impl, batch, workers,
+        overlays, device):  # fmt: skip
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -226,12 +231,16 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     The same pipeline as `wsss label`, keeping the seeds too. Images without tags (folder:DIR) use the classes
     the classifier predicts (sigmoid > cam.score_thresh).
     """
-    from .runtime.labeler import LabelConfig
+    from .runtime.labeler import LabelConfig, crf_implementation
 
     runner, spec, meta, settings, dataset = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip,
                                                      bkg_thresh, input_size, seed_source)  # fmt: skip
     cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch, workers,
-                      overlays=overlays)  # fmt: skip
+                      overlays=overlays, crf_impl=crf_impl)  # fmt: skip
+    try:
+        crf_implementation(cfg, device)
+    except RuntimeError as err:  # pydensecrf asked for, not installed
+        raise click.BadParameter(str(err), param_hint="--crf-impl") from None
     summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
     click.echo(f"{summary['ok']} images ({summary['failed']} failed), {summary['images_per_s']} images/s -> {out}")
 
@@ -411,11 +420,15 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
     type=click.Choice(["none", "crf", "par"]),
     default="crf",
     show_default=True,
-    help="crf: dense CRF in a process pool; par: pixel-adaptive refinement on the device.",
+    help="crf: dense CRF (§5.3 row C; --crf-impl says who runs it); par: pixel-adaptive refinement on the device.",
 )
 @click.option("--shard", default=None, metavar="I/N", help="Take shard I of N (automatic under torchrun).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT (finished items are skipped).")
-@click.option("--save-cams", is_flag=True, help="Also write float16 CAMs to OUT/cams/ID.npz.")
+@click.option("--save-cams", is_flag=True,
+              help="Also write the K CAMs, float16, to OUT/cams/ID.npz (compressed; keys cams, tags, image_size). "
+                   "Measured for a 500x375 image, K=8: SIZES_TODO.")  # fmt: skip
+@click.option("--cams-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="--save-cams: downscale the CAMs by this factor (bilinear, on the device), e.g. 0.25.")  # fmt: skip
 @click.option(
     "--format",
     "fmt",
@@ -441,6 +454,7 @@ def label(
     shard,
     resume,
     save_cams,
+    cams_scale,
     fmt,
     fail_on_error,
     quiet,
@@ -449,6 +463,7 @@ def label(
     bkg_thresh,
     seed_source,
     input_size,
+    crf_impl,
     batch,
     workers,
     overlays,
@@ -464,13 +479,14 @@ def label(
       wsss label merge labels            # one summary.json from all shards
       wsss label --ckpt M.safetensors --device cuda:1 --precision bf16 ...   # GPU 1, bf16 network forward
     Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
-    reasons, seconds per stage, configuration, checkpoint hash). Bad images are recorded, never fatal.
+    reasons, seconds per stage, a timeline of each stage's busy fraction and the one that bounds the run,
+    configuration, checkpoint hash). Bad images are recorded, never fatal.
     Without image tags the classifier's own predictions pick the classes (sigmoid > 0.5, at least the top one).
     """
     if ctx.invoked_subcommand is not None:
         return
     from .export.tensorrt import ProfileError
-    from .runtime.labeler import LabelConfig, shard_from_env
+    from .runtime.labeler import LabelConfig, crf_implementation, shard_from_env
 
     if data_spec is None or out is None:
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
@@ -483,7 +499,12 @@ def label(
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
-                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision)  # fmt: skip
+                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision,
+                      crf_impl=crf_impl, cams_scale=cams_scale)  # fmt: skip
+    try:
+        crf_implementation(cfg, device)
+    except RuntimeError as err:  # pydensecrf asked for, not installed
+        raise click.BadParameter(str(err), param_hint="--crf-impl") from None
     try:
         runner = runner.at_precision(precision)
     except ValueError as err:
@@ -644,11 +665,14 @@ def bench() -> None:
     help="The labeler's network forward, as for wsss label (the baseline runs fp32).",
 )
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="crf", show_default=True)
+@click.option("--crf-impl", "crf_impls", default="auto", show_default=True,
+              help="--refine crf: the labeler's CRF implementations to try, e.g. torch,pydensecrf (as for wsss "
+                   "label; the baseline keeps pydensecrf).")  # fmt: skip
 @click.option("--scales", default=None, help="CAM scales (default: the checkpoint's).")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refine, scales, workers, device,
+def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refine, crf_impls, scales, workers, device,
                     json_path) -> None:  # fmt: skip
     """End-to-end images/second of `wsss label` per backend and batch size, against the research-code loop.
 
@@ -656,21 +680,32 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refin
     Example:
       wsss bench label --ckpt demo_out/run/last.safetensors --data voc:demo_out/synth:val --json bench.json
     The baseline labels one image at a time with PyTorch eager and an in-process CRF, as research code does.
+    Each labeler row shows its stage timeline: the busy fraction of decoding, forward, refinement and writing
+    (busy seconds over wall time x parallel lanes) and the stage that bounds the run.
     """
     import json
 
     from .runtime.bench import bench_label
 
-    sizes = [int(b) for b in batches.split(",")]
+    sizes, impls = [int(b) for b in batches.split(",")], tuple(crf_impls.split(","))
+    if set(impls) - set(CRF_IMPLS):
+        raise click.BadParameter(f"expected some of {','.join(CRF_IMPLS)}, got {crf_impls!r}", param_hint="--crf-impl")
     try:
         result = bench_label(ckpt, _dataset(data_spec), scales and _floats(scales), images, sizes,
-                             backends.split(","), refine, workers, device, precision=precision)  # fmt: skip
-    except ValueError as err:  # no such GPU, a precision or backend that cannot run here
+                             backends.split(","), refine, workers, device, precision=precision,
+                             crf_impls=impls)  # fmt: skip
+    except (ValueError, RuntimeError) as err:  # no such GPU, a precision, backend or CRF that cannot run here
         raise click.ClickException(str(err)) from None
-    click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'img/s':>8s} {'speedup':>8s}")
+    stages = ("decode", "forward", "refine", "write")
+    click.echo(f"{'pipeline':14s} {'backend':8s} {'batch':>5s} {'crf':10s} {'img/s':>8s} {'speedup':>8s}  busy: "
+               + " ".join(f"{s:>7s}" for s in stages) + "  bound by")  # fmt: skip
     for row in result["rows"]:
-        click.echo(f"{row['pipeline']:14s} {row['backend']:8s} {row['batch']:5d} {row['images_per_s']:8.2f} "
-                   f"{row['speedup']:7.2f}x")  # fmt: skip
+        line = (f"{row['pipeline']:14s} {row['backend']:8s} {row['batch']:5d} {row['crf_impl'] or '-':10s} "
+                f"{row['images_per_s']:8.2f} {row['speedup']:7.2f}x")  # fmt: skip
+        if "timeline" in row:
+            busy = " ".join(f"{row['timeline'][s]['busy_fraction']:7.0%}" for s in stages)
+            line += f"        {busy}  {row['timeline']['bound_by']}"
+        click.echo(line)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
 

@@ -6,6 +6,7 @@ same process, then the PNG written, with no overlap between stages.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import tempfile
@@ -67,10 +68,11 @@ def research_baseline(backend: TorchBackend, data: WSSSDataset, settings: CAMSet
 def bench_label(
     ckpt: Path, data: WSSSDataset, scales: tuple[float, ...] | None, images: int, batches: list[int],
     backends: list[str], refine: str = "crf", workers: int = 2, device: str = "cpu", vit_ckpt: Path | None = None,
-    precision: str = "fp32",
+    precision: str = "fp32", crf_impls: tuple[str, ...] = ("auto",),
 ) -> dict:  # fmt: skip
-    """Images/second of the baseline and of the labeler per backend and batch size, with the checkpoint's CAM
-    settings (``scales`` overrides its scales); ``precision`` is the labeler's (the baseline runs fp32)."""
+    """Images/second of the baseline and of the labeler per backend, batch size and CRF implementation (with
+    ``refine="crf"``), with the checkpoint's CAM settings (``scales`` overrides its scales); ``precision`` is the
+    labeler's (the baseline runs fp32 with pydensecrf). Each labeler row carries its stage timeline."""
     if "trt" in backends:
         raise ValueError("bench label builds no TensorRT engine: bench onnx-trt, or label with --engine M.engine")
     data = Subset(data, images)
@@ -91,16 +93,17 @@ def bench_label(
                 engines[name] = (backend, meta)
         seconds = research_baseline(torch_backend, data, settings, refine, tmp / "baseline")
         rows.append({"pipeline": "research loop", "backend": "torch", "batch": 1, "workers": 0,
+                     "crf_impl": "pydensecrf" if refine == "crf" else None,
                      "images_per_s": len(data) / seconds})  # fmt: skip
-        for name in backends:
+        for name, batch, impl in itertools.product(backends, batches, crf_impls if refine == "crf" else ["auto"]):
             backend, backend_meta = engines[name]
-            for batch in batches:
-                cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True,
-                              precision=precision)  # fmt: skip
-                summary = label_dataset(backend, backend.spec, backend_meta, data, tmp / f"{name}-{batch}", cfg)
-                rows.append({"pipeline": "wsss label", "backend": name, "batch": batch, "workers": workers,
-                             "precision": precision, "images_per_s": summary["images_per_s"],
-                             "stages_s": summary["stages_s"]})  # fmt: skip
+            cfg = replace(LabelConfig(settings, refine), batch=batch, workers=workers, quiet=True, precision=precision,
+                          crf_impl=impl)  # fmt: skip
+            summary = label_dataset(backend, backend.spec, backend_meta, data, tmp / f"{name}-{batch}-{impl}", cfg)
+            rows.append({"pipeline": "wsss label", "backend": name, "batch": batch, "workers": workers,
+                         "precision": precision, "crf_impl": summary["crf_impl"],
+                         "images_per_s": summary["images_per_s"], "stages_s": summary["stages_s"],
+                         "timeline": summary["timeline"]})  # fmt: skip
     base = rows[0]["images_per_s"]
     for row in rows:
         row["speedup"] = row["images_per_s"] / base

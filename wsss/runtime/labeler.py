@@ -1,10 +1,12 @@
 """The batch pseudo-labeler: resumable, sharded, with overlapping stages.
 
 Stages: decoding in a loader pool -> multi-scale + flip CAMs on the backend (``wsss.cam.pipeline.predict_cams``,
-the one CAM post-processing path) -> refinement (PAR batched on the device, or dense CRF in a process pool) ->
-writers in a thread pool. A chunk reaches the device in one copy per kind (images, tags) and stays there through
-post-processing and PAR; only what the host needs comes back, one copy per dtype: the uint8 labels (and seeds
-where written, shown or CRF-refined), the tags, and float16 CAMs when they are saved.
+the one CAM post-processing path) -> refinement (PAR or the torch dense CRF batched on the device, or a dense CRF
+per image in a process pool) -> writers in a thread pool. A chunk reaches the device in one copy per kind (images,
+tags) and stays there through post-processing and device refinement; only what the host needs comes back, one copy
+per dtype: the uint8 labels (and seeds where written, shown or CRF-refined on the host), the tags, and float16 CAMs
+(optionally downscaled there) when they are saved. Each stage times its own work where it runs; ``summary.json``
+reports it as a timeline of busy fractions (:func:`timeline`).
 Outputs are written under temporary names and renamed; an item enters the journal
 only after all its files exist. Work is cut into fixed chunks of ``batch`` items of the shard, and an unfinished
 chunk is redone whole, so a resumed run computes every batch exactly as an uninterrupted one.
@@ -12,6 +14,7 @@ chunk is redone whole, so a resumed run computes every batch exactly as an unint
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -22,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import __version__
-from ..cam.crf import refine_seed_crf
+from ..cam.crf import INSTALL_HINT, refine_seed_crf
+from ..cam.crf_torch import refine_seed_crf_batch
 from ..cam.overlay import save_overlay
 from ..cam.par import refine_labels
 from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
@@ -39,6 +44,8 @@ from .rle import encode_label_map
 from .workers import loader_options, worker_pool
 
 JOURNAL = "journal"
+CRF_IMPLS = ("auto", "torch", "pydensecrf")
+STAGES = ("decode", "forward", "refine", "write")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,31 @@ class LabelConfig:
     overlays: int = 0
     quiet: bool = False
     precision: str = "fp32"  # the network's forward: fp32 | fp16 | bf16 (``backend.at_precision``)
+    crf_impl: str = "auto"  # who runs refine="crf": auto | torch | pydensecrf (crf_implementation)
+    cams_scale: float = 1.0  # save_cams: maps downscaled by this factor on the device (bilinear)
+
+
+@dataclass
+class Times:
+    """Where a run's time goes: the main loop's own seconds by step (``stages_s``) and each stage's busy seconds,
+    timed where the stage runs (loader workers, the device, the CRF pool, the writer threads)."""
+
+    main: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    busy: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+def _device_mark(device) -> torch.cuda.Event | float:
+    """A point on the device's timeline: a CUDA event on a GPU (read only after the chunk's copy to the host has
+    waited for it, so it adds no synchronisation), the host clock elsewhere (the work is synchronous there)."""
+    if torch.device(device).type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(first: torch.cuda.Event | float, last: torch.cuda.Event | float) -> float:
+    return first.elapsed_time(last) / 1000 if isinstance(first, torch.cuda.Event) else last - first
 
 
 @dataclass
@@ -67,7 +99,8 @@ class Failure:
 
 
 class SafeDataset(Dataset):
-    """Decodes items of a dataset; a bad input becomes a ``Failure`` instead of an exception."""
+    """Decodes items of a dataset, each with the seconds it took; a bad input becomes a ``Failure``, not an
+    exception."""
 
     def __init__(self, data: WSSSDataset, indices: list[int]):
         self.data, self.indices = data, indices
@@ -75,16 +108,37 @@ class SafeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Sample | Failure:
-        index = self.indices[i]
+    def __getitem__(self, i: int) -> tuple[Sample | Failure, float]:
+        index, tic = self.indices[i], time.perf_counter()
         try:
-            return self.data[index]
+            item = self.data[index]
         except Exception as err:  # noqa: BLE001 - any bad input is recorded, never fatal
-            return Failure(self.data.ids[index], f"{type(err).__name__}: {err}")
+            item = Failure(self.data.ids[index], f"{type(err).__name__}: {err}")
+        return item, time.perf_counter() - tic
 
 
 def _as_list(items):
     return items
+
+
+def crf_implementation(cfg: LabelConfig, device) -> str | None:
+    """Who runs ``refine="crf"`` (both give the same labels, ``tests/test_label_stages.py``): ``auto`` is the torch
+    lattice on a GPU, batched on the device; on a CPU pydensecrf, faster there, where it is installed, else torch."""
+    if cfg.refine != "crf":
+        return None
+    if cfg.crf_impl not in CRF_IMPLS:
+        raise ValueError(f"crf_impl {cfg.crf_impl!r}: expected one of {', '.join(CRF_IMPLS)}")
+    installed = importlib.util.find_spec("pydensecrf") is not None
+    if cfg.crf_impl == "pydensecrf" and not installed:
+        raise RuntimeError(f"--crf-impl pydensecrf: {INSTALL_HINT}, or --crf-impl torch")
+    if cfg.crf_impl != "auto":
+        return cfg.crf_impl
+    return "pydensecrf" if torch.device(device).type == "cpu" and installed else "torch"
+
+
+def _crf_on_device(impl: str | None, device) -> bool:
+    """The torch CRF runs batched on an accelerator; on a CPU it runs per image in the pool, beside the forward."""
+    return impl == "torch" and torch.device(device).type != "cpu"
 
 
 def shard_indices(n: int, shard: tuple[int, int]) -> list[int]:
@@ -149,8 +203,9 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
         _atomic(out / cfg.seed_dir / f"{sample.id}.png", lambda p: save_label_png(p, res.seed))
     if cfg.label_dir:
         _atomic(out / cfg.label_dir / f"{sample.id}.png", lambda p: save_label_png(p, label))
-    if cfg.save_cams:  # res.cam: float16
-        _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, cams=res.cam.numpy(), tags=res.tags.numpy()))
+    if cfg.save_cams:  # res.cam: float16, downscaled by cfg.cams_scale
+        arrays = {"cams": res.cam.numpy(), "tags": res.tags.numpy(), "image_size": np.array(label.shape)}
+        _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, **arrays))
     if cfg.format == "coco-rle":
         record = {"id": sample.id, "height": label.shape[0], "width": label.shape[1],
                   "segments": encode_label_map(label, class_names)}  # fmt: skip
@@ -174,6 +229,32 @@ def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSe
     return labels
 
 
+def _refine_crf(samples: list[Sample], results: list[CAMResult], device) -> list[torch.Tensor]:
+    """uint8 dense-CRF labels (§5.3 row C) of a chunk, batched on the device; the images reach it in one copy."""
+    images = to_device([s.image for s in samples], device)
+    tags = torch.stack([r.tags for r in results])
+    return refine_seed_crf_batch(images, [r.seed for r in results], tags, "seed", device)
+
+
+def _crf_in_worker(impl: str, image: np.ndarray, seed: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, float]:
+    """One image's dense CRF in a pool worker: the uint8 label and the seconds it took there."""
+    tic = time.perf_counter()
+    if impl == "pydensecrf":
+        label = refine_seed_crf(image, seed, tags)
+    else:
+        torch.set_num_threads(1)  # a core per worker, as pydensecrf
+        label = refine_seed_crf_batch([image], [seed], tags[None])[0].numpy()
+    return label, time.perf_counter() - tic
+
+
+def _saved_cams(cam: torch.Tensor, scale: float) -> torch.Tensor:
+    """float16 CAMs to save, downscaled bilinearly on the device first when ``scale < 1``."""
+    if scale != 1.0:
+        size = [max(1, round(n * scale)) for n in cam.shape[-2:]]
+        cam = F.interpolate(cam[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return cam.half()
+
+
 def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: LabelConfig,
            overlay: bool) -> tuple[list[CAMResult], list[np.ndarray]]:  # fmt: skip
     """Host results and labels of a chunk (PAR's, else the seeds), one copy per dtype: seeds only where written,
@@ -184,7 +265,7 @@ def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: La
     if refined is None or cfg.seed_dir or overlay:
         wanted["seeds"] = [r.seed for r in results]
     if cfg.save_cams:
-        wanted["cams"] = [r.cam.half() for r in results]
+        wanted["cams"] = [_saved_cams(r.cam, cfg.cams_scale) for r in results]
     n = len(results)
     flat = to_host([t for group in wanted.values() for t in group])
     host = {k: flat[i * n : (i + 1) * n] for i, k in enumerate(wanted)}
@@ -220,14 +301,18 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     overlay_ids = {data.ids[i] for i in indices[: cfg.overlays]}
     if overlay_ids:
         (out / "overlays").mkdir(exist_ok=True)
-    timing: dict[str, float] = defaultdict(float)
+    crf = crf_implementation(cfg, backend.device)
+    if not 0 < cfg.cams_scale <= 1:
+        raise ValueError(f"cams_scale {cfg.cams_scale}: need 0 < S <= 1 (1 keeps the image's resolution)")
+    times = Times()
     done_before = len(indices) - sum(map(len, todo))  # items of finished chunks
 
     # Worker processes (decoding, CRF) die with this one and inherit none of its files (workers.py).
     loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, collate_fn=_as_list,
                         **loader_options(cfg.workers, preload=[__name__]))  # fmt: skip
     batches = _rebatch(loader, [len(c) for c in todo])
-    crf_pool = worker_pool(max(cfg.workers, 1), preload=[__name__]) if cfg.refine == "crf" else None
+    pooled = crf is not None and not _crf_on_device(crf, backend.device)
+    crf_pool = worker_pool(max(cfg.workers, 1), preload=[__name__]) if pooled else None
     writers = ThreadPoolExecutor(max(cfg.workers, 1))
     pending: list[Future] = []
     bar = tqdm(total=len(indices), initial=done_before, desc=f"label {tag}", unit="img", disable=cfg.quiet,
@@ -236,18 +321,19 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     try:
         while True:
             tic = time.perf_counter()
-            items = next(batches, None)
-            timing["decode_wait_s"] += time.perf_counter() - tic
+            items, decode_s = next(batches, (None, 0.0))
+            times.main["decode_wait_s"] += time.perf_counter() - tic
+            times.busy["decode"] += decode_s
             if items is None:
                 break
             for failure in (x for x in items if isinstance(x, Failure)):
                 journal.add({"id": failure.id, "status": "failed", "reason": failure.reason})
             samples = [x for x in items if isinstance(x, Sample)]
-            current = _process(backend, spec, samples, out, cfg, crf_pool, writers, overlay_ids, timing)
-            _drain(pending, journal, timing)  # the previous chunk finishes while this one refines and writes
+            current = _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_ids, times)
+            _drain(pending, journal, times)  # the previous chunk finishes while this one refines and writes
             pending = current
             bar.update(len(items))
-        _drain(pending, journal, timing)
+        _drain(pending, journal, times)
     finally:
         bar.close()
         writers.shutdown(wait=True)
@@ -255,8 +341,11 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
             crf_pool.shutdown(cancel_futures=True)
         journal.close()
     elapsed = time.perf_counter() - t_start
-    summary = _summary(journal, data, indices, cfg, spec, meta, timing, elapsed, done_before)
-    summary["device"], summary["backend"] = str(backend.device), backend.name
+    summary = _summary(journal, data, indices, cfg, spec, meta, times.main, elapsed, done_before)
+    lanes = {"decode": max(cfg.workers, 1), "forward": 1, "refine": max(cfg.workers, 1) if pooled else 1,
+             "write": max(cfg.workers, 1)}  # fmt: skip
+    summary["timeline"] = timeline(times.busy, lanes, elapsed)
+    summary["device"], summary["backend"], summary["crf_impl"] = str(backend.device), backend.name, crf
     (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
     if count == 1:
         merge_shards(out)
@@ -272,51 +361,78 @@ def _header_size(path: Path) -> tuple[int, int]:
         return (0, 0)
 
 
-def _drain(futures: list[Future], journal: Journal, timing: dict) -> None:
+def _drain(futures: list[Future], journal: Journal, times: Times) -> None:
     tic = time.perf_counter()
     for future in futures:
-        journal.add(future.result())
-    timing["write_wait_s"] += time.perf_counter() - tic
+        record, busy = future.result()
+        journal.add(record)
+        for stage, seconds in busy.items():
+            times.busy[stage] += seconds
+    times.main["write_wait_s"] += time.perf_counter() - tic
 
 
 def _rebatch(loader, sizes: list[int]):
-    """Regroup the loader's item stream into the fixed chunks."""
+    """Regroup the loader's (item, decode seconds) stream into the fixed chunks: (items, their decode seconds)."""
     stream = iter(loader)
     for size in sizes:
-        yield [next(stream) for _ in range(size)]
+        items, seconds = zip(*(next(stream) for _ in range(size)), strict=True)
+        yield list(items), sum(seconds)
 
 
-def _process(backend, spec, samples, out, cfg, crf_pool, writers, overlay_ids, timing) -> list[Future]:
-    """Forward + post-process one chunk on the device, bring back what the host needs, then hand CRF refinement
-    and writing to the pools."""
+def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_ids, times: Times) -> list[Future]:
+    """Forward + post-process one chunk on the device (and refine it there: PAR, the torch CRF on a GPU), bring back
+    what the host needs, then hand pooled CRF refinement and writing to the pools."""
     if not samples:
         return []
-    tic = time.perf_counter()
+    start = time.perf_counter()
     results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
                            backend.device, spec.mean, spec.std, on_device=True)  # fmt: skip
-    timing["cam_s"] += time.perf_counter() - tic
-    tic = time.perf_counter()
-    refined = _refine_par(samples, results, cfg.settings, backend.device) if cfg.refine == "par" else None
+    launched, refine_start = time.perf_counter(), _device_mark(backend.device)
+    refined = None
+    if cfg.refine == "par":
+        refined = _refine_par(samples, results, cfg.settings, backend.device)
+    elif _crf_on_device(crf, backend.device):
+        refined = _refine_crf(samples, results, backend.device)
+    refine_end = _device_mark(backend.device)
     overlays = [s.id in overlay_ids for s in samples]
     results, labels = _fetch(results, refined, cfg, any(overlays))
-    timing["fetch_s"] += time.perf_counter() - tic  # the device's work so far is waited for here
+    fetched = time.perf_counter()  # the device's work so far is waited for here
+    times.main["cam_s"] += launched - start
+    times.main["fetch_s"] += fetched - launched
+    refine_s = _seconds(refine_start, refine_end)
+    times.busy["refine"] += refine_s
+    times.busy["forward"] += fetched - start - refine_s
     tic = time.perf_counter()
-    if cfg.refine == "crf":
-        labels = [crf_pool.submit(refine_seed_crf, s.image, r.seed, r.tags.numpy()) for s, r in
+    if crf_pool is not None:
+        labels = [crf_pool.submit(_crf_in_worker, crf, s.image, r.seed, r.tags.numpy()) for s, r in
                   zip(samples, results, strict=True)]  # fmt: skip
-    timing["refine_submit_s"] += time.perf_counter() - tic
+    times.main["refine_submit_s"] += time.perf_counter() - tic
     names = spec.class_names
     return [writers.submit(_finish, out, sample, label, res, cfg, names, overlay)
             for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
 
 
-def _finish(out, sample, label, res, cfg, names, overlay: bool) -> dict:
+def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, dict[str, float]]:
+    """Write one item (after its pooled CRF, if any); its journal record and the busy seconds of the CRF (in its
+    worker) and of the writing (in this thread)."""
+    busy = {}
     if isinstance(label, Future):
-        label = label.result()
+        label, busy["refine"] = label.result()
+    tic = time.perf_counter()
     record = write_item(out, sample, label, res, cfg, names)
     if overlay:
         save_overlay(out / "overlays" / f"{sample.id}.png", sample, res.seed, label)
-    return record
+    busy["write"] = time.perf_counter() - tic
+    return record, busy
+
+
+def timeline(busy: dict[str, float], lanes: dict[str, int], elapsed: float) -> dict:
+    """Per stage its busy seconds, where they ran in parallel (``lanes``: pool workers, 1 for the device) and the
+    busy fraction ``busy / (lanes * wall)``; ``bound_by`` names the busiest stage, the one that bounds the run."""
+    stages = {s: {"busy_s": round(busy[s], 3), "lanes": lanes[s],
+                  "busy_fraction": round(busy[s] / (lanes[s] * elapsed), 3) if elapsed > 0 else 0.0}
+              for s in STAGES}  # fmt: skip
+    return {**stages, "bound_by": max(STAGES, key=lambda s: stages[s]["busy_fraction"])}
 
 
 def _summary(journal: Journal, data, indices, cfg: LabelConfig, spec, meta, timing, elapsed, done_before) -> dict:
@@ -351,12 +467,23 @@ def merge_shards(out: str | Path) -> dict:
         "stages_s": dict(sum((Counter(s["stages_s"]) for s in shards), Counter())),
         **{k: shards[0][k] for k in ("config", "checkpoint_sha256", "artifact_sha256", "method", "class_names",
                                      "package_version")},
+        "crf_impl": shards[0].get("crf_impl"), "timeline": _merged_timeline(shards),
     }  # fmt: skip
     merged["config"]["shard"] = None
     if (out / "rle").is_dir():
         _merge_rle(out, merged["class_names"])
     (out / "summary.json").write_text(json.dumps(merged, indent=2))
     return merged
+
+
+def _merged_timeline(shards: list[dict]) -> dict | None:
+    """The shards' timelines as one: busy seconds summed over the sum of their wall times (None: a shard of a version
+    without timelines)."""
+    if not all("timeline" in s for s in shards):
+        return None
+    busy = {st: sum(s["timeline"][st]["busy_s"] for s in shards) for st in STAGES}
+    lanes = {st: shards[0]["timeline"][st]["lanes"] for st in STAGES}
+    return timeline(busy, lanes, sum(s["elapsed_s"] for s in shards))
 
 
 def _merge_rle(out: Path, class_names) -> None:
