@@ -290,6 +290,17 @@ def test_network_outputs_and_gradient_routing():
     torch.testing.assert_close(cams_vit[:, :3], out.a_obj[:, None] * out.m_tran[:, 1:])
 
 
+def test_attention_sum_is_accumulated_block_by_block():
+    model = _cobra()
+    seen = []  # every block's probabilities, captured beside the recorder
+    for block in model.backbone.blocks:
+        block.attn.attn_drop.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        out = model.branches(torch.randn(2, 3, 48, 56))
+    torch.testing.assert_close(out.attn, torch.stack([a.mean(1) for a in seen]).sum(0))  # (4.3)
+    assert model._recorder.total is None  # taken: nothing of this pass stays referenced
+
+
 @pytest.mark.parametrize("pooling", ["gap", "gmp"])
 def test_image_logits_pool_the_foreground_maps(pooling):
     cfg = get_config("cobra-tiny-synth", [*TINY_COBRA, f"model.pooling={pooling}"])
