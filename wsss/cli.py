@@ -426,7 +426,8 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT (finished items are skipped).")
 @click.option("--save-cams", is_flag=True,
               help="Also write the K CAMs, float16, to OUT/cams/ID.npz (compressed; keys cams, tags, image_size). "
-                   "Measured for a 500x375 image, K=8: SIZES_TODO.")  # fmt: skip
+                   "Raw 2*K*H*W*S^2 bytes (S: --cams-scale); compressed, measured for a 500x375 image with K=8 "
+                   "classes (3 tagged): 0.54 MB at S=1 (raw 3.0 MB), 41 kB at S=0.25 (raw 188 kB).")  # fmt: skip
 @click.option("--cams-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="--save-cams: downscale the CAMs by this factor (bilinear, on the device), e.g. 0.25.")  # fmt: skip
 @click.option(
