@@ -68,18 +68,19 @@ def descendants(root: int) -> list[int]:
 class Sampler(threading.Thread):
     """Samples (seconds, journal items, RSS, RSS with workers) every ``period`` seconds until stopped."""
 
-    def __init__(self, journal: Path, period: float = 0.25) -> None:
+    def __init__(self, journal: Path, period: float = 0.05, refresh: int = 40) -> None:
         super().__init__(daemon=True)
-        self.journal, self.period, self.samples = journal, period, []
+        self.journal, self.period, self.refresh, self.samples = journal, period, refresh, []
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        start, me = time.perf_counter(), os.getpid()
-        while not self.stopped.is_set():
+        start, workers = time.perf_counter(), []
+        while not self.stopped.is_set():  # often enough to catch the last item before the pools shut down
+            if len(self.samples) % self.refresh == 0:  # the process tree, walked every ``refresh`` samples
+                workers = descendants(os.getpid())
             done = self.journal.read_bytes().count(b"\n") if self.journal.exists() else 0
             own = rss_mb()
-            total = own + sum(rss_mb(pid) for pid in descendants(me))
-            self.samples.append((time.perf_counter() - start, done, own, total))
+            self.samples.append((time.perf_counter() - start, done, own, own + sum(map(rss_mb, workers))))
             self.stopped.wait(self.period)
 
 
