@@ -155,6 +155,7 @@ def test_label_crf_with_one_key_returns_it() -> None:
     assert torch.equal(out, torch.full(label.shape, 7, dtype=torch.uint8))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu() -> None:
     params = crf.CRF_PRESETS["seed"]

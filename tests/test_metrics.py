@@ -160,6 +160,7 @@ def test_torch_matches_numpy_and_defers_errors() -> None:
         ConfusionMatrix(c).update(np.zeros(3), np.zeros(3, dtype=np.int64))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_update_has_no_host_sync() -> None:
     pairs = _random_pairs(3, 4)

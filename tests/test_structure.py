@@ -364,3 +364,17 @@ def test_the_cli_seed_source_choices_mirror_the_spec() -> None:
     from wsss.models.spec import SEED_SOURCES
 
     assert cli_sources == SEED_SOURCES
+
+
+def test_every_cuda_only_test_carries_the_gpu_marker():
+    """The GPU check runs ``pytest -m gpu``: a test that skips without CUDA but lacks the marker would never run."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            needs_cuda = any("skipif(not torch.cuda.is_available()" in d for d in decorators)
+            if needs_cuda and not any("pytest.mark.gpu" in d for d in decorators):
+                unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, f"skip without CUDA but not marked @pytest.mark.gpu: {unmarked}"
