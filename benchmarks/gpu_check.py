@@ -172,6 +172,7 @@ def checks(tmp: Path) -> list[Check]:
     kernel_tests = [py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "tests/test_kernel_paths.py"]
     label = [*CLI, "label", "--ckpt", seco, "--data", f"{data}:val", "--quiet", "--fail-on-error"]
     par_label = [*label, "--refine", "par"]
+    crf_label = [*label, "--refine", "crf", "--crf-impl", "torch"]
     bench_label = [*CLI, "bench", "label", "--ckpt", seco, "--data", f"{data}:val", "--refine", "par"]
     backends = "torch,onnx" if available("ort-cuda", "cuda") else "torch"
     seco_step = [py, "benchmarks/bench_seco_step.py", "--data", f"{tmp}/synth", "--json", f"{d}/bench_seco_step.json"]
@@ -203,14 +204,29 @@ def checks(tmp: Path) -> list[Check]:
         Check("label-cuda-bf16", "wsss label with a bf16 network forward: labels agree with the fp32 CPU run",
               [*par_label, "--out", f"{d}/label-bf16", "--device", "cuda", "--precision", "bf16"], None,
               after=labels_agree("label-cpu", "label-bf16", 0.97)),
-        Check("label-crf", "wsss label with the dense CRF process pool",
-              [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cuda"],
-              [*label, "--out", f"{d}/label-crf", "--refine", "crf", "--device", "cpu"], needs=("pydensecrf",)),
+        Check("label-crf-cpu", "reference dense-CRF labels: the torch lattice on the CPU",
+              [*crf_label, "--out", f"{d}/crf-cpu", "--device", "cpu"],
+              [*crf_label, "--out", f"{d}/crf-cpu", "--device", "cpu"]),
+        Check("label-crf-cuda", "the torch dense CRF batched on the GPU (only uint8 labels copied back) agrees with "
+              "the CPU's", [*crf_label, "--out", f"{d}/crf-cuda", "--device", "cuda"], None,
+              after=labels_agree("crf-cpu", "crf-cuda", 0.999)),
+        Check("label-crf-pydensecrf", "pydensecrf in the process pool agrees with the torch lattice",
+              [*label, "--out", f"{d}/crf-pdc", "--refine", "crf", "--crf-impl", "pydensecrf", "--device", "cuda"],
+              [*label, "--out", f"{d}/crf-pdc", "--refine", "crf", "--crf-impl", "pydensecrf", "--device", "cpu"],
+              needs=("pydensecrf",), after=labels_agree("crf-cpu", "crf-pdc", 0.999)),
         Check("bench-label", f"wsss bench label on the device ({backends}) against the research loop",
               [*bench_label, "--images", "32", "--batch", "8,16", "--backends", backends, "--device", "cuda",
                "--json", f"{d}/bench_label.json"],
               [*bench_label, "--images", "4", "--batch", "2", "--backends", "torch,onnx", "--device", "cpu",
                "--json", f"{d}/bench_label.json"], timeout_s=240, after=embed("bench_label.json")),
+        Check("bench-label-crf", "wsss bench label with the torch dense CRF on the device: does refinement still "
+              "bound the run (the stage timeline says)",
+              [*CLI, "bench", "label", "--ckpt", seco, "--data", f"{data}:val", "--refine", "crf", "--crf-impl",
+               "torch", "--images", "32", "--batch", "16", "--backends", "torch", "--device", "cuda", "--json",
+               f"{d}/bench_label_crf.json"],
+              [*CLI, "bench", "label", "--ckpt", seco, "--data", f"{data}:val", "--refine", "crf", "--crf-impl",
+               "torch", "--images", "4", "--batch", "2", "--backends", "torch", "--device", "cpu", "--json",
+               f"{d}/bench_label_crf.json"], timeout_s=180, after=embed("bench_label_crf.json")),
         Check("bench-seco-step", "SeCo's paper-config step in its training precision, vectorised vs loop losses",
               [*seco_step, "--config", "seco-vitb16-voc", "--device", "cuda"],
               [*seco_step, "--quick", "--device", "cpu"], timeout_s=180, after=embed("bench_seco_step.json")),
