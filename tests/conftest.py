@@ -9,8 +9,8 @@ from wsss.data.synth import SynthConfig, generate_synth
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
-TINY = [
-    'model.backbone.overrides={"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}',
+# A short run at 48 px, shared by the tiny test networks below.
+_SMALL_RUN = [
     "model.backbone.img_size=48",
     "pretrained=null",
     "data.crop=48",
@@ -21,20 +21,15 @@ TINY = [
     "cam.scales=[1.0,0.5]",
 ]
 
+TINY = ['model.backbone.overrides={"patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}', *_SMALL_RUN]
+
 # A CoBra network small enough for CPU tests (three fixture classes, 48 px, two-block ViT, tiny ResNet).
 TINY_COBRA = [
     'model.backbone.overrides={"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 2}',
-    "model.backbone.img_size=48",
+    *_SMALL_RUN,
     "model.cnn.channels=[8,16,16,32]",
     "model.proj_dim=16",
-    "pretrained=null",
     "pretrained_cnn=null",
-    "data.crop=48",
-    "train.batch_size=4",
-    "train.log_every=2",
-    "train.ckpt_every=2",
-    "cam.input_size=48",
-    "cam.scales=[1.0,0.5]",
     "cobra.k_sap=[4,2]",
     "cobra.k_cap=[2,4]",
     "cobra.aux_start_epoch=0",
