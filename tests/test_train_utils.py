@@ -18,7 +18,7 @@ from wsss.data.transforms import (
     random_crop,
     to_tensor,
 )
-from wsss.train.configs import CONFIGS, apply_override, get_config
+from wsss.train.configs import CONFIGS, apply_override, get_config, with_iters
 from wsss.train.optim import PolyWarmupAdamW, make_optimizer, param_groups, poly_warmup_factor
 
 # ------------------------------------------------------------------------------------------------------------ configs
@@ -463,3 +463,14 @@ def test_batches_are_a_function_of_the_step_whatever_the_workers(synth):
     for a, b in zip(straight[5:], images(5, 0, 2), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(straight[0], straight[4])  # a new epoch, a new order and new views
+
+
+def test_with_iters_scales_every_step_counted_setting() -> None:
+    cfg = get_config("seco-tiny-synth")  # 300 iterations: lig/lil from 60, seg/reg from 120, prototypes from 40
+    short = with_iters(cfg, 100)
+    assert short["train"]["iters"] == 100 and short["optim"]["warmup"] == 7 and short["seco"]["proto_start"] == 13
+    assert short["seco"]["schedule"]["lig"] == [20, 0.5] and short["seco"]["schedule"]["seg"] == [40, 0.12]
+    assert cfg["train"]["iters"] == 300 and cfg["seco"]["schedule"]["lig"] == [60, 0.5]  # the original is untouched
+    paper = with_iters(get_config("seco-vitb16-voc"), 2000)  # a named schedule (§3.13) becomes a table
+    assert paper["seco"]["schedule"]["lil"] == [100, 0.5] and paper["seco"]["schedule"]["reg"] == [200, 0.05]
+    assert with_iters(get_config("cam-tiny-synth"), 125)["optim"]["warmup"] == 10

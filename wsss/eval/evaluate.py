@@ -114,3 +114,15 @@ def write_json(path: str | Path, result: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n")
+
+
+def label_agreement(dir_a: str | Path, dir_b: str | Path, ids: Sequence[str]) -> dict[str, Any]:
+    """How far two folders of label PNGs agree over ``ids``: the share of equal pixels and of identical files."""
+    equal = total = same_files = 0
+    for image_id in ids:
+        a, b = read_label_png(Path(dir_a) / f"{image_id}.png"), read_label_png(Path(dir_b) / f"{image_id}.png")
+        if a.shape != b.shape:
+            raise ValueError(f"{image_id}: label shapes differ, {a.shape} in {dir_a} and {b.shape} in {dir_b}")
+        same = int((a == b).sum())
+        equal, total, same_files = equal + same, total + a.size, same_files + (same == a.size)
+    return {"images": len(ids), "identical_images": same_files, "pixel_agreement": equal / max(total, 1)}

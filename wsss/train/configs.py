@@ -10,6 +10,7 @@ from typing import Any
 from ..models import CAMSettings, ModelSpec
 from ..models.official import COBRA_ARCH
 from .cobra import COBRA_DEFAULTS
+from .seco_state import SCHEDULES
 
 _TINY_VIT = {
     "name": "vit_tiny_patch16_224",
@@ -182,6 +183,26 @@ def apply_override(cfg: dict[str, Any], item: str) -> None:
     if old is not None and value is not None and type(value) is not type(old):
         raise TypeError(f"override {item!r}: expected {type(old).__name__}, got {type(value).__name__}")
     node[leaf] = value
+
+
+# Settings counted in iterations: a shorter or longer run moves each of them in proportion.
+_STEP_KEYS = (("optim", "warmup"), ("seco", "proto_start"), ("seco", "cam2mask"), ("seco", "seg_from_aux_until"))
+
+
+def with_iters(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
+    """A copy of ``cfg`` trained for ``iters`` iterations with its schedule scaled alike: the warm-up, SeCo's
+    term start points (§3.13), prototype start and ROI switch move by ``iters / train.iters``."""
+    out = copy.deepcopy(cfg)
+    ratio = iters / cfg["train"]["iters"]
+    out["train"]["iters"] = iters
+    for section, key in _STEP_KEYS:
+        if key in out.get(section, {}):
+            out[section][key] = round(out[section][key] * ratio)
+    if "seco" in out:
+        table = out["seco"]["schedule"]
+        table = SCHEDULES[table] if isinstance(table, str) else table
+        out["seco"]["schedule"] = {term: [round(start * ratio), w] for term, (start, w) in table.items()}
+    return out
 
 
 CONFIGS["seco-vitb16-coco"] = copy.deepcopy(CONFIGS["seco-vitb16-voc"])
