@@ -21,10 +21,11 @@ from wsss.data.io import decode_image
 from wsss.data.palette import PALETTE, VOC_CLASSES, read_label_png
 from wsss.runtime.report import GALLERY_DIR, REPORT, read_journal, write_report
 
+# id -> file name
 GOOD = {"exif rotated": "exif rotated.jpg", "deep16": "deep16.png", "cmyk": "cmyk.jpg", "palette": "palette.png",
         "rgb of palette": "rgb of palette.png", "one": "one.png", "tall": "tall.png",
-        "café au lait ñ": "café au lait ñ.jpg", "truncated.png": "truncated.png", "sub/nested": "sub/nested.jpg"}
-# id -> file name
+        "café au lait ñ": "café au lait ñ.jpg", "truncated.png": "truncated.png",
+        "sub/nested": "sub/nested.jpg"}  # fmt: skip
 FAILED = {"truncated.jpg": "truncated or corrupt", "empty": "empty file (0 bytes)",
           "x": "not a recognised image format"}  # fmt: skip
 SKIPPED = {"gone.jpg": "a dangling link", "dir.jpg": "a folder, not an image file", "notes.txt": "not an image file"}

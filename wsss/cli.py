@@ -315,7 +315,8 @@ def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pret
               help="Instead of --gt: score exactly this dataset SPEC's ids against its own masks, with its classes "
                    "(e.g. voc:ROOT:val).")  # fmt: skip
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Class names, background first (default: GT_DIR/../classes.txt, else VOC; --data: the dataset's).")
+              help="Class names, background first (default: GT_DIR/../classes.txt, else VOC; with --data: the "
+                   "dataset's).")  # fmt: skip
 @click.option("--context", "context", default=None, metavar="DIR|SPEC",
               help="Context masks for the false-activation figure: a DIR, or a dataset SPEC's ROOT/ContextMask "
                    "(default with --data: the dataset's ROOT/ContextMask where it has one).")  # fmt: skip
@@ -484,9 +485,11 @@ def demo(out, config_name, iters, overrides, train_images, val_images) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--report", is_flag=True,
               help="Also write OUT/report.html: counts, failures, pixel shares, a gallery lowest-confidence first, "
-                   "per-class IoU where the dataset has masks (or --report-gt); static, opens from the disk.")
+                   "per-class IoU where the dataset has masks (or --report-gt); static, opens from the "
+                   "disk.")  # fmt: skip
 @click.option("--report-gt", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="--report: score against these ground-truth PNGs (GT_DIR/ID.png) instead of the dataset's masks.")
+              help="--report: score against these ground-truth PNGs (GT_DIR/ID.png) instead of the dataset's "
+                   "masks.")  # fmt: skip
 @click.option("--report-gallery", default=48, show_default=True, help="--report: overlays in the gallery.")
 @_cam_options
 @click.pass_context
@@ -587,9 +590,9 @@ def label_merge(out: Path) -> None:
 @label.command("report")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "data_spec", default=None,
-              help="The SPEC that was labelled: draws the gallery's overlays and scores against its masks.")
+              help="The SPEC that was labelled: draws the gallery's overlays, scores against its masks.")  # fmt: skip
 @click.option("--gt", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Ground-truth PNGs (GT_DIR/ID.png) to score against instead.")
+              help="Ground-truth PNGs (GT_DIR/ID.png) to score against instead.")  # fmt: skip
 @click.option("--gallery", default=48, show_default=True, help="Overlays in the gallery, lowest confidence first.")
 def label_report(out: Path, data_spec: str | None, gt: Path | None, gallery: int) -> None:
     """Write OUT/report.html for a finished (or merged) run. Example: wsss label report labels --data folder:photos"""
