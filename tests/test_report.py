@@ -199,3 +199,21 @@ def test_an_unreadable_file_is_a_failure_with_its_reason(synth, tiny_ckpt, tmp_p
     assert CliRunner().invoke(cli, list(map(str, args))).exit_code == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["ok"] == 1 and "cannot open" in summary["failures"][0]["reason"]
+
+
+def test_an_item_no_network_pass_can_take_fails_alone(synth, tiny_ckpt, tmp_path):
+    """At native size a 1x1 image has no 0.5 scale: that item fails with the reason, its chunk-mates are labelled."""
+    folder = tmp_path / "p"
+    folder.mkdir()
+    src = sorted((synth / "JPEGImages").glob("*.jpg"))
+    rgb = np.array(Image.open(src[0]))
+    Image.fromarray(rgb[:1, :1]).save(folder / "dot.png")
+    for p in src[:2]:
+        shutil.copy(p, folder / p.name)
+    args = ["label", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}", "--out", tmp_path / "o", "--quiet",
+            "--input-size", 0, "--refine", "none", "--batch", 3]  # fmt: skip
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["ok"] == 2 and [f["id"] for f in summary["failures"]] == ["dot"]
+    assert summary["failures"][0]["reason"].startswith("RuntimeError: ")

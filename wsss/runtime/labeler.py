@@ -38,6 +38,7 @@ from ..cam.par import refine_labels
 from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
 from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
+from ..export.tensorrt import ProfileError
 from ..models import CAMSettings, ModelSpec
 from .backends import select_device
 from .rle import encode_label_map
@@ -345,7 +346,8 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
             for failure in (x for x in items if isinstance(x, Failure)):
                 journal.add({"id": failure.id, "status": "failed", "reason": failure.reason})
             samples = [x for x in items if isinstance(x, Sample)]
-            current = _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_ids, times)
+            current = _process_isolating(journal, backend, spec, samples, out, cfg, crf, crf_pool, writers,
+                                         overlay_ids, times)  # fmt: skip
             _drain(pending, journal, times)  # the previous chunk finishes while this one refines and writes
             pending = current
             bar.update(len(items))
@@ -426,6 +428,21 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
     names = spec.class_names
     return [writers.submit(_finish, out, sample, label, res, cfg, names, overlay)
             for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
+
+
+def _process_isolating(journal: Journal, backend, spec, samples, *rest) -> list[Future]:
+    """:func:`_process` a chunk; where it raises, each of its items alone, so that an item no network pass can
+    take (a 1-pixel side at native size, say) fails by itself, recorded with its reason, and the others are
+    labelled. An image outside a TensorRT profile stays fatal: every image of that size would fail the same way."""
+    try:
+        return _process(backend, spec, samples, *rest)
+    except ProfileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad item must not stop the job
+        if len(samples) == 1:
+            journal.add({"id": samples[0].id, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+            return []
+    return [f for s in samples for f in _process_isolating(journal, backend, spec, [s], *rest)]
 
 
 def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, dict[str, float]]:
