@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -396,8 +397,7 @@ def _folder(d: Path, names: Sequence[str] = ("x.jpg", "y.png", "z.webp")) -> Pat
         _img(d / n)
     (d / "notes.txt").write_text("not an image")
     (d / "._x.jpg").write_bytes(b"\x00")  # macOS resource fork: skipped
-    (d / "sub").mkdir()
-    _img(d / "sub" / "deep.jpg")  # not recursive
+    _img(d / ".hidden" / "deep.jpg")  # hidden folders are not walked
     return d
 
 
@@ -478,9 +478,49 @@ def test_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "l.json").write_text("[1, 2]")
     with pytest.raises(DatasetError, match=r"l\.json: expected a JSON object"):
         FolderDataset(d, tmp_path / "l.json")
-    _img(d / "x.png")
-    with pytest.raises(DatasetError, match=r"imgs: duplicate image id 'x' \(x\.jpg and x\.png\)"):
-        FolderDataset(d)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"none: no images found \(extensions: .*; 1 other entries\)"):
+        FolderDataset(tmp_path / "none")
+
+
+def test_folder_ids_are_unique_by_construction(tmp_path: Path) -> None:
+    """Relative paths without extension; the extension kept where ids would coincide, however they chain."""
+    d = _folder(tmp_path / "imgs", ("x.jpg", "x.png", "x.jpg.png", "y.png", "sub/y.jpg", "sub/deeper/z.tif"))
+    ds = FolderDataset(d)
+    assert ds.ids == ["sub/deeper/z", "sub/y", "x.jpg", "x.jpg.png", "x.png", "y"]
+    assert [ds.image_path(i).relative_to(d).as_posix() for i in range(len(ds))] == [
+        "sub/deeper/z.tif", "sub/y.jpg", "x.jpg", "x.jpg.png", "x.png", "y.png"]  # fmt: skip
+    assert ds[ds.ids.index("sub/y")].image.shape == (H, W, 3)
+    f = tmp_path / "l.csv"  # keys: an id or a relative path with its extension
+    f.write_text("image,labels\nsub/y.jpg,cat\nsub/deeper/z,dog\nx.png,cat\nx.jpg,dog\ny.png,cat\n")
+    ds = FolderDataset(d, f)
+    assert {ds.ids[i]: ds.labels(i).tolist() for i in range(len(ds)) if ds.labels(i) is not None} == {
+        "sub/y": [1, 0], "sub/deeper/z": [0, 1], "x.png": [1, 0], "x.jpg": [0, 1], "y": [1, 0]}  # fmt: skip
+    f.write_text("image,labels\nx,cat\n")  # a stem two files share names neither
+    with pytest.raises(DatasetError, match=r"l\.csv:line 2: 'x' names 2 images \(x\.jpg, x\.png\): give the file"):
+        FolderDataset(d, f)
+    f.write_text("image,labels\ny.jpg,cat\n")  # sub/y.jpg's file name alone is not a key
+    with pytest.raises(DatasetError, match=r"entry for non-existent image 'y\.jpg'"):
+        FolderDataset(d, f)
+
+
+def test_folder_entries_that_are_not_images_are_listed_with_reasons(tmp_path: Path) -> None:
+    d = _folder(tmp_path / "imgs", ("a.jpg", "dir.jpg/inside.png"))
+    (d / "gone.jpg").symlink_to(d / "nowhere.jpg")
+    (d / "link.png").symlink_to(d / "a.jpg")  # a link to an image is an image
+    (tmp_path / "elsewhere").mkdir()
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    os.mkfifo(d / "pipe.png")
+    ds = FolderDataset(d)
+    assert ds.ids == ["a", "dir.jpg/inside", "link"]
+    reasons = dict(ds.skipped)
+    assert list(reasons) == ["dir.jpg", "gone.jpg", "linked", "notes.txt", "pipe.png"]
+    assert reasons["dir.jpg"] == "a folder, not an image file (walked as a subfolder)"
+    assert reasons["gone.jpg"] == f"a dangling link (to {d / 'nowhere.jpg'})"
+    assert reasons["linked"] == "a link to a folder, not followed"
+    assert reasons["notes.txt"].startswith("not an image file name (extension '.txt'; read: .jpg")
+    assert reasons["pipe.png"] == "not a regular file"
 
 
 # ------------------------------------------------------------------------------------------------------------ spec

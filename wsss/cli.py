@@ -309,36 +309,79 @@ def cobra_masks(ckpt, vit_ckpt, data_spec, out, irn_preset, irn_epochs, irn_pret
 
 @cli.command("eval")
 @click.option("--pred", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--gt", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gt", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Ground-truth label PNGs (GT_DIR/ID.png); or --data.")  # fmt: skip
+@click.option("--data", "data_spec", default=None,
+              help="Instead of --gt: score exactly this dataset SPEC's ids against its own masks, with its classes "
+                   "(e.g. voc:ROOT:val).")  # fmt: skip
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Class names, background first (default: GT_DIR/../classes.txt, else VOC).")  # fmt: skip
-@click.option("--context", "context_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Context masks (synthetic benchmark ContextMask/) for the false-activation figure.")  # fmt: skip
+              help="Class names, background first (default: GT_DIR/../classes.txt, else VOC; with --data: the "
+                   "dataset's).")  # fmt: skip
+@click.option("--context", "context", default=None, metavar="DIR|SPEC",
+              help="Context masks for the false-activation figure: a DIR, or a dataset SPEC's ROOT/ContextMask "
+                   "(default with --data: the dataset's ROOT/ContextMask where it has one).")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write every figure here.")
 @click.option("--allow-missing", is_flag=True, help="Score only images that have a prediction.")
-def eval_cmd(pred, gt, classes_file, context_dir, json_path, allow_missing) -> None:
+def eval_cmd(pred, gt, data_spec, classes_file, context, json_path, allow_missing) -> None:
     """Score a folder of label PNGs against ground truth: mIoU, per-class IoU, precision, recall.
 
     \b
-    Example:
+    Examples:
+      wsss eval --pred runs/cam/val/masks --data voc:data/synth:val       # that split's ids, masks and context
       wsss eval --pred runs/cam/train/masks --gt data/synth/SegmentationClass --context data/synth/ContextMask
-    Only ids present in PRED are scored with --allow-missing; otherwise every GT id needs a prediction.
-    mIoU is the mean over classes present in the ground truth; 255 in the ground truth is ignored.
+    Only ids present in PRED are scored with --allow-missing; otherwise every GT id (every id of the split, with
+    --data) needs a prediction. mIoU is the mean over classes present in the ground truth; 255 in the ground truth
+    is ignored.
     """
-    from .eval.evaluate import evaluate_folders, write_json
+    from .eval.evaluate import dataset_context_dir, evaluate_dataset, evaluate_folders, list_predictions, write_json
     from .eval.metrics import format_table
 
-    names = _class_names(classes_file, gt)
-    ids = sorted(p.stem for p in pred.glob("*.png")) if allow_missing else None
+    if (gt is None) == (data_spec is None):
+        raise click.UsageError("give the ground truth as --gt DIR or as --data SPEC (one of them, not both)")
+    data = None if data_spec is None else _dataset(data_spec)
+    names = _class_names(classes_file, gt) if data is None else _data_classes(data, classes_file)
+    context_dir = _context_dir(context) if context is not None else data and dataset_context_dir(data)
+    ids = list_predictions(pred) if allow_missing else None
     try:
-        result = evaluate_folders(pred, gt, names, context_dir=context_dir, allow_missing=allow_missing, ids=ids)
+        if data is None:
+            result = evaluate_folders(pred, gt, names, context_dir=context_dir, allow_missing=allow_missing, ids=ids)
+        else:
+            ids = ids and [i for i in data.ids if i in set(ids)]
+            result = evaluate_dataset(pred, data, context_dir=context_dir, allow_missing=allow_missing, ids=ids)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(format_table(result, names))
     if "context_false_activation" in result:
-        click.echo(f"context false activation: {100 * result['context_false_activation']['overall']:.1f}%")
+        click.echo(f"context false activation: {100 * result['context_false_activation']['overall']:.1f}% "
+                   f"(context masks: {context_dir})")  # fmt: skip
     if json_path:
         write_json(json_path, result)
+
+
+def _data_classes(data, classes_file: Path | None) -> tuple[str, ...]:
+    """A dataset's classes; a --classes file given as well must list the same."""
+    from .data.datasets import DatasetError, check_classes, read_classes_file
+
+    if classes_file is not None:
+        try:
+            check_classes(data, read_classes_file(classes_file), f"--classes {classes_file}")
+        except DatasetError as err:
+            raise click.BadParameter(str(err), param_hint="--classes") from None
+    return data.classes
+
+
+def _context_dir(value: str) -> Path:
+    """--context: a folder, or a dataset SPEC whose ROOT/ContextMask is meant."""
+    from .eval.evaluate import dataset_context_dir
+
+    if value.split(":", 1)[0].lower() in ("voc", "coco", "folder"):
+        found = dataset_context_dir(_dataset(value))
+        if found is None:
+            raise click.BadParameter(f"dataset {value!r} has no ContextMask folder", param_hint="--context")
+        return found
+    if not Path(value).is_dir():
+        raise click.BadParameter(f"{value}: not a folder (nor a dataset SPEC)", param_hint="--context")
+    return Path(value)
 
 
 def _class_names(classes_file: Path | None, gt: Path) -> tuple[str, ...]:
@@ -442,6 +485,14 @@ def demo(out, config_name, iters, full, overrides, train_images, val_images) -> 
 )
 @click.option("--fail-on-error", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--report", is_flag=True,
+              help="Also write OUT/report.html: counts, failures, pixel shares, a gallery lowest-confidence first, "
+                   "per-class IoU where the dataset has masks (or --report-gt); static, opens from the "
+                   "disk.")  # fmt: skip
+@click.option("--report-gt", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="--report: score against these ground-truth PNGs (GT_DIR/ID.png) instead of the dataset's "
+                   "masks.")  # fmt: skip
+@click.option("--report-gallery", default=48, show_default=True, help="--report: overlays in the gallery.")
 @_cam_options
 @click.pass_context
 def label(
@@ -461,6 +512,9 @@ def label(
     fmt,
     fail_on_error,
     quiet,
+    report,
+    report_gt,
+    report_gallery,
     scales,
     flip,
     bkg_thresh,
@@ -516,7 +570,10 @@ def label(
         summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
     except ProfileError as err:  # an image size outside a TensorRT profile
         raise click.ClickException(str(err)) from None
-    click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary['images_per_s']} images/s -> {out}")
+    click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary.get('skipped', 0)} skipped, "
+               f"{summary['images_per_s']} images/s -> {out}")  # fmt: skip
+    if report:
+        _write_report(out, dataset, report_gt, report_gallery, data_spec, shard)
     if fail_on_error and summary["failed"]:
         sys.exit(1)
 
@@ -530,6 +587,34 @@ def label_merge(out: Path) -> None:
     merged = merge_shards(out)
     click.echo(f"{merged['shards']} shards: {merged['ok']} labelled, {merged['failed']} failed"
                + (f"; missing shards {merged['missing_shards']}" if merged["missing_shards"] else ""))  # fmt: skip
+
+
+@label.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_spec", default=None,
+              help="The SPEC that was labelled: draws the gallery's overlays, scores against its masks.")  # fmt: skip
+@click.option("--gt", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Ground-truth PNGs (GT_DIR/ID.png) to score against instead.")  # fmt: skip
+@click.option("--gallery", default=48, show_default=True, help="Overlays in the gallery, lowest confidence first.")
+def label_report(out: Path, data_spec: str | None, gt: Path | None, gallery: int) -> None:
+    """Write OUT/report.html for a finished (or merged) run. Example: wsss label report labels --data folder:photos"""
+    names = json.loads((out / "summary.json").read_text())["class_names"] if (out / "summary.json").is_file() else None
+    dataset = None if data_spec is None else _dataset(data_spec, names if data_spec.startswith("folder:") else None)
+    _write_report(out, dataset, gt, gallery, data_spec, (0, 1))
+
+
+def _write_report(out: Path, dataset, gt: Path | None, gallery: int, data_spec: str, shard: tuple[int, int]) -> None:
+    from .runtime.report import write_report
+
+    if shard[1] > 1:
+        click.echo(f"report: after the last shard, `wsss label merge {out}` then "
+                   f"`wsss label report {out} --data {data_spec}`")  # fmt: skip
+        return
+    try:
+        path = write_report(out, dataset, gt, gallery)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"report -> {path}")
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:

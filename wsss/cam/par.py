@@ -92,7 +92,7 @@ def refine_labels(
     """
     scores = (bkg_score,) if isinstance(bkg_score, float | int) else tuple(bkg_score)
     h, w = image.shape[-2:]
-    small = (h // down_scale, w // down_scale)
+    small = (max(1, h // down_scale), max(1, w // down_scale))  # a 1-pixel side stays 1 (never 0)
     img = F.interpolate(image, size=small, mode="bilinear", align_corners=False)
     cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
     keep = torch.cat([torch.ones_like(tags[:, :1]), tags], dim=1).bool()[:, :, None, None]

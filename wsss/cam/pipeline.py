@@ -36,6 +36,7 @@ class CAMResult:
     cam: torch.Tensor | None  # (K, H, W) normalised (fused) CAMs at the image's resolution (None: not fetched)
     tags: torch.Tensor  # (K,) float multi-hot, the classes used (given or predicted)
     seed: np.ndarray | torch.Tensor  # (H, W) uint8: 0 background, 1..K classes
+    confidence: float | None = None  # the labeler's per-item confidence (wsss.runtime.labeler._confidence)
 
 
 @dataclass

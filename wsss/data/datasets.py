@@ -14,7 +14,9 @@ import csv
 import json
 import os
 import re
+import stat
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +85,7 @@ class WSSSDataset:
         self._images = images
         self._masks = masks if masks is not None else [None] * len(ids)
         self._table = table or {}
+        self.skipped: list[tuple[str, str]] = []  # (entry, reason) of what a reader found but cannot read as images
 
     @property
     def num_classes(self) -> int:
@@ -412,10 +415,18 @@ def _has_label_file(folder: Path) -> bool:
 
 
 class FolderDataset(WSSSDataset):
-    """A flat folder of images (sorted, non-recursive, dotfiles skipped; id = file stem) with optional labels.
+    """A folder of images as it is, subfolders walked (sorted; hidden files and folders skipped) with optional
+    labels.
+
+    Ids are unique by construction: the path relative to the folder, ``/``-separated, without its extension
+    (``sub/cat.jpg`` -> ``sub/cat``), keeping the extension where two files would share an id (``a.jpg`` and
+    ``a.png`` -> ``a.jpg`` and ``a.png``). Entries that cannot be images (a dangling link, a folder link, a file
+    without an image extension, a special file) are kept in :attr:`skipped` as (relative path, reason); a folder
+    named like an image is walked like any folder and listed there too. Undecodable files fail when read.
 
     ``labels_file`` is CSV (header ``image,labels``; tags separated by ``;`` or ``|``, numbers also by spaces) or
-    JSON (``{image: [tags]}``); ``image`` is a file name or a stem; tags are names, class indices or 0/1 vectors
+    JSON (``{image: [tags]}``); ``image`` is an id or a relative path with its extension (for a top-level image:
+    its file name, or its stem where no other file shares it); tags are names, class indices or 0/1 vectors
     (:mod:`wsss.data.tags`). Images without an entry get labels None. Without ``classes``, the classes are
     background + the sorted union of names in the labels file (indices and vectors need ``classes``).
     """
@@ -424,49 +435,91 @@ class FolderDataset(WSSSDataset):
         self, dir: str | Path, labels_file: str | Path | None = None, classes: Sequence[str] | None = None
     ) -> None:
         folder = _require_dir(Path(dir).expanduser(), "image")
-        images = _scan_images(folder)
-        ids = [p.stem for p in images]
+        images, skipped = _scan_images(folder)
+        ids = folder_ids(folder, images)
         if classes is not None and not classes:
             raise DatasetError("classes must include the background at index 0")
         if labels_file is None:
             classes, table = classes or (BACKGROUND,), {}
         else:
-            classes, table = _folder_tags(Path(labels_file).expanduser(), images, classes)
+            classes, table = _folder_tags(Path(labels_file).expanduser(), folder, images, ids, classes)
         super().__init__(classes, ids, images, None, table)
-        self.root = folder
+        self.root, self.skipped = folder, skipped
 
     def _derive_labels(self, i: int) -> np.ndarray | None:
         return None
 
 
 def _folder_tags(
-    path: Path, images: list[Path], classes: Sequence[str] | None
+    path: Path, folder: Path, images: list[Path], ids: list[str], classes: Sequence[str] | None
 ) -> tuple[Sequence[str], dict[str, np.ndarray]]:
     """(classes, tag table) of a folder's labels file; classes default to the names the file uses."""
-    raw = _read_folder_labels(path, images)
+    raw = _read_folder_labels(path, folder, images, ids)
     with _as_dataset_error():
         classes = classes_from_tags(raw, path) if classes is None else classes
         return classes, parse_tags(raw, classes, path, "the given classes")
 
 
-def _scan_images(folder: Path) -> list[Path]:
-    images = sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
+def _relative(folder: Path, path: Path) -> str:
+    return path.relative_to(folder).as_posix()
+
+
+def folder_ids(folder: Path, images: list[Path]) -> list[str]:
+    """Unique ids of ``images`` (files under ``folder``): relative paths without extension, the extension kept
+    wherever ids would coincide (repeated until none do; relative paths themselves are unique)."""
+    full = [_relative(folder, p) for p in images]
+    ids = [f[: len(f) - len(p.suffix)] for f, p in zip(full, images, strict=True)]
+    while clashes := [i for i, n in enumerate(Counter(ids)[x] for x in ids) if n > 1 and ids[i] != full[i]]:
+        for i in clashes:
+            ids[i] = full[i]
+    return ids
+
+
+def _scan_images(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files under ``folder``, sorted; (relative path, reason) of every other non-hidden entry)."""
+    images: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+
+    def unlisted(err: OSError) -> None:
+        skipped.append((_relative(folder, Path(err.filename)), f"cannot list folder ({err.strerror or err})"))
+
+    for top, dirs, files in os.walk(folder, onerror=unlisted):
+        here = Path(top)
+        linked = sorted(d for d in dirs if not d.startswith(".") and (here / d).is_symlink())
+        skipped += [(_relative(folder, here / d), "a link to a folder, not followed") for d in linked]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in linked)
+        for name in [d for d in dirs if Path(d).suffix.lower() in IMAGE_EXTENSIONS]:
+            skipped.append((_relative(folder, here / name), "a folder, not an image file (walked as a subfolder)"))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = here / name
+            reason = _not_an_image(path)
+            if reason is None:
+                images.append(path)
+            else:
+                skipped.append((_relative(folder, path), reason))
     if not images:
-        raise DatasetError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-    seen: dict[str, Path] = {}
-    for p in images:
-        if p.stem in seen:
-            raise DatasetError(f"{folder}: duplicate image id {p.stem!r} ({seen[p.stem].name} and {p.name})")
-        seen[p.stem] = p
-    return images
+        raise DatasetError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)}; "
+                           f"{len(skipped)} other entries)")  # fmt: skip
+    images.sort(key=lambda p: p.relative_to(folder).parts)
+    skipped.sort()
+    return images, skipped
 
 
-def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, object]:
-    """{id: tags} from a CSV or JSON labels file, checking each entry names an existing image."""
+def _not_an_image(path: Path) -> str | None:
+    """Why a directory entry cannot be an image file (None: it may be one; decoding tells)."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file name (extension {path.suffix or 'none'!r}; read: {' '.join(IMAGE_EXTENSIONS)})"
+    if path.is_symlink() and not path.exists():
+        return f"a dangling link (to {os.readlink(path)})"
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        return f"cannot stat ({e.strerror or e})"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _read_folder_labels(path: Path, folder: Path, images: list[Path], ids: list[str]) -> dict[str, object]:
+    """{id: tags} from a CSV or JSON labels file, checking each entry names exactly one existing image."""
     if not path.is_file():
         raise DatasetError(f"{path}: labels file not found")
     suffix = path.suffix.lower()
@@ -476,11 +529,16 @@ def _read_folder_labels(path: Path, images: list[Path]) -> dict[str, object]:
         rows = _read_json_rows(path)
     else:
         raise DatasetError(f"{path}: labels file must be .csv or .json, got {suffix or 'no extension'!r}")
-    by_name = {p.name: p.stem for p in images}
-    stems = set(by_name.values())
+    by_key = {**{_relative(folder, p): id_ for p, id_ in zip(images, ids, strict=True)}, **{i: i for i in ids}}
+    stems: dict[str, list[str]] = {}
+    for p in images:
+        stems.setdefault(_relative(folder, p.with_suffix("")), []).append(_relative(folder, p))
     out: dict[str, object] = {}
     for where, key, names in rows:
-        id_ = by_name.get(key, key if key in stems else None)
+        id_ = by_key.get(key)
+        if id_ is None and len(stems.get(key, [])) > 1:
+            raise DatasetError(f"{path}:{where}: {key!r} names {len(stems[key])} images "
+                               f"({', '.join(stems[key])}): give the file name")  # fmt: skip
         if id_ is None:
             raise DatasetError(f"{path}:{where}: entry for non-existent image {key!r}")
         if id_ in out:

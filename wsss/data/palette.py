@@ -51,6 +51,7 @@ def save_label_png(path: str | Path, label: np.ndarray) -> None:
         raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
     img = Image.fromarray(label.astype(np.uint8), mode="P")
     img.putpalette(PALETTE.ravel().tolist())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # ids of folder inputs may name subfolders (sub/name)
     img.save(path, format="PNG")
 
 

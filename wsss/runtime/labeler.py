@@ -38,6 +38,7 @@ from ..cam.par import refine_labels
 from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
 from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
+from ..export.tensorrt import ProfileError
 from ..models import CAMSettings, ModelSpec
 from .backends import select_device
 from .rle import encode_label_map
@@ -187,6 +188,7 @@ class Journal:
 
 
 def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # ids of folder inputs may name subfolders (sub/name)
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -211,7 +213,20 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
                   "segments": encode_label_map(label, class_names)}  # fmt: skip
         _atomic(out / "rle" / f"{sample.id}.json", lambda p: p.write_text(json.dumps(record)))
     classes = sorted(int(c) for c in np.unique(label) if 0 < c < 255)
-    return {"id": sample.id, "status": "ok", "classes": classes, "tags_given": sample.labels is not None}
+    record = {"id": sample.id, "status": "ok", "classes": classes, "tags_given": sample.labels is not None}
+    if getattr(res, "confidence", None) is not None:
+        record["confidence"] = round(res.confidence, 4)
+    return record
+
+
+def _confidence(res: CAMResult) -> torch.Tensor:
+    """The item's confidence, a float32 scalar on the device: the mean CAM score of each seed foreground pixel's
+    class (normalised CAMs, so in [0, 1]); 0 where the seed has no foreground."""
+    k = res.cam.shape[0]
+    fg = (res.seed > 0) & (res.seed <= k)
+    index = torch.where(fg, res.seed.long() - 1, 0)
+    score = res.cam.float().gather(0, index[None])[0]
+    return (score * fg).sum() / fg.sum().clamp(min=1)
 
 
 def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSettings, device) -> list[torch.Tensor]:
@@ -260,6 +275,7 @@ def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: La
     """Host results and labels of a chunk (PAR's, else the seeds), one copy per dtype: seeds only where written,
     shown or refined on the host, CAMs (float16) only when saved."""
     wanted = {"tags": [r.tags.to(torch.uint8) for r in results]}  # multi-hot: exact in uint8
+    wanted["confidence"] = [_confidence(r) for r in results]
     if refined is not None:
         wanted["labels"] = refined
     if refined is None or cfg.seed_dir or overlay:
@@ -271,8 +287,9 @@ def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: La
     host = {k: flat[i * n : (i + 1) * n] for i, k in enumerate(wanted)}
     none = [None] * n
     cams = [None if c is None else torch.from_numpy(c) for c in host.get("cams", none)]
-    hosted = [CAMResult(c, torch.from_numpy(t.astype(np.float32)), s)
-              for c, t, s in zip(cams, host["tags"], host.get("seeds", none), strict=True)]  # fmt: skip
+    hosted = [CAMResult(c, torch.from_numpy(t.astype(np.float32)), s, float(q))
+              for c, t, s, q in zip(cams, host["tags"], host.get("seeds", none), host["confidence"],
+                                    strict=True)]  # fmt: skip
     return hosted, host.get("labels", host.get("seeds"))
 
 
@@ -329,7 +346,8 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
             for failure in (x for x in items if isinstance(x, Failure)):
                 journal.add({"id": failure.id, "status": "failed", "reason": failure.reason})
             samples = [x for x in items if isinstance(x, Sample)]
-            current = _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_ids, times)
+            current = _process_isolating(journal, backend, spec, samples, out, cfg, crf, crf_pool, writers,
+                                         overlay_ids, times)  # fmt: skip
             _drain(pending, journal, times)  # the previous chunk finishes while this one refines and writes
             pending = current
             bar.update(len(items))
@@ -412,6 +430,21 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
             for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
 
 
+def _process_isolating(journal: Journal, backend, spec, samples, *rest) -> list[Future]:
+    """:func:`_process` a chunk; where it raises, each of its items alone, so that an item no network pass can
+    take (a 1-pixel side at native size, say) fails by itself, recorded with its reason, and the others are
+    labelled. An image outside a TensorRT profile stays fatal: every image of that size would fail the same way."""
+    try:
+        return _process(backend, spec, samples, *rest)
+    except ProfileError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one bad item must not stop the job
+        if len(samples) == 1:
+            journal.add({"id": samples[0].id, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+            return []
+    return [f for s in samples for f in _process_isolating(journal, backend, spec, [s], *rest)]
+
+
 def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, dict[str, float]]:
     """Write one item (after its pooled CRF, if any); its journal record and the busy seconds of the CRF (in its
     worker) and of the writing (in this thread)."""
@@ -421,7 +454,8 @@ def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, d
     tic = time.perf_counter()
     record = write_item(out, sample, label, res, cfg, names)
     if overlay:
-        save_overlay(out / "overlays" / f"{sample.id}.png", sample, res.seed, label)
+        save_overlay(out / "overlays" / f"{sample.id}.png", sample, res.seed, label if cfg.refine != "none" else None,
+                     names)  # fmt: skip
     busy["write"] = time.perf_counter() - tic
     return record, busy
 
@@ -441,7 +475,7 @@ def _summary(journal: Journal, data, indices, cfg: LabelConfig, spec, meta, timi
     processed = len(indices) - done_before
     return {
         "shard": list(cfg.shard), "images": len(indices), "ok": len(records) - len(failed), "failed": len(failed),
-        "failures": failed, "processed_this_run": processed, "elapsed_s": round(elapsed, 3),
+        "failures": failed, **_skipped(data), "processed_this_run": processed, "elapsed_s": round(elapsed, 3),
         "images_per_s": round(processed / elapsed, 3) if elapsed > 0 else None,
         "stages_s": {k: round(v, 3) for k, v in timing.items()},
         "classes_given_by_tags": sum(r.get("tags_given", False) for r in records),
@@ -449,6 +483,13 @@ def _summary(journal: Journal, data, indices, cfg: LabelConfig, spec, meta, timi
         "checkpoint_sha256": meta.get("source_sha256", ""), "artifact_sha256": meta.get("artifact_sha256", ""),
         "method": spec.family, "class_names": list(spec.class_names), "package_version": __version__,
     }  # fmt: skip
+
+
+def _skipped(data) -> dict:
+    """The entries of the input a reader found but could not read as images (``FolderDataset.skipped``), with
+    their reasons; every shard lists them all (merged by entry)."""
+    entries = [{"entry": entry, "reason": reason} for entry, reason in getattr(data, "skipped", [])]
+    return {"skipped": len(entries), "skips": entries}
 
 
 def merge_shards(out: str | Path) -> dict:
@@ -464,6 +505,7 @@ def merge_shards(out: str | Path) -> dict:
         "shards": len(shards), "missing_shards": missing,
         **{k: sum(s[k] for s in shards) for k in ("images", "ok", "failed")},
         "failures": [f for s in shards for f in s["failures"]],
+        **_merged_skips(shards),
         "stages_s": dict(sum((Counter(s["stages_s"]) for s in shards), Counter())),
         **{k: shards[0][k] for k in ("config", "checkpoint_sha256", "artifact_sha256", "method", "class_names",
                                      "package_version")},
@@ -474,6 +516,11 @@ def merge_shards(out: str | Path) -> dict:
         _merge_rle(out, merged["class_names"])
     (out / "summary.json").write_text(json.dumps(merged, indent=2))
     return merged
+
+
+def _merged_skips(shards: list[dict]) -> dict:
+    skips = {s["entry"]: s for shard in shards for s in shard.get("skips", [])}
+    return {"skipped": len(skips), "skips": [skips[k] for k in sorted(skips)]}
 
 
 def _merged_timeline(shards: list[dict]) -> dict | None:
@@ -487,7 +534,7 @@ def _merged_timeline(shards: list[dict]) -> dict | None:
 
 
 def _merge_rle(out: Path, class_names) -> None:
-    records = [json.loads(p.read_text()) for p in sorted((out / "rle").glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((out / "rle").rglob("*.json"))]  # ids may hold "/"
     images, annotations = [], []
     for image_id, rec in enumerate(records, start=1):
         images.append({"id": image_id, "file_name": rec["id"], "height": rec["height"], "width": rec["width"]})
