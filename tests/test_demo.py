@@ -13,14 +13,15 @@ from wsss.eval.evaluate import label_agreement
 def test_demo_runs_every_step_and_onnx_labels_agree(tmp_path) -> None:
     res = run_demo(tmp_path, [*MICRO, "seco.n_crops=2", "seco.local_crop=16", "seco.queue=32"], n_train=12,
                    n_val=4, iters=3)  # fmt: skip
-    assert list(res["steps_s"]) == ["generate", "train", "label", "export", "label_onnx", "evaluate"]
+    assert list(res["steps_s"]) == ["generate", "train", "label", "export", "label_onnx", "evaluate", "report"]
     assert res["config"]["train"]["iters"] == 3 and "train_seeds" not in res  # the quick run labels val only
     for kind in ("seeds", "masks"):
         assert 0.0 <= res[f"val_{kind}"]["miou"] <= 1.0
         assert res["onnx_agreement"][kind]["images"] == 4
         assert res["onnx_agreement"][kind]["pixel_agreement"] > 0.99  # arg-max ties may flip on float noise
     assert json.loads((tmp_path / "results.json").read_text())["steps_s"].keys() == res["steps_s"].keys()
-    assert len(list((tmp_path / "cam_val" / "overlays").glob("*.png"))) == 4
+    assert len(list((tmp_path / "cam_val" / "report").glob("*.png"))) == 4  # the report's titled overlays
+    assert (tmp_path / "cam_val" / "report.html").is_file() and res["report"].endswith("report.html")
 
 
 def test_label_agreement_counts_pixels_and_identical_files(tmp_path) -> None:

@@ -2,7 +2,8 @@
 
 The default run trains SeCo's tiny student on a third of its schedule (``QUICK``; every step-counted setting
 scaled alike by ``with_iters``), labels the validation images through the batch labeler, exports the
-network to ONNX and labels them again through ONNX Runtime, scores seeds and masks, and writes the HTML report.
+network to ONNX and labels them again through ONNX Runtime, scores seeds and masks, and writes the HTML report
+of the validation labels.
 ``full=True`` trains the config's own schedule and also labels the training images.
 """
 
@@ -24,6 +25,7 @@ from .eval.metrics import format_table
 from .export.run import run_export
 from .runtime.backends import open_backend
 from .runtime.labeler import LabelConfig, label_dataset
+from .runtime.report import write_report
 from .train.configs import get_config, with_iters
 from .train.loop import train
 
@@ -31,7 +33,6 @@ CONFIG = "seco-tiny-synth"
 # A third of the schedule (seco-tiny-synth: 100 of 300 iterations), chosen by 3 training seeds against the plain
 # CAM's full recipe (docs/benchmark.md); `--full` keeps the config's schedule.
 QUICK = 1 / 3
-OVERLAYS = 32
 
 
 def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 300, config: str = CONFIG,
@@ -62,14 +63,14 @@ def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 30
     with _step(steps, "label", f"seeds and dense-CRF masks of {' and '.join(splits)} (PyTorch)"):
         for split in splits:
             summary = label_dataset(backend, spec, meta, VOCDataset(synth, split), out / f"cam_{split}",
-                                    _job(spec, OVERLAYS * (split == "val")))  # fmt: skip
+                                    _job(spec))  # fmt: skip
             results[f"{split}_cam_images_per_s"] = summary["ok"] / summary["stages_s"]["cam_s"]
             results[f"{split}_end_to_end_images_per_s"] = summary["images_per_s"]
     with _step(steps, "export", "ONNX, checked against PyTorch"):
         (onnx_path,) = run_export(ckpt, verify=True, echo=lambda _: None)
     with _step(steps, "label_onnx", "the val images again, through ONNX Runtime"):
         runner, spec_onnx, meta_onnx = open_backend(engine=onnx_path)
-        label_dataset(runner, spec_onnx, meta_onnx, VOCDataset(synth, "val"), out / "onnx_val", _job(spec, 0))
+        label_dataset(runner, spec_onnx, meta_onnx, VOCDataset(synth, "val"), out / "onnx_val", _job(spec))
     with _step(steps, "evaluate", "seeds and masks against the ground truth"):
         val_ids = VOCDataset(synth, "val").ids
         for split in splits:
@@ -80,6 +81,8 @@ def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 30
                 )
         results["onnx_agreement"] = {kind: label_agreement(out / "cam_val" / kind, out / "onnx_val" / kind, val_ids)
                                      for kind in ("seeds", "masks")}  # fmt: skip
+    with _step(steps, "report", f"{out}/cam_val/report.html"):
+        results["report"] = str(write_report(out / "cam_val", VOCDataset(synth, "val")))
     results["steps_s"] = steps
     results["elapsed_s"] = time.perf_counter() - t0
     write_json(out / "results.json", results)
@@ -87,8 +90,8 @@ def run_demo(out: str | Path, overrides=(), n_train: int = 1000, n_val: int = 30
     return results
 
 
-def _job(spec, overlays: int) -> LabelConfig:
-    return LabelConfig(spec.cam, refine="crf", label_dir="masks", seed_dir="seeds", overlays=overlays, quiet=True)
+def _job(spec) -> LabelConfig:
+    return LabelConfig(spec.cam, refine="crf", label_dir="masks", seed_dir="seeds", quiet=True)
 
 
 @contextmanager
@@ -120,7 +123,7 @@ def _print_results(results: dict, spec, out: Path) -> None:
                f"({len(settings.scales)} scales x {'2 flips' if settings.flip else '1 view'}, CPU); end to end with "
                f"CRF and writing: {results['val_end_to_end_images_per_s']:.1f} images/s")  # fmt: skip
     click.echo("steps: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["steps_s"].items()))
-    click.echo(f"done in {results['elapsed_s'] / 60:.1f} min; outputs in {out} (overlays: {out}/cam_val/overlays)")
+    click.echo(f"done in {results['elapsed_s'] / 60:.1f} min; outputs in {out}; open {results['report']}")
 
 
 def _same_synth(root: Path, cfg: SynthConfig) -> bool:
