@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import write_result
+from common import RESULTS, method_chart, write_result
 from wsss.cam.labels import cam_to_label
 from wsss.cam.pipeline import base_size, forward_pyramid, image_pyramid, postprocess, stack_maps
 from wsss.data.datasets import VOCDataset, check_classes
@@ -117,7 +117,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--search-images", type=int, default=300, help="training images for the percentile search")
     parser.add_argument("--name", default="cobra_synth", help="results/NAME.json")
+    parser.add_argument("--plot", type=Path, default=None, help="only redraw the PNG of this results JSON")
     args = parser.parse_args()
+    if args.plot:
+        return plot(json.loads(args.plot.read_text())["per_seed"], args.plot.with_suffix(".png"))
     rows: dict[str, dict[int, dict]] = {variant: {} for variant in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
@@ -136,7 +139,16 @@ def main() -> None:
         for variant, per_source in table.items():
             cells = "".join(f"{100 * m['mean']:8.1f} +- {100 * m['std']:3.1f}" for m in per_source.values())
             print(f"{variant:12s}{cells}")
+    plot(rows, RESULTS / f"{args.name}.png")
     write_result(args.name, {"seeds": args.seeds, "per_seed": rows, "summary": summary, "context_fa": context})
+
+
+def plot(rows: dict, path: Path) -> None:
+    """Each seed source of the first variant (all losses, by default) as a bar."""
+    variant = next(iter(rows))
+    runs = {source: {seed: {"miou": r[source]["val_miou"], "context_false_activation": r[source]["val_context_fa"]}
+                     for seed, r in rows[variant].items()} for source in SEED_SOURCES}  # fmt: skip
+    method_chart(path, f"cobra-tiny-synth ({variant}) by seed source", runs)
 
 
 def _stats(values: list[float]) -> dict:

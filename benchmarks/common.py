@@ -24,3 +24,33 @@ def write_result(name: str, payload: dict, path: Path | None = None) -> Path:
 def add_json_option(parser) -> None:
     """``--json PATH``: where the results go instead of ``results/<name>.json`` (the GPU check uses it)."""
     parser.add_argument("--json", type=Path, default=None, help="Results file (default: results/NAME.json).")
+
+
+def method_chart(path: Path, title: str, runs: dict[str, dict], metrics: dict[str, str] | None = None) -> Path:
+    """A PNG with one panel per metric: a bar per method at its mean over training seeds, each seed a dot.
+
+    ``runs`` maps a method to {seed: result}; ``metrics`` maps a result key (a fraction) to its axis label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = metrics or {"miou": "val seed mIoU (%)", "context_false_activation": "context false activation (%)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    names = list(runs)
+    for ax, (key, label) in zip(axes[0], metrics.items(), strict=True):
+        for i, name in enumerate(names):
+            values = [100 * r[key] for r in runs[name].values()]
+            mean = sum(values) / len(values)
+            ax.bar(i, mean, color=f"C{i}", alpha=0.55)
+            ax.scatter([i] * len(values), values, color="black", s=14, zorder=3)
+            ax.text(i, mean / 2, f"{mean:.1f}", ha="center", va="center", fontsize=10)
+        ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+        ax.set_ylabel(label)
+    fig.suptitle(f"{title} (bars: mean over {len(next(iter(runs.values())))} training seeds; dots: each seed)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import write_result
+from common import RESULTS, method_chart, write_result
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
 from wsss.models import load_model
@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--variant-of", choices=("seco", "cam"), default="seco", help="the config --set applies to")
     parser.add_argument("--name", default="", help="variant name (required with --set)")
     parser.add_argument("--result", default=None, help="results/RESULT.json (default: seco_vs_cam[_NAME])")
+    parser.add_argument("--plot", type=Path, default=None, help="only redraw the PNG of this results JSON")
     args = parser.parse_args()
+    if args.plot:
+        method_chart(args.plot.with_suffix(".png"), args.plot.stem, json.loads(args.plot.read_text())["runs"])
+        return
     if args.overrides and not args.name:
         parser.error("--set needs --name: a variant must not reuse the default runs")
     rows = {}
@@ -96,8 +100,10 @@ def main() -> None:
             f"context false activation {100 * np.mean(fa):5.1f} +- {100 * np.std(fa):.1f} ({by_class})"
             f"  (seeds {args.seeds})"
         )
+    result = args.result or "seco_vs_cam" + (f"_{args.name}" if args.name else "")
+    method_chart(RESULTS / f"{result}.png", result, rows)
     write_result(
-        args.result or "seco_vs_cam" + (f"_{args.name}" if args.name else ""),
+        result,
         {
             "seeds": args.seeds,
             "variant_of": args.variant_of,
