@@ -63,7 +63,7 @@ def odd_run(synth, tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("odd")
     folder = _odd_folder(sorted((synth / "JPEGImages").glob("*.jpg"))[0], tmp / "photos")
     out = tmp / "out"
-    args = ["label", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}", "--out", out, "--refine", "par",
+    args = ["label", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}", "--out", out, "--refine", "none",
             "--overlays", 20, "--report", "--quiet"]  # fmt: skip
     result = CliRunner().invoke(cli, list(map(str, args)))
     assert result.exit_code == 0, result.output
@@ -93,7 +93,7 @@ def test_resume_after_an_odd_run_redoes_nothing(odd_run, tiny_ckpt, tmp_path):
     folder, out, _ = odd_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy, symlinks=True)
-    args = ["label", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}", "--out", copy, "--refine", "par",
+    args = ["label", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}", "--out", copy, "--refine", "none",
             "--quiet", "--resume"]  # fmt: skip
     result = CliRunner().invoke(cli, list(map(str, args)))
     assert result.exit_code == 0, result.output
@@ -145,6 +145,17 @@ def test_the_report_is_valid_html_linking_only_to_files_in_the_folder(odd_run):
         assert f"<td>{entry}</td>" in page
     confidences = [read_journal(out)[unquote(link)[len(GALLERY_DIR) + 1 : -4]]["confidence"] for link in links]
     assert confidences == sorted(confidences)  # lowest confidence first
+
+
+def test_label_report_rewrites_the_page_for_a_finished_run(odd_run, tmp_path):
+    folder, out, _ = odd_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    result = CliRunner().invoke(cli, ["label", "report", str(copy), "--data", f"folder:{folder}", "--gallery", "3"])
+    assert result.exit_code == 0 and f"report -> {copy / REPORT}" in result.output, result.output
+    assert len(_check_page(copy)[1]) == 3
+    missing = CliRunner().invoke(cli, ["label", "report", str(tmp_path)])
+    assert missing.exit_code == 1 and "summary.json: no summary" in missing.output
 
 
 def test_report_scores_against_the_datasets_masks_and_a_gt_folder(synth, tiny_ckpt, tmp_path):
@@ -217,3 +228,13 @@ def test_an_item_no_network_pass_can_take_fails_alone(synth, tiny_ckpt, tmp_path
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["ok"] == 2 and [f["id"] for f in summary["failures"]] == ["dot"]
     assert summary["failures"][0]["reason"].startswith("RuntimeError: ")
+
+
+def test_par_takes_an_image_with_a_one_pixel_side():
+    import torch
+
+    from wsss.cam.par import refine_labels
+
+    for h, w in ((1, 1), (1, 7), (5, 1)):
+        labels = refine_labels(torch.rand(1, 3, h, w), torch.rand(1, 2, h, w), torch.ones(1, 2), 0.5)
+        assert labels.shape == (1, h, w)

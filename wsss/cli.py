@@ -537,7 +537,9 @@ def label(
       wsss label --ckpt M.safetensors --device cuda:1 --precision bf16 ...   # GPU 1, bf16 network forward
     Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
     reasons, seconds per stage, a timeline of each stage's busy fraction and the one that bounds the run,
-    configuration, checkpoint hash). Bad images are recorded, never fatal.
+    configuration, checkpoint hash). Bad images are recorded, never fatal. folder:DIR walks subfolders; an id is
+    the path relative to DIR without extension (kept where two files share a stem), outputs OUT/labels/ID.png.
+    --report adds OUT/report.html (docs/report.md).
     Without image tags the classifier's own predictions pick the classes (sigmoid > 0.5, at least the top one).
     """
     if ctx.invoked_subcommand is not None:

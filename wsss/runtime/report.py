@@ -228,7 +228,7 @@ def _shares_table(shares: np.ndarray, names) -> str:
         if v == IGNORE_INDEX and not shares[v]:
             continue
         pct = 100 * shares[v]
-        rows.append(f"<tr><td>{_swatch(v)}{_e(_name(v, names))}</td><td class=num>{pct:.2f}%</td>"
+        rows.append(f'<tr><td>{_swatch(v)}{_e(_name(v, names))}</td><td class="num">{pct:.2f}%</td>'
                     f'<td><span class="bar" style="width:{pct * 3:.1f}px"></span></td></tr>')  # fmt: skip
     head = '<tr><th>class</th><th class="num">share of labelled pixels</th><th></th></tr>'
     return f"<h2>Pixel shares</h2><table>{head}{''.join(rows)}</table>"
