@@ -3,11 +3,13 @@
 Trains ``cam-tiny-synth`` and ``seco-tiny-synth`` for each seed (a finished run folder is reused), computes
 validation seeds with the same CAM post-processing, and reports the mean over seeds. ``--set`` overrides apply to
 one method's config (``--variant-of``, SeCo unless told) and need a ``--name``: that method's run folders and the
-result file carry it, while the other method's runs are shared.
+result file carry it, while the other method's runs are shared. ``--both`` overrides and ``--iters`` (the schedule
+scaled alike, ``with_iters``) apply to both methods, whose runs then both carry the name.
 
     python benchmarks/seco_vs_cam.py --data demo_out/synth --seeds 0 1 2
     python benchmarks/seco_vs_cam.py --data demo_out/synth --set seco.cam2mask=150 --name switch150
     python benchmarks/seco_vs_cam.py --data demo_out/synth --variant-of cam --set model.pooling=gap --name gap --seeds 0
+    python benchmarks/seco_vs_cam.py --data demo_out/synth --iters 100 --both train.batch_size=8 --name demo100
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from wsss.eval.evaluate import evaluate_folders
 from wsss.models import load_model
 from wsss.runtime.backends import open_backend
 from wsss.runtime.labeler import LabelConfig, label_dataset
-from wsss.train.configs import get_config
+from wsss.train.configs import get_config, with_iters
 from wsss.train.loop import CHECKPOINT, train
 
 METHODS = ("cam-tiny-synth", "seco-tiny-synth")
 
 
-def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "") -> dict:
+def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "",
+        iters: int | None = None) -> dict:  # fmt: skip
     cfg = get_config(config, overrides)
+    cfg = with_iters(cfg, iters) if iters else cfg
     out = work / f"{config}{'-' + name if name else ''}-s{seed}"
     if not (out / CHECKPOINT).is_file():
         train(cfg, VOCDataset(data, "train"), out, seed=seed, progress=False)
@@ -71,20 +75,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--variant-of", choices=("seco", "cam"), default="seco", help="the config --set applies to")
-    parser.add_argument("--name", default="", help="variant name (required with --set)")
+    parser.add_argument("--name", default="", help="variant name (required with --set, --both and --iters)")
+    parser.add_argument("--both", action="append", default=[], help="config override for both methods")
+    parser.add_argument("--iters", type=int, default=None, help="both methods' iterations, schedules scaled alike")
     parser.add_argument("--result", default=None, help="results/RESULT.json (default: seco_vs_cam[_NAME])")
     parser.add_argument("--plot", type=Path, default=None, help="only redraw the PNG of this results JSON")
     args = parser.parse_args()
     if args.plot:
         method_chart(args.plot.with_suffix(".png"), args.plot.stem, json.loads(args.plot.read_text())["runs"])
         return
-    if args.overrides and not args.name:
-        parser.error("--set needs --name: a variant must not reuse the default runs")
+    if (args.overrides or args.both or args.iters) and not args.name:
+        parser.error("--set, --both and --iters need --name: a variant must not reuse the default runs")
     rows = {}
     for method in METHODS:
         variant = method.startswith(args.variant_of + "-")
-        overrides, name = (args.overrides, args.name) if variant else ((), "")
-        rows[method] = {s: run(method, s, args.data, args.work, overrides, name) for s in args.seeds}
+        overrides = [*args.both, *(args.overrides if variant else ())]
+        name = args.name if variant or args.both or args.iters else ""
+        rows[method] = {s: run(method, s, args.data, args.work, overrides, name, args.iters) for s in args.seeds}
     summary = {}
     for method, per_seed in rows.items():
         miou = [r["miou"] for r in per_seed.values()]

@@ -470,6 +470,7 @@ def test_with_iters_scales_every_step_counted_setting() -> None:
     short = with_iters(cfg, 100)
     assert short["train"]["iters"] == 100 and short["optim"]["warmup"] == 7 and short["seco"]["proto_start"] == 13
     assert short["seco"]["schedule"]["lig"] == [20, 0.5] and short["seco"]["schedule"]["seg"] == [40, 0.12]
+    assert short["seco"]["cam2mask"] == 100_000  # the ROI switch the tiny run never makes stays unmade
     assert cfg["train"]["iters"] == 300 and cfg["seco"]["schedule"]["lig"] == [60, 0.5]  # the original is untouched
     paper = with_iters(get_config("seco-vitb16-voc"), 2000)  # a named schedule (§3.13) becomes a table
     assert paper["seco"]["schedule"]["lil"] == [100, 0.5] and paper["seco"]["schedule"]["reg"] == [200, 0.05]

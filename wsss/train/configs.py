@@ -191,17 +191,21 @@ _STEP_KEYS = (("optim", "warmup"), ("seco", "proto_start"), ("seco", "cam2mask")
 
 def with_iters(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
     """A copy of ``cfg`` trained for ``iters`` iterations with its schedule scaled alike: the warm-up, SeCo's
-    term start points (§3.13), prototype start and ROI switch move by ``iters / train.iters``."""
-    out = copy.deepcopy(cfg)
-    ratio = iters / cfg["train"]["iters"]
+    term start points (§3.13), prototype start and ROI switch move by ``iters / train.iters``; a setting at or
+    past the end of the run (a switch that never happens) is left as it is."""
+    out, total = copy.deepcopy(cfg), cfg["train"]["iters"]
+
+    def scaled(step: int) -> int:  # a step at or past the end means "never" and stays so
+        return step if step >= total else round(step * iters / total)
+
     out["train"]["iters"] = iters
     for section, key in _STEP_KEYS:
         if key in out.get(section, {}):
-            out[section][key] = round(out[section][key] * ratio)
+            out[section][key] = scaled(out[section][key])
     if "seco" in out:
         table = out["seco"]["schedule"]
         table = SCHEDULES[table] if isinstance(table, str) else table
-        out["seco"]["schedule"] = {term: [round(start * ratio), w] for term, (start, w) in table.items()}
+        out["seco"]["schedule"] = {term: [scaled(start), w] for term, (start, w) in table.items()}
     return out
 
 
