@@ -155,18 +155,14 @@ def _shared(ref):
     return _CACHE[key]
 
 
-def _decode_task_args() -> dict:
-    """One CPU per decoding task; as a function of its own it also keeps Ray Data from fusing decoding into the
-    network's actors (it fuses tasks into actors whose arguments match)."""
-    return {"num_cpus": 1}
-
-
-def _decode_chunk(row: dict, data: list) -> dict:
-    """CPU task: one chunk's items decoded (a bad input becomes a ``Failure``) and their decoding seconds."""
+def _decode_chunk(row: dict, data: list) -> list[dict]:
+    """CPU task: one chunk's items decoded (a bad input becomes a ``Failure``) and their decoding seconds. A
+    ``flat_map`` (one row out per row in): Ray Data fuses no stage that may change the row count into the batched
+    actors after it, so decoding stays in tasks of its own."""
     safe = SafeDataset(_shared(data[0]), [int(i) for i in row["indices"]])
     items, seconds = zip(*(safe[i] for i in range(len(safe))), strict=True)
     busy = dict.fromkeys(STAGES, 0.0) | {"decode": sum(seconds)}
-    return {"chunk": row["chunk"], "payload": pickle.dumps((list(items), busy, {}))}
+    return [{"chunk": row["chunk"], "payload": pickle.dumps((list(items), busy, {}))}]
 
 
 class _Replica:
@@ -257,7 +253,7 @@ def _pipeline(ray, network: Network, cluster: ClusterConfig, data, out: Path, cf
     write = {"out": str(out), "cfg": cfg, "host_crf": host_crf, "names": tuple(network.spec.class_names)}
     return (
         ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        .map(_decode_chunk, fn_kwargs={"data": [ray.put(data)]}, ray_remote_args_fn=_decode_task_args)
+        .flat_map(_decode_chunk, fn_kwargs={"data": [ray.put(data)]})
         .map_batches(
             _Replica,
             batch_size=1,  # one row: a chunk, cfg.batch items per forward
