@@ -30,6 +30,7 @@ from wsss.runtime.cluster import BackendSource, label_on_ray, open_network  # no
 
 ACTOR_TITLE = "ray::MapWorker(MapBatches(_Replica))"  # Ray's process title of the network's actors
 WRITE_TITLE = "ray::Map(_refine_and_write)"  # ... and of a worker running a refine-and-write task
+DECODE_TITLE = "ray::FlatMap(_decode_chunk)"  # ... or a decoding task
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,8 @@ def test_resume_after_the_driver_is_killed(cluster, network, folder, local_folde
     out = tmp_path / "out"
     journal = out / "journal" / "shard-0-of-1.jsonl"
     cmd = [sys.executable, "-m", "wsss.cli", "label", "--ckpt", str(network.source.ckpt), "--data", folder,
-           "--out", str(out), "--refine", "crf", "--batch", "2", "--format", "coco-rle", "--quiet", "--ray", cluster]  # fmt: skip
+           "--out", str(out), "--refine", "crf", "--batch", "2", "--format", "coco-rle", "--quiet",
+           "--ray", cluster]  # fmt: skip
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -200,6 +202,10 @@ def test_resume_after_the_driver_is_killed(cluster, network, folder, local_folde
         driver.wait()
     done = len(journal.read_text().splitlines())
     assert 2 <= done < 12, "the driver must die part-way for this test to mean anything"
+    deadline = time.time() + 60  # Ray stops the dead driver's actor and tasks with its job
+    while any(map(_processes_titled, (ACTOR_TITLE, WRITE_TITLE, DECODE_TITLE))) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _processes_titled(ACTOR_TITLE), "the killed driver's network actor outlived it"
     cfg = LabelConfig(network.spec.cam, "crf", batch=2, quiet=True, format="coco-rle", resume=True)
     summary = label_on_ray(network, _data(folder, network), out, cfg)
     assert summary["processed_this_run"] <= 12 - (done // 2) * 2  # finished chunks are skipped

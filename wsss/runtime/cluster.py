@@ -151,6 +151,7 @@ def _shared(ref):
     if key not in _CACHE:
         import ray
 
+        _CACHE.clear()  # one run's dataset at a time
         _CACHE[key] = ray.get(ref)
     return _CACHE[key]
 
@@ -170,7 +171,7 @@ class _Replica:
 
     def __init__(self, network: Network, cfg: LabelConfig, crf: str | None, overlay_ids: set[str], keep_images: bool):
         if not network.source.on_gpu:
-            torch.set_num_threads(max(1, int(ray_cpus())))
+            torch.set_num_threads(max(1, int(_assigned_cpus())))
         self.backend, _, _ = network.source.open(network.precision)
         self.spec, self.cfg, self.crf = network.spec, cfg, crf
         self.overlay_ids, self.keep_images = overlay_ids, keep_images  # images travel on only where needed
@@ -193,8 +194,8 @@ class _Replica:
         return pickle.dumps((failures, samples, results, labels, overlays, busy, {**main, **times.main}))
 
 
-def ray_cpus() -> float:
-    """CPUs Ray gave this actor or task (1 outside one)."""
+def _assigned_cpus() -> float:
+    """CPUs Ray gave this actor."""
     import ray
 
     return ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
@@ -222,8 +223,8 @@ def label_on_ray(network: Network, data: WSSSDataset, out: str | Path, cfg: Labe
     ray = connect(cluster)
     out = Path(out)
     device = "cuda" if network.source.on_gpu else network.source.device
-    plan = plan_run(data, network.spec, out, cfg, device)
     replicas = _replica_count(ray, network.source, cluster)
+    plan = plan_run(data, network.spec, out, cfg, device)
     host_crf = None if plan.crf is None or _crf_on_device(plan.crf, device) else plan.crf
     times, tic = Times(), time.perf_counter()
     bar = tqdm(total=len(plan.indices), initial=plan.done_before, desc=f"label on ray ({replicas} replicas)",
