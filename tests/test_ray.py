@@ -139,21 +139,31 @@ def _voc_val(synth):
     return VOCDataset(synth, "val")
 
 
-def _processes_titled(title: str) -> list[int]:
-    """Pids of this machine's processes whose title (Ray sets it to the task or actor) starts with ``title``."""
+def _processes_titled(*titles: str) -> list[int]:
+    """Pids of the processes below this one (the test's cluster) whose title, which Ray sets to the task or actor it
+    runs, starts with one of ``titles``."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    below, frontier = [], [os.getpid()]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid == frontier.pop()]
+        below += children
+        frontier += children
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for pid in below:
         with contextlib.suppress(OSError):
-            if cmdline.read_bytes().startswith(title.encode()):
-                found.append(int(cmdline.parent.name))
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(tuple(t.encode() for t in titles)):
+                found.append(pid)
     return found
 
 
-def _kill_when(journal: Path, after: int, title: str, killed: list[int], deadline: float) -> None:
-    """SIGKILL the first process titled ``title`` once ``journal`` holds ``after`` records (mid-run)."""
+def _kill_when(journal: Path, after: int, titles: tuple[str, ...], killed: list[int], deadline: float) -> None:
+    """SIGKILL the first process titled one of ``titles`` once ``journal`` holds ``after`` records (mid-run)."""
     while time.time() < deadline:
         if journal.exists() and len(journal.read_text().splitlines()) >= after:
-            for pid in _processes_titled(title):
+            for pid in _processes_titled(*titles):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
@@ -163,22 +173,22 @@ def _kill_when(journal: Path, after: int, title: str, killed: list[int], deadlin
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's workers by title in /proc")
 def test_killed_actor_and_write_task_end_with_every_item_done_once(network, folder, local_folder_run, tmp_path):
-    """The network's actor, then a worker in a refine-and-write task, SIGKILLed mid-run: Ray restarts the actor and
-    retries the tasks; every item is done, once, with the local labeler's bytes."""
+    """A worker in a decoding or refine-and-write task, then the network's actor, SIGKILLed mid-run: Ray retries the
+    task and restarts the actor; every item is done, once, with the local labeler's bytes."""
     out = tmp_path / "out"
     journal, deadline = out / "journal" / "shard-0-of-1.jsonl", time.time() + 240
-    killed_actor, killed_task = [], []
+    killed_task, killed_actor = [], []
 
     def kill_both() -> None:
-        _kill_when(journal, 2, ACTOR_TITLE, killed_actor, deadline)
-        _kill_when(journal, 4, WRITE_TITLE, killed_task, deadline)
+        _kill_when(journal, 2, (WRITE_TITLE, DECODE_TITLE), killed_task, deadline)
+        _kill_when(journal, 2, (ACTOR_TITLE,), killed_actor, deadline)
 
     killer = threading.Thread(target=kill_both, daemon=True)
     killer.start()
     cfg = LabelConfig(network.spec.cam, "crf", batch=2, quiet=True, format="coco-rle")
     label_on_ray(network, _data(folder, network), out, cfg)
     killer.join(timeout=5)
-    assert killed_actor and killed_task, "the run must lose an actor and a task part-way for this test to mean much"
+    assert killed_task and killed_actor, "the run must lose a task and an actor part-way for this test to mean much"
     _check_done_once(out, local_folder_run, 12)
 
 
@@ -203,7 +213,7 @@ def test_resume_after_the_driver_is_killed(cluster, network, folder, local_folde
     done = len(journal.read_text().splitlines())
     assert 2 <= done < 12, "the driver must die part-way for this test to mean anything"
     deadline = time.time() + 60  # Ray stops the dead driver's actor and tasks with its job
-    while any(map(_processes_titled, (ACTOR_TITLE, WRITE_TITLE, DECODE_TITLE))) and time.time() < deadline:
+    while _processes_titled(ACTOR_TITLE, WRITE_TITLE, DECODE_TITLE) and time.time() < deadline:
         time.sleep(0.1)
     assert not _processes_titled(ACTOR_TITLE), "the killed driver's network actor outlived it"
     cfg = LabelConfig(network.spec.cam, "crf", batch=2, quiet=True, format="coco-rle", resume=True)
@@ -212,9 +222,12 @@ def test_resume_after_the_driver_is_killed(cluster, network, folder, local_folde
     _check_done_once(out, local_folder_run, 12)
 
 
-def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
-    import wsss.runtime.cluster as cluster_module
-
+def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tiny_ckpt, synth, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    with pytest.raises(RuntimeError, match=r"pip install 'wsss\[ray\]'"):
-        cluster_module._ray()
+    args = ["label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--out", tmp_path / "o", "--ray"]
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        "Error: labeling on a Ray cluster needs Ray Data: pip install 'wsss[ray]'")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+    alone = CliRunner().invoke(cli, list(map(str, [*args[:-1], "--replicas", 2])))
+    assert alone.exit_code == 2 and "--replicas: only with --ray" in alone.output

@@ -508,6 +508,8 @@ def label(
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas: only with --ray")
     cluster = None if ray_address is None else _ray_cluster(ray_address, replicas)
     opener = None if cluster is None else _ray_opener(cluster, precision)
     try:
@@ -544,7 +546,7 @@ def _ray_cluster(address: str, replicas: int | None):
     cluster = ClusterConfig(address or None, replicas)
     try:
         connect(cluster)
-    except RuntimeError as err:
+    except (RuntimeError, ConnectionError) as err:  # no Ray, or no cluster at the address
         raise click.ClickException(str(err)) from None
     return cluster
 

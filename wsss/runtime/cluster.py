@@ -121,12 +121,18 @@ def open_network(source: BackendSource, precision: str = "fp32", cluster: Cluste
     """Open the network once where a replica would run (so a missing GPU, file or precision is refused before any
     work, with the error the local labeler gives) and keep its spec and metadata."""
     ray = connect(cluster)
+    source = replace(source, **{k: _absolute(getattr(source, k)) for k in ("ckpt", "engine", "vit_ckpt")})
     task = ray.remote(**_replica_resources(source, cluster))(_describe)
     try:
         spec, meta, name = ray.get(task.remote(source, precision))
     except ray.exceptions.RayTaskError as err:
         raise err.cause from None
     return Network(source, precision, spec, meta, name)
+
+
+def _absolute(path: str | Path | None) -> Path | None:
+    """Paths as the driver sees them, for workers that start in other folders (or on nodes mounting the same)."""
+    return None if path is None else Path(path).expanduser().resolve()
 
 
 def _replica_count(ray, source: BackendSource, cluster: ClusterConfig) -> int:
@@ -221,7 +227,7 @@ def label_on_ray(network: Network, data: WSSSDataset, out: str | Path, cfg: Labe
     """``label_dataset`` on a Ray cluster: the same inputs, settings, outputs, journal and summary (its timeline's
     lanes are the cluster's task CPUs and the replicas). ``out`` and the data must be readable by every node."""
     ray = connect(cluster)
-    out = Path(out)
+    out = _absolute(out)
     device = "cuda" if network.source.on_gpu else network.source.device
     replicas = _replica_count(ray, network.source, cluster)
     plan = plan_run(data, network.spec, out, cfg, device)
