@@ -148,7 +148,8 @@ def _processes_titled(*titles: str) -> list[int]:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
     below, frontier = [], [os.getpid()]
     while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid == frontier.pop()]
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
         below += children
         frontier += children
     found = []
