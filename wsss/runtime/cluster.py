@@ -17,6 +17,7 @@ chunks as the local labeler does.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import time
 from dataclasses import dataclass, replace
@@ -101,8 +102,8 @@ class Network:
 def connect(cluster: ClusterConfig):
     """The ``ray`` module, connected to ``cluster.address`` (or RAY_ADDRESS, or a local cluster) unless it is."""
     ray = _ray()
-    if not ray.is_initialized():
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # warnings only: the labeler's bar and summary tell the rest
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     return ray
 
 
@@ -256,6 +257,8 @@ def _pipeline(ray, network: Network, cluster: ClusterConfig, data, out: Path, cf
               host_crf: str | None):  # fmt: skip
     """The streaming rows of finished chunks, one each: its journal records and busy seconds."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # the labeler's own bar counts finished items
+    if cfg.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     chunks = [{"chunk": k, "indices": chunk} for k, chunk in enumerate(plan.todo)]
     write = {"out": str(out), "cfg": cfg, "host_crf": host_crf, "names": tuple(network.spec.class_names)}
     return (
