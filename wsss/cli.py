@@ -191,9 +191,11 @@ def _cam_options(command):
     return command
 
 
-def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source):
-    """Backend, spec, metadata, CAM settings and dataset of a labeling job."""
-    runner, spec, meta = _open_backend(ckpt, engine, backend, device, use_compile)
+def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source,
+             opener=None):  # fmt: skip
+    """Backend, spec, metadata, CAM settings and dataset of a labeling job (``opener``: how the backend opens, by
+    default here)."""
+    runner, spec, meta = (opener or _open_backend)(ckpt, engine, backend, device, use_compile)
     try:
         settings = spec.cam.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
     except ValueError as err:
@@ -202,11 +204,15 @@ def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip
     return runner, spec, meta, settings, dataset
 
 
-def _run_labeler(runner, spec, meta, dataset, out, cfg) -> dict:
+def _run_labeler(runner, spec, meta, dataset, out, cfg, cluster=None) -> dict:
     from .data.datasets import DatasetError
     from .runtime.labeler import label_dataset
 
     try:
+        if cluster is not None:  # runner: the replicas' network (_ray_opener)
+            from .runtime.cluster import label_on_ray
+
+            return label_on_ray(runner, dataset, out, cfg, cluster)
         return label_dataset(runner, spec, meta, dataset, out, cfg)
     except FileExistsError as err:
         raise click.ClickException(str(err)) from None
@@ -493,6 +499,13 @@ def demo(out, config_name, iters, full, overrides, train_images, val_images) -> 
               help="--report: score against these ground-truth PNGs (GT_DIR/ID.png) instead of the dataset's "
                    "masks.")  # fmt: skip
 @click.option("--report-gallery", default=48, show_default=True, help="--report: overlays in the gallery.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster (pip install 'wsss[ray]'): at ADDRESS, else RAY_ADDRESS, else a new "
+                   "local one; the network in --replicas actors, decoding, CRF and writing in CPU tasks "
+                   "(docs/cluster.md).")  # fmt: skip
+@click.option("--replicas", type=click.IntRange(1), default=None,
+              help="--ray: network replicas (default: one per GPU of the cluster with --device cuda, "
+                   "else 1).")  # fmt: skip
 @_cam_options
 @click.pass_context
 def label(
@@ -515,6 +528,8 @@ def label(
     report,
     report_gt,
     report_gallery,
+    ray_address,
+    replicas,
     scales,
     flip,
     bkg_thresh,
@@ -551,9 +566,14 @@ def label(
         raise click.UsageError("--data and --out are required (and one of --ckpt / --engine)")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if replicas is not None and ray_address is None:
+        raise click.UsageError("--replicas: only with --ray")
+    cluster = None if ray_address is None else _ray_cluster(ray_address, replicas)
+    opener = None if cluster is None else _ray_opener(cluster, precision)
     try:
         runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec,
-                                                         scales, flip, bkg_thresh, input_size, seed_source)  # fmt: skip
+                                                         scales, flip, bkg_thresh, input_size, seed_source,
+                                                         opener)  # fmt: skip
     except RuntimeError as err:  # an execution provider or engine that cannot start here
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
@@ -565,11 +585,11 @@ def label(
     except RuntimeError as err:  # pydensecrf asked for, not installed
         raise click.BadParameter(str(err), param_hint="--crf-impl") from None
     try:
-        runner = runner.at_precision(precision)
+        runner = runner if cluster else runner.at_precision(precision)  # on Ray: checked where the replicas run
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--precision") from None
     try:
-        summary = _run_labeler(runner, spec, meta, dataset, out, cfg)
+        summary = _run_labeler(runner, spec, meta, dataset, out, cfg, cluster)
     except ProfileError as err:  # an image size outside a TensorRT profile
         raise click.ClickException(str(err)) from None
     click.echo(f"{summary['ok']} labelled, {summary['failed']} failed, {summary.get('skipped', 0)} skipped, "
@@ -578,6 +598,33 @@ def label(
         _write_report(out, dataset, report_gt, report_gallery, data_spec, shard)
     if fail_on_error and summary["failed"]:
         sys.exit(1)
+
+
+def _ray_cluster(address: str, replicas: int | None):
+    """``--ray [ADDRESS]``: the cluster to run on; a one-line error naming the extra where Ray is missing."""
+    from .runtime.cluster import ClusterConfig, connect
+
+    cluster = ClusterConfig(address or None, replicas)
+    try:
+        connect(cluster)
+    except (RuntimeError, ConnectionError) as err:  # no Ray, or no cluster at the address
+        raise click.ClickException(str(err)) from None
+    return cluster
+
+
+def _ray_opener(cluster, precision: str):
+    """Opens the network where a replica runs (``open_network``); errors as the local labeler gives them."""
+    from .models import CheckpointError
+    from .runtime.cluster import BackendSource, open_network
+
+    def opener(ckpt, engine, backend, device, use_compile):
+        try:
+            network = open_network(BackendSource(ckpt, engine, backend, device, use_compile), precision, cluster)
+        except (CheckpointError, ValueError) as err:
+            raise click.BadParameter(str(err)) from None
+        return network, network.spec, network.meta
+
+    return opener
 
 
 @label.command("merge")

@@ -20,6 +20,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -297,32 +298,13 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     """Label every image of ``data`` in ``cfg.shard`` with the network ``spec`` describes; returns the shard
     summary (also written to ``out``). ``meta`` carries the checkpoint's / artifact's SHA-256 for the record.
     Refuses a dataset whose classes are not the network's (DatasetError)."""
-    check_classes(data, spec.class_names)
     select_device(backend.device)  # Triton kernels and PAR launch on the backend's GPU
     backend = backend.at_precision(cfg.precision)
     out = Path(out)
-    index, count = cfg.shard
-    tag = f"shard-{index}-of-{count}"
-    if cfg.label_dir is None and cfg.refine != "none":
-        raise ValueError("refined labels need a label_dir")
-    optional = {"cams": cfg.save_cams, "rle": cfg.format == "coco-rle", cfg.seed_dir: bool(cfg.seed_dir),
-                cfg.label_dir: bool(cfg.label_dir)}  # fmt: skip
-    for sub in [JOURNAL] + [name for name, wanted in optional.items() if wanted]:
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    journal = Journal(out / JOURNAL / f"{tag}.jsonl", cfg.resume)
-    indices = shard_indices(len(data), cfg.shard)
-    if cfg.settings.input_size is None:  # native resolution: neighbours in a chunk share a padded shape
-        indices.sort(key=lambda i: _header_size(data.image_path(i)))
-    chunks = [indices[i : i + cfg.batch] for i in range(0, len(indices), cfg.batch)]
-    todo = [c for c in chunks if any(data.ids[i] not in journal.done for i in c)]
-    overlay_ids = {data.ids[i] for i in indices[: cfg.overlays]}
-    if overlay_ids:
-        (out / "overlays").mkdir(exist_ok=True)
-    crf = crf_implementation(cfg, backend.device)
-    if not 0 < cfg.cams_scale <= 1:
-        raise ValueError(f"cams_scale {cfg.cams_scale}: need 0 < S <= 1 (1 keeps the image's resolution)")
+    plan, tag = plan_run(data, spec, out, cfg, backend.device), shard_tag(cfg.shard)
+    journal, indices, todo, overlay_ids, crf = plan.journal, plan.indices, plan.todo, plan.overlay_ids, plan.crf
     times = Times()
-    done_before = len(indices) - sum(map(len, todo))  # items of finished chunks
+    done_before = plan.done_before
 
     # Worker processes (decoding, CRF) die with this one and inherit none of its files (workers.py).
     loader = DataLoader(SafeDataset(data, [i for c in todo for i in c]), batch_size=None, collate_fn=_as_list,
@@ -359,13 +341,63 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
             crf_pool.shutdown(cancel_futures=True)
         journal.close()
     elapsed = time.perf_counter() - t_start
-    summary = _summary(journal, data, indices, cfg, spec, meta, times.main, elapsed, done_before)
     lanes = {"decode": max(cfg.workers, 1), "forward": 1, "refine": max(cfg.workers, 1) if pooled else 1,
              "write": max(cfg.workers, 1)}  # fmt: skip
+    return record_run(plan, data, out, cfg, spec, meta, times, elapsed, lanes, str(backend.device), backend.name)
+
+
+@dataclass
+class Plan:
+    """A run's work: the shard's items in chunk order, the chunks not finished yet, the journal of those done."""
+
+    journal: Journal
+    indices: list[int]
+    todo: list[list[int]]
+    overlay_ids: set[str]
+    crf: str | None
+
+    @property
+    def done_before(self) -> int:
+        return len(self.indices) - sum(map(len, self.todo))  # items of finished chunks
+
+
+def plan_run(data: WSSSDataset, spec: ModelSpec, out: Path, cfg: LabelConfig, device) -> Plan:
+    """Check the inputs, make the output folders, open the shard's journal and cut the shard into chunks of
+    ``cfg.batch`` items (a resumed run redoes an unfinished chunk whole, so every batch is the same as before)."""
+    check_classes(data, spec.class_names)
+    if cfg.label_dir is None and cfg.refine != "none":
+        raise ValueError("refined labels need a label_dir")
+    optional = {"cams": cfg.save_cams, "rle": cfg.format == "coco-rle", cfg.seed_dir: bool(cfg.seed_dir),
+                cfg.label_dir: bool(cfg.label_dir)}  # fmt: skip
+    for sub in [JOURNAL] + [name for name, wanted in optional.items() if wanted]:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / JOURNAL / f"{shard_tag(cfg.shard)}.jsonl", cfg.resume)
+    indices = shard_indices(len(data), cfg.shard)
+    if cfg.settings.input_size is None:  # native resolution: neighbours in a chunk share a padded shape
+        indices.sort(key=lambda i: _header_size(data.image_path(i)))
+    chunks = [indices[i : i + cfg.batch] for i in range(0, len(indices), cfg.batch)]
+    todo = [c for c in chunks if any(data.ids[i] not in journal.done for i in c)]
+    overlay_ids = {data.ids[i] for i in indices[: cfg.overlays]}
+    if overlay_ids:
+        (out / "overlays").mkdir(exist_ok=True)
+    crf = crf_implementation(cfg, device)
+    if not 0 < cfg.cams_scale <= 1:
+        raise ValueError(f"cams_scale {cfg.cams_scale}: need 0 < S <= 1 (1 keeps the image's resolution)")
+    return Plan(journal, indices, todo, overlay_ids, crf)
+
+
+def shard_tag(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def record_run(plan: Plan, data, out: Path, cfg: LabelConfig, spec, meta, times: Times, elapsed: float,
+               lanes: dict[str, int], device: str, backend_name: str) -> dict:  # fmt: skip
+    """Write the shard's summary (merged into ``summary.json`` when the run is unsharded) and return it."""
+    summary = _summary(plan.journal, data, plan.indices, cfg, spec, meta, times.main, elapsed, plan.done_before)
     summary["timeline"] = timeline(times.busy, lanes, elapsed)
-    summary["device"], summary["backend"], summary["crf_impl"] = str(backend.device), backend.name, crf
-    (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
-    if count == 1:
+    summary["device"], summary["backend"], summary["crf_impl"] = device, backend_name, plan.crf
+    (out / f"summary-{shard_tag(cfg.shard)}.json").write_text(json.dumps(summary, indent=2))
+    if cfg.shard[1] == 1:
         merge_shards(out)
     return summary
 
@@ -402,6 +434,22 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
     what the host needs, then hand pooled CRF refinement and writing to the pools."""
     if not samples:
         return []
+    results, labels, overlays = forward_chunk(backend, spec, samples, cfg, crf, overlay_ids, times)
+    tic = time.perf_counter()
+    if crf_pool is not None:
+        labels = [crf_pool.submit(_crf_in_worker, crf, s.image, r.seed, r.tags.numpy()) for s, r in
+                  zip(samples, results, strict=True)]  # fmt: skip
+    times.main["refine_submit_s"] += time.perf_counter() - tic
+    names = spec.class_names
+    return [writers.submit(_finish, out, sample, label, res, cfg, names, overlay)
+            for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
+
+
+def forward_chunk(backend, spec, samples: list[Sample], cfg: LabelConfig, crf: str | None, overlay_ids: set[str],
+                  times: Times) -> tuple[list[CAMResult], list[np.ndarray] | None, list[bool]]:  # fmt: skip
+    """The device's part of a chunk: forward + post-processing (and PAR or the torch CRF on a GPU), then what the
+    host needs fetched in one copy per dtype; returns the host results, the labels (the seeds where refinement is
+    left to the host) and which items get overlays."""
     start = time.perf_counter()
     results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
                            backend.device, spec.mean, spec.std, on_device=True)  # fmt: skip
@@ -420,14 +468,7 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
     refine_s = _seconds(refine_start, refine_end)
     times.busy["refine"] += refine_s
     times.busy["forward"] += fetched - start - refine_s
-    tic = time.perf_counter()
-    if crf_pool is not None:
-        labels = [crf_pool.submit(_crf_in_worker, crf, s.image, r.seed, r.tags.numpy()) for s, r in
-                  zip(samples, results, strict=True)]  # fmt: skip
-    times.main["refine_submit_s"] += time.perf_counter() - tic
-    names = spec.class_names
-    return [writers.submit(_finish, out, sample, label, res, cfg, names, overlay)
-            for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True)]  # fmt: skip
+    return results, labels, overlays
 
 
 def _process_isolating(journal: Journal, backend, spec, samples, *rest) -> list[Future]:
@@ -440,7 +481,7 @@ def _process_isolating(journal: Journal, backend, spec, samples, *rest) -> list[
         raise
     except Exception as err:  # noqa: BLE001 - one bad item must not stop the job
         if len(samples) == 1:
-            journal.add({"id": samples[0].id, "status": "failed", "reason": f"{type(err).__name__}: {err}"})
+            journal.add(failed_record(samples[0].id, err))
             return []
     return [f for s in samples for f in _process_isolating(journal, backend, spec, [s], *rest)]
 
@@ -450,7 +491,12 @@ def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, d
     worker) and of the writing (in this thread)."""
     busy = {}
     if isinstance(label, Future):
-        label, busy["refine"] = label.result()
+        try:
+            label, busy["refine"] = label.result()
+        except BrokenProcessPool:  # the pool itself is gone: stop (--resume redoes what is left)
+            raise
+        except Exception as err:  # noqa: BLE001 - one item's refinement failed: that item alone
+            return failed_record(sample.id, err), busy
     tic = time.perf_counter()
     record = write_item(out, sample, label, res, cfg, names)
     if overlay:
@@ -458,6 +504,11 @@ def _finish(out, sample, label, res, cfg, names, overlay: bool) -> tuple[dict, d
                      names)  # fmt: skip
     busy["write"] = time.perf_counter() - tic
     return record, busy
+
+
+def failed_record(item_id: str, err: Exception) -> dict:
+    """The journal record of an item that failed, with its reason."""
+    return {"id": item_id, "status": "failed", "reason": f"{type(err).__name__}: {err}"}
 
 
 def timeline(busy: dict[str, float], lanes: dict[str, int], elapsed: float) -> dict:
