@@ -30,7 +30,9 @@ from wsss.train.loop import CHECKPOINT, train
 METHODS = ("cam-tiny-synth", "seco-tiny-synth")
 
 
-def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "") -> dict:
+def run(
+    config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "", val_split: str = "val"
+) -> dict:
     cfg = get_config(config, overrides)
     out = work / f"{config}{'-' + name if name else ''}-s{seed}"
     if not (out / CHECKPOINT).is_file():
@@ -39,7 +41,7 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
     if stale:  # a config edited since the run: never report a stale run
         raise SystemExit(f"{out} was trained with another {config} config ({', '.join(stale)}); move it away")
     backend, spec, meta = open_backend(out / CHECKPOINT)
-    val = VOCDataset(data, "val")
+    val = VOCDataset(data, val_split)
     label_dataset(backend, spec, meta, val, out / "val", LabelConfig(spec.cam, seed_dir="seeds", label_dir=None,
                                                                      quiet=True, resume=True))  # fmt: skip
     names = list(spec.class_names)
