@@ -217,7 +217,7 @@ CONFIGS["seam-r50-voc"] = {
     "seam": _SEAM_SEAM,
 }  # fmt: skip
 # The CPU stand-in: the shipped tiny ResNet (output stride 8: stem /4, layer2 /2), the package's tiny AdamW recipe.
-# At a 112 crop the paper's 0.3 view would leave a 5 x 5 grid; 0.5 leaves 7 x 7.
+# At a 64 crop the paper's 0.3 view would leave a 3 x 3 grid; 0.5 leaves 4 x 4.
 CONFIGS["seam-tiny-synth"] = {
     **copy.deepcopy(CONFIGS["seam-r50-voc"]),
     "model": {"backbone": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256],
@@ -225,11 +225,12 @@ CONFIGS["seam-tiny-synth"] = {
               "output_stride": 8, "img_size": 112, "pcm_dims": [64, 128], "pcm_out": 192, "dropout": 0.5,
               "cam_output": "pcm", "frozen": [], "bn_affine": True},
     "pretrained_cnn": "builtin:resnet-tiny-synth",
-    "data": {"crop": 112, "scale_range": [0.75, 1.5], "flip": 0.5, "jitter": 0.0, "cache_images": True},
+    "data": {"crop": 64, "scale_range": [0.5, 1.0], "flip": 0.5, "jitter": 0.0, "cache_images": True},
     "optim": {"name": "adamw", "lr": 2e-4, "weight_decay": 0.01, "warmup": 10, "warmup_ratio": 1e-6, "power": 0.9,
               "head_lr": 10},
-    # 80 x 8: six runs (3 seeds x SEAM and its baseline) fit in about 30 min on the shared 2-core machine
-    "train": {**CONFIGS["cam-tiny-synth"]["train"], "iters": 80, "batch_size": 8, "ckpt_every": 40},
+    # 40 x 8 at a 64 px crop of a 0.5-1.0 rescale: the six runs of benchmarks/seam_vs_cam.py (3 seeds x SEAM and its
+    # baseline) took about 40 min on the shared 2-core machine at a load of ~20 (docs/seam.md)
+    "train": {**CONFIGS["cam-tiny-synth"]["train"], "iters": 40, "batch_size": 8, "ckpt_every": 20},
     "seam": {**copy.deepcopy(_SEAM_SEAM), "scale_factor": 0.5},
 }  # fmt: skip
 # The baseline of the same trunk and budget: view 1 only, the classification loss only, CAMs from Y (no ER, PCM,
