@@ -110,13 +110,17 @@ def test_network_pcm_uses_detached_cam_and_features():
 # ---- (7.4)-(7.7) against per-element transcriptions ----
 
 
+def _value(t) -> float:
+    return float(t.detach())
+
+
 def _max_norm_direct(p):
     b, c, h, w = p.shape
     out = [[[[None] * w for _ in range(h)] for _ in range(c)] for _ in range(b)]
     for bi in range(b):
         for ci in range(c):
             vals = [torch.relu(p[bi, ci, y, x]) for y in range(h) for x in range(w)]
-            lo, hi = min(vals, key=float), max(vals, key=float)
+            lo, hi = min(vals, key=_value), max(vals, key=_value)
             for y in range(h):
                 for x in range(w):
                     out[bi][ci][y][x] = torch.relu(torch.relu(p[bi, ci, y, x]) - lo - EPS) / (hi - lo + EPS)
@@ -169,9 +173,9 @@ def _losses_direct(cam1, rev1, cam2, rev2, labels):
         k = h * w // 4
         total = 0
         for bi in range(b):
-            top = [max((rev[bi, ci, y, x] * y_bg[bi][ci] for ci in range(1, c)), key=float)
+            top = [max((rev[bi, ci, y, x] * y_bg[bi][ci] for ci in range(1, c)), key=_value)
                    for y in range(h) for x in range(w)]  # fmt: skip
-            total = total + sum(torch.relu(v) for v in sorted(top, key=float)[:k])
+            total = total + sum(torch.relu(v) for v in sorted(top, key=_value)[:k])
         return total / (k * b)
 
     l_min_total = (l_min(rev1) + l_min(rev2)) / 2
@@ -191,10 +195,10 @@ def _losses_direct(cam1, rev1, cam2, rev2, labels):
         for bi in range(b):
             for y in range(hs):
                 for x in range(ws):
-                    top = max(float(m[bi, ci, y, x]) for ci in range(1, c))
+                    top = max(_value(m[bi, ci, y, x]) for ci in range(1, c))
                     out[bi, 0, y, x] = 1 - top
                     for ci in range(1, c):
-                        out[bi, ci, y, x] = float(m[bi, ci, y, x]) if float(m[bi, ci, y, x]) == top else 0.0
+                        out[bi, ci, y, x] = _value(m[bi, ci, y, x]) if _value(m[bi, ci, y, x]) == top else 0.0
         return out
 
     def ohem(target, pred):
@@ -203,7 +207,7 @@ def _losses_direct(cam1, rev1, cam2, rev2, labels):
         for bi in range(b):
             diffs = [(target[bi, ci, y, x] - pred[bi, ci, y, x]).abs() for ci in range(c) for y in range(hs)
                      for x in range(ws)]  # fmt: skip
-            total = total + sum(sorted(diffs, key=float, reverse=True)[:k]) / k
+            total = total + sum(sorted(diffs, key=_value, reverse=True)[:k]) / k
         return total / b
 
     l_ecr = ohem(onehot_target(c2), r1) + ohem(onehot_target(c1), r2)

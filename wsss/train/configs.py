@@ -229,7 +229,7 @@ CONFIGS["seam-tiny-synth"] = {
     "optim": {"name": "adamw", "lr": 2e-4, "weight_decay": 0.01, "warmup": 10, "warmup_ratio": 1e-6, "power": 0.9,
               "head_lr": 10},
     # 40 x 8 at a 64 px crop of a 0.5-1.0 rescale: the six runs of benchmarks/seam_vs_cam.py (3 seeds x SEAM and its
-    # baseline) took about 40 min on the shared 2-core machine at a load of ~20 (docs/seam.md)
+    # baseline) took 22 min with OMP_NUM_THREADS=1 on the shared 2-core machine at a load of ~20 (docs/seam.md)
     "train": {**CONFIGS["cam-tiny-synth"]["train"], "iters": 40, "batch_size": 8, "ckpt_every": 20},
     "seam": {**copy.deepcopy(_SEAM_SEAM), "scale_factor": 0.5},
 }  # fmt: skip
