@@ -247,7 +247,7 @@ def test_each_loss_term_against_its_equation():
     shifted = torch.cat([flat - 100, flat + 20], 1)  # smallest 7 of 10..39: mean 13
     assert float(min_pool_loss(shifted, torch.ones(1, 2, 1, 1))) == pytest.approx(13.0)
     a, b = max_norm(cam) * y_bg, max_norm(rev) * y_bg
-    assert float(er_loss(a, b)) == pytest.approx(float((a[:, 1:] - b[:, 1:]).abs().sum()) / (2 * 3 * 30))
+    assert _value(er_loss(a, b)) == pytest.approx(_value((a[:, 1:] - b[:, 1:]).abs().sum()) / (2 * 3 * 30))
     bg = with_background(a)
     torch.testing.assert_close(bg[:, 0], 1 - a[:, 1:].amax(1))
     hot = max_onehot(bg)
