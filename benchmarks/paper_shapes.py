@@ -2,7 +2,7 @@
 
 Each config runs in its own processes (training, labeling, export), so each stage's peak RSS is its own:
 
-    python benchmarks/paper_shapes.py                      # all four paper configs, CPU, random weights
+    python benchmarks/paper_shapes.py                      # all five paper configs, CPU, random weights
     python benchmarks/paper_shapes.py --configs seco-vitb16-voc --device cuda --steps 5 --batch 4
 
 Training keeps the config's crop, schedule length and model; the batch is reduced (``--batch``) and every loss term
@@ -29,7 +29,7 @@ import numpy as np
 
 from common import add_json_option, write_result
 
-PAPER_CONFIGS = ("seco-vitb16-voc", "seco-vitb16-coco", "cobra-r152-deits-voc", "cam-vitb16-voc")
+PAPER_CONFIGS = ("seco-vitb16-voc", "seco-vitb16-coco", "cobra-r152-deits-voc", "cam-vitb16-voc", "seam-r50-voc")
 SIZE = (500, 375)  # width, height: the common VOC image size
 
 

@@ -33,7 +33,7 @@ METHODS = ("cam-tiny-synth", "seco-tiny-synth")
 
 
 def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (), name: str = "",
-        iters: int | None = None) -> dict:  # fmt: skip
+        iters: int | None = None, val_split: str = "val") -> dict:  # fmt: skip
     cfg = get_config(config, overrides)
     cfg = with_iters(cfg, iters) if iters else cfg
     out = work / f"{config}{'-' + name if name else ''}-s{seed}"
@@ -43,7 +43,7 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
     if stale:  # a config edited since the run: never report a stale run
         raise SystemExit(f"{out} was trained with another {config} config ({', '.join(stale)}); move it away")
     backend, spec, meta = open_backend(out / CHECKPOINT)
-    val = VOCDataset(data, "val")
+    val = VOCDataset(data, val_split)
     label_dataset(backend, spec, meta, val, out / "val", LabelConfig(spec.cam, seed_dir="seeds", label_dir=None,
                                                                      quiet=True, resume=True))  # fmt: skip
     names = list(spec.class_names)

@@ -48,6 +48,8 @@ SECO_RULES = {"input_size": 448, "scales": (1.0, 0.5, 0.75, 1.5), "flip": True, 
 COBRA_RULES = {**SECO_RULES, "input_size": None, "scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),
                "flip_merge": "sum", "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max",
                "background": "attention_percentile", "source": "fuse"}  # fmt: skip
+SEAM_RULES = {**SECO_RULES, "input_size": None, "scales": (0.5, 1.0, 1.5, 2.0), "flip_merge": "sum",
+              "rescale": "pil_bicubic_round", "bkg_thresh": 0.26}  # §7.1, (7.8)  # fmt: skip
 
 
 def _cam_spec(**cam) -> ModelSpec:
@@ -140,7 +142,8 @@ def test_family_defaults() -> None:
     assert _as_dict(CAMSettings.for_family("cam")) == SECO_RULES == _as_dict(CAMSettings())
     assert _as_dict(CAMSettings.for_family("seco")) == SECO_RULES
     assert _as_dict(CAMSettings.for_family("cobra")) == COBRA_RULES
-    assert set(FAMILY_CAM) == {"cam", "seco", "cobra"}
+    assert _as_dict(CAMSettings.for_family("seam")) == SEAM_RULES
+    assert set(FAMILY_CAM) == {"cam", "seco", "cobra", "seam"}
 
 
 def test_config_values_go_on_top_of_the_family_rules() -> None:
@@ -158,7 +161,7 @@ def test_config_values_go_on_top_of_the_family_rules() -> None:
 def test_named_configs_give_their_family_rules(name: str) -> None:
     cfg = get_config(name)
     spec = model_spec(cfg, CLASSES)
-    rules = COBRA_RULES if cfg["method"] == "cobra" else SECO_RULES
+    rules = {"cobra": COBRA_RULES, "seam": SEAM_RULES}.get(cfg["method"], SECO_RULES)
     want = {**rules, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["cam"].items()}}
     assert spec.family == cfg["method"] and _as_dict(spec.cam) == want
     assert spec.class_names == CLASSES and spec.arch == cfg["model"] and spec.arch is not cfg["model"]

@@ -148,8 +148,9 @@ def on_cpu(model: nn.Module) -> nn.Module:
 
 
 def reference_size(spec: ModelSpec) -> int:
-    """The spec's CAM input size, or for native-size inference (CoBra) the size the ViT's positions are stored at."""
-    return int(spec.cam.input_size or spec.arch["backbone"]["img_size"])
+    """The spec's CAM input size, or for native-size inference the architecture's ``img_size`` (SEAM: its training
+    crop) or the size the ViT's positions are stored at (CoBra)."""
+    return int(spec.cam.input_size or spec.arch.get("img_size") or spec.arch["backbone"]["img_size"])
 
 
 def parity_sizes(spec: ModelSpec) -> list[tuple[int, int]]:

@@ -104,6 +104,9 @@ def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") 
     ``builtin:NAME`` names a file shipped in ``wsss/models/weights`` (the CPU stand-ins for ImageNet weights).
     """
     path = resolve_weights(path)
+    if part == "backbone" and not hasattr(model, "backbone"):  # SEAM: a ResNet only
+        raise ValueError(f"{path}: {type(model).__name__} has no ViT backbone; its ResNet starts from "
+                         "--set pretrained_cnn=PATH")  # fmt: skip
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":

@@ -116,6 +116,9 @@ FAMILY_CAM: dict[str, dict[str, Any]] = {
     "cobra": {"flip_merge": "sum", "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max",
               "background": "attention_percentile", "source": "fuse", "input_size": None,
               "scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)},
+    # SEAM (§7.1, (7.8)): PIL bicubic pyramid at round(s * size), flips and scales summed, background 0.26
+    "seam": {"flip_merge": "sum", "rescale": "pil_bicubic_round", "input_size": None, "bkg_thresh": 0.26,
+             "scales": (0.5, 1.0, 1.5, 2.0)},
 }  # fmt: skip
 
 
@@ -148,6 +151,8 @@ class ModelSpec:
     @property
     def patch_size(self) -> int:
         """The ViT patch size: the stride of the CAM grid (CoBra's CNN matches it at its training crop)."""
+        if "output_stride" in self.arch:  # CNN-only families (SEAM): the trunk's output stride
+            return int(self.arch["output_stride"])
         return vit_patch_size(self.arch["backbone"])
 
     def replace(self, **changes) -> ModelSpec:

@@ -41,6 +41,7 @@ from .cam import CAMObjective
 from .cobra import CoBraObjective
 from .configs import model_spec
 from .optim import make_optimizer, param_groups
+from .seam import SEAMObjective
 from .seco import SeCoObjective
 
 CHECKPOINT = "last.safetensors"
@@ -80,7 +81,7 @@ class TrainSet(Dataset):
         return item
 
 
-OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective}
+OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective, "seam": SEAMObjective}
 
 
 def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: int, current: int = 0) -> torch.device:
