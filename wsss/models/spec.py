@@ -117,6 +117,10 @@ FAMILY_CAM: dict[str, dict[str, Any]] = {
               "background": "attention_percentile", "source": "fuse", "input_size": None,
               "scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)},
 }  # fmt: skip
+# SC-CAM ([SCCAM] infer_cls.py, §7.2): ReLU on the grid, flips summed, max-normalised, background 0.15, scales
+# (1, 0.5, 1.5, 2) of the PIL-bicubic image at its own size.
+FAMILY_CAM["sccam"] = {"flip_merge": "sum", "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max",
+                       "input_size": None, "scales": (1.0, 0.5, 1.5, 2.0), "bkg_thresh": 0.15}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ class ModelSpec:
     @property
     def patch_size(self) -> int:
         """The ViT patch size: the stride of the CAM grid (CoBra's CNN matches it at its training crop)."""
+        if "stride" in self.arch:  # a CNN family's output stride (SC-CAM)
+            return int(self.arch["stride"])
         return vit_patch_size(self.arch["backbone"])
 
     def replace(self, **changes) -> ModelSpec:
