@@ -27,7 +27,7 @@ from wsss.runtime.backends import open_backend
 from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT
-from wsss.train.sccam_rounds import LABELS, round_config, train_rounds
+from wsss.train.sccam_rounds import LABELS, round_config, round_finished, train_rounds
 
 CONFIG = "sccam-tiny-synth"
 
@@ -54,13 +54,17 @@ def cluster_sizes(folder: Path, k: int) -> list[list[int]]:
     return sub.sum(0).reshape(-1, k).astype(int).tolist()
 
 
-def run(seed: int, data: Path, work: Path, overrides: list[str], extra: list[float]) -> dict:
+def run(seed: int, data: Path, work: Path, overrides: list[str], extra: list[float], train: bool = True) -> dict:
+    """Train (or, with ``train=False``, only find) the seed's rounds and evaluate every finished one."""
     cfg = get_config(CONFIG, overrides)
     out = work / f"{CONFIG}-s{seed}"
-    train_rounds(cfg, VOCDataset(data, "train"), out, seed=seed, resume=True, progress=False)
+    if train:
+        train_rounds(cfg, VOCDataset(data, "train"), out, seed=seed, resume=True, progress=False)
     rows = {}
     for r in range(cfg["sccam"]["rounds"] + 1):
         ckpt = out / f"round{r}" / CHECKPOINT
+        if not round_finished(out / f"round{r}", cfg["train"]["iters"]):
+            break
         stale = _changed(round_config(cfg, r, None)["model"], load_model(ckpt).meta["config"]["model"])
         if stale:  # a config edited since the run: never report a stale run
             raise SystemExit(f"{ckpt} was trained with another {CONFIG} model ({', '.join(stale)}); move it away")
@@ -86,23 +90,33 @@ def main() -> None:
         default=[0.3, 0.5],
         help="further background thresholds whose val mIoU is reported too (not used to pick)",
     )
+    parser.add_argument(
+        "--only-finished",
+        action="store_true",
+        help="train nothing: report the rounds already finished in --work (a run cut short)",
+    )
     args = parser.parse_args()
-    runs = {s: run(s, args.data, args.work, args.overrides, args.also_backgrounds) for s in args.seeds}
+    runs = {s: run(s, args.data, args.work, args.overrides, args.also_backgrounds, not args.only_finished)
+            for s in args.seeds}  # fmt: skip
+    runs = {s: rows for s, rows in runs.items() if rows}
+    seeds = sorted(runs)
     summary = {}
-    for r in next(iter(runs.values())):
-        miou = [runs[s][r]["miou"] for s in args.seeds]
-        fa = [runs[s][r]["context_false_activation"] for s in args.seeds]
-        other = {t: float(np.mean([runs[s][r]["other_backgrounds"][t] for s in args.seeds]))
+    for r in sorted({r for rows in runs.values() for r in rows}):
+        have = [s for s in seeds if r in runs[s]]
+        miou = [runs[s][r]["miou"] for s in have]
+        fa = [runs[s][r]["context_false_activation"] for s in have]
+        other = {t: float(np.mean([runs[s][r]["other_backgrounds"][t] for s in have]))
                  for t in args.also_backgrounds}  # fmt: skip
         summary[r] = {"miou_mean": float(np.mean(miou)), "miou_std": float(np.std(miou)),
                       "context_fa_mean": float(np.mean(fa)), "context_fa_std": float(np.std(fa)),
-                      "miou_mean_at_background": other}  # fmt: skip
+                      "miou_mean_at_background": other, "seeds": have}  # fmt: skip
         print(f"round {r}{' (plain CAM)' if r == 0 else '':12s} val seed mIoU {100 * np.mean(miou):5.1f} +- "
               f"{100 * np.std(miou):.1f}   context false activation {100 * np.mean(fa):5.1f} +- "
               f"{100 * np.std(fa):.1f}   mIoU at background "
-              f"{', '.join(f'{t}: {100 * v:.1f}' for t, v in other.items())}  (seeds {args.seeds})")  # fmt: skip
+              f"{', '.join(f'{t}: {100 * v:.1f}' for t, v in other.items())}  (seeds {have})")  # fmt: skip
     write_result(args.result, {"config": CONFIG, "seeds": args.seeds, "overrides": args.overrides,
-                               "summary": summary, "runs": runs})  # fmt: skip
+                               "only_finished_rounds": args.only_finished, "summary": summary,
+                               "runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,4 +54,3 @@ def sccam_round(cfg, folder, data):
     path = folder / f"sub_labels_k{k}.npz"
     np.savez(path, sub_labels=(picks * labels[..., None]).flatten(1).to(torch.uint8).numpy())
     return round_config(cfg, 1, path)
-

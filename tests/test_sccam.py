@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -160,3 +161,10 @@ def test_round_config_and_its_errors():
     with pytest.raises(ValueError, match="round_iters needs 4 entries"):
         bad = get_config("sccam-r50-voc", ["sccam.round_iters=[1,2]"])
         train_rounds(bad, None, "unused")
+
+
+def test_resume_refuses_a_round_trained_with_another_config(uninterrupted, synth, tmp_path):
+    shutil.copytree(uninterrupted / "round0", tmp_path / "round0")
+    cfg = get_config("sccam-tiny-synth", [*SMALL, "optim.lr=0.1"])
+    with pytest.raises(ValueError, match="trained with another config \\(optim differ"):
+        train_rounds(cfg, VOCDataset(synth, "train"), tmp_path, resume=True, progress=False)

@@ -26,11 +26,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data.datasets import WSSSDataset
-from ..models import load_checkpoint, load_model
+from ..models import load_model
 from .loop import CHECKPOINT, select_device, train
 from .sccam import SCCAM_DEFAULTS, cluster_sub_labels, extract_features, save_sub_labels
 
 LABELS = "sub_labels.npz"
+RESUME_KEYS = ("model", "data", "optim", "train", "pretrained")  # what a resumed round must share with its config
 
 
 def round_config(cfg: dict[str, Any], r: int, labels: Path | None) -> dict[str, Any]:
@@ -50,10 +51,19 @@ def round_stop(cfg: dict[str, Any], r: int) -> int:
     return int(stops[r]) if stops else int(cfg["train"]["iters"])
 
 
-def round_finished(folder: Path, iters: int) -> bool:
-    """A round is done when its checkpoint holds every step of the schedule."""
+def round_finished(folder: Path, iters: int, cfg: dict[str, Any] | None = None) -> bool:
+    """A round is done when its checkpoint holds every step of the schedule; with ``cfg`` the checkpoint must have
+    been trained with that round config (a one-line error otherwise: never resume another run's round)."""
     path = folder / CHECKPOINT
-    return path.is_file() and int(load_checkpoint(path)[1].get("step", -1)) >= iters
+    if not path.is_file():
+        return False
+    meta = load_model(path).meta  # the one loader (its metadata: step, config)
+    trained = meta.get("config", {})
+    changed = [k for k in RESUME_KEYS if cfg is not None and k in trained and trained[k] != cfg.get(k)]
+    if changed:
+        raise ValueError(f"{path}: trained with another config ({', '.join(changed)} differ); move it away or "
+                         "train without --resume")  # fmt: skip
+    return int(meta.get("step", -1)) >= iters
 
 
 def make_sub_labels(previous: Path, data: WSSSDataset, k: int, sc: dict, device, progress: bool = False):
@@ -86,7 +96,7 @@ def train_rounds(cfg: dict[str, Any], data: WSSSDataset, out: str | Path, val: W
                          f"got {len(stops)}")  # fmt: skip
     for r in range(int(sc["rounds"]) + 1):
         folder, stop = out / f"round{r}", round_stop(cfg, r)
-        if resume and round_finished(folder, stop):
+        if resume and round_finished(folder, stop, round_config(cfg, r, None)):
             last = folder / CHECKPOINT
             continue
         labels = None
