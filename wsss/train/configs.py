@@ -215,8 +215,8 @@ CONFIGS["sccam-r50-voc"] = {
 }  # fmt: skip
 # The CPU config: the shipped tiny ResNet (output stride 8) on a small synthetic benchmark (400 train / 120 val
 # images of 64-80 px, benchmarks/sccam_rounds.py), sized for a loaded 2-core machine: 40 AdamW-poly steps of 16
-# crops of 64 px per round. K = 3 sub-categories per class: each of the 8 classes is in ~100 of the 400 training
-# images, so a cluster holds ~30 images (VOC's smallest classes hold ~50 per cluster at K = 10), and each class varies
+# crops of 64 px per round. K = 3 sub-categories per class: each of the 8 classes is in ~70 of the 400 training
+# images, so a cluster holds ~25 images (VOC's smallest classes hold ~50 per cluster at K = 10), and each class varies
 # along a few factors only (its context region shown or not, alone or with another class, size).
 CONFIGS["sccam-tiny-synth"] = {
     "method": "sccam",
