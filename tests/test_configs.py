@@ -6,6 +6,7 @@ Random weights, a 64 px crop and batch 2, so SeCo's local windows shrink to 32 p
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,7 +22,7 @@ def test_list_configs_prints_every_config():
 
 
 @pytest.mark.parametrize("name", list(config_summaries()))
-def test_every_config_takes_an_optimizer_step(name, synth):
+def test_every_config_takes_an_optimizer_step(name, synth, tmp_path):
     overrides = ["pretrained=null", "data.crop=64", "data.cache_images=false", "train.batch_size=2",
                  "train.workers=0"]  # fmt: skip
     cfg = get_config(name, overrides)
@@ -31,6 +32,8 @@ def test_every_config_takes_an_optimizer_step(name, synth):
         cfg["pretrained_cnn"] = None
         cfg["cobra"].update(k_sap=[8, 4], k_cap=[4, 8])
     data = VOCDataset(synth, "train")
+    if cfg["method"] == "sccam":  # a joint round (7.10): the sub-category head on random pseudo labels
+        cfg = sccam_round(cfg, tmp_path, data)
     torch.manual_seed(0)
     _, model, objective, optim = build_training(cfg, data.classes, torch.device("cpu"), verbose=False)
     batch = next(_batches(training_set(cfg, data, 0), cfg["train"], 0, 0, 1, 0, verbose=False))
@@ -39,3 +42,15 @@ def test_every_config_takes_an_optimizer_step(name, synth):
     losses = train_step(model, objective, optim, batch, cfg["train"]["iters"] - 1, amp=False)  # every term on
     assert all(torch.isfinite(v) for v in losses.values()), losses
     assert any(not torch.equal(a, p) for a, p in zip(before, heads, strict=True)), "the step moved no head"
+
+
+def sccam_round(cfg, folder, data):
+    """Round 1 of an SC-CAM config, its sub-category labels random (one per parent class present)."""
+    from wsss.train.sccam_rounds import round_config
+
+    k = cfg["model"]["sub_k"]
+    labels = torch.stack([torch.from_numpy(data.labels(i)) for i in range(len(data))])
+    picks = torch.nn.functional.one_hot(torch.randint(k, labels.shape, generator=torch.Generator().manual_seed(0)), k)
+    path = folder / f"sub_labels_k{k}.npz"
+    np.savez(path, sub_labels=(picks * labels[..., None]).flatten(1).to(torch.uint8).numpy())
+    return round_config(cfg, 1, path)

@@ -50,6 +50,8 @@ COBRA_RULES = {**SECO_RULES, "input_size": None, "scales": (0.5, 0.75, 1.0, 1.25
                "background": "attention_percentile", "source": "fuse"}  # fmt: skip
 SEAM_RULES = {**SECO_RULES, "input_size": None, "scales": (0.5, 1.0, 1.5, 2.0), "flip_merge": "sum",
               "rescale": "pil_bicubic_round", "bkg_thresh": 0.26}  # §7.1, (7.8)  # fmt: skip
+SCCAM_RULES = {**SECO_RULES, "input_size": None, "scales": (1.0, 0.5, 1.5, 2.0), "flip_merge": "sum",
+               "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max", "bkg_thresh": 0.15}  # fmt: skip
 
 
 def _cam_spec(**cam) -> ModelSpec:
@@ -143,7 +145,8 @@ def test_family_defaults() -> None:
     assert _as_dict(CAMSettings.for_family("seco")) == SECO_RULES
     assert _as_dict(CAMSettings.for_family("cobra")) == COBRA_RULES
     assert _as_dict(CAMSettings.for_family("seam")) == SEAM_RULES
-    assert set(FAMILY_CAM) == {"cam", "seco", "cobra", "seam"}
+    assert _as_dict(CAMSettings.for_family("sccam")) == SCCAM_RULES
+    assert set(FAMILY_CAM) == {"cam", "seco", "cobra", "seam", "sccam"}
 
 
 def test_config_values_go_on_top_of_the_family_rules() -> None:
@@ -161,7 +164,7 @@ def test_config_values_go_on_top_of_the_family_rules() -> None:
 def test_named_configs_give_their_family_rules(name: str) -> None:
     cfg = get_config(name)
     spec = model_spec(cfg, CLASSES)
-    rules = {"cobra": COBRA_RULES, "seam": SEAM_RULES}.get(cfg["method"], SECO_RULES)
+    rules = {"cobra": COBRA_RULES, "seam": SEAM_RULES, "sccam": SCCAM_RULES}.get(cfg["method"], SECO_RULES)
     want = {**rules, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["cam"].items()}}
     assert spec.family == cfg["method"] and _as_dict(spec.cam) == want
     assert spec.class_names == CLASSES and spec.arch == cfg["model"] and spec.arch is not cfg["model"]

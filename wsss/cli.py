@@ -143,6 +143,8 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
         cfg = get_config(config_name, overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise click.BadParameter(str(err).strip("\"'")) from None
+    if cfg["method"] == "sccam":  # SC-CAM's rounds, each a training run (§7.2)
+        from .train.sccam_rounds import train_rounds as run_training
     try:
         path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
                             pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip

@@ -23,7 +23,7 @@ from .checkpoint import (
 )
 from .official import cobra_filter, cobra_partner, describe_unknown, detect_layout, read_cobra_file, seco_filter
 from .report import LoadReport, fit_state
-from .resnet import load_resnet_weights
+from .resnet import ResNetTrunk, load_resnet_weights
 from .spec import CAMSettings, ModelSpec, build_model
 
 SPEC_KEY = "spec"
@@ -107,6 +107,8 @@ def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") 
     if part == "backbone" and not hasattr(model, "backbone"):  # SEAM: a ResNet only
         raise ValueError(f"{path}: {type(model).__name__} has no ViT backbone; its ResNet starts from "
                          "--set pretrained_cnn=PATH")  # fmt: skip
+    if part == "backbone" and isinstance(model.backbone, ResNetTrunk):  # a CNN family (SC-CAM)
+        return load_resnet_weights(model.backbone, path)
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":

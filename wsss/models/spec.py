@@ -120,6 +120,10 @@ FAMILY_CAM: dict[str, dict[str, Any]] = {
     "seam": {"flip_merge": "sum", "rescale": "pil_bicubic_round", "input_size": None, "bkg_thresh": 0.26,
              "scales": (0.5, 1.0, 1.5, 2.0)},
 }  # fmt: skip
+# SC-CAM ([SCCAM] infer_cls.py, §7.2): ReLU on the grid, flips summed, max-normalised, background 0.15, scales
+# (1, 0.5, 1.5, 2) of the PIL-bicubic image at its own size.
+FAMILY_CAM["sccam"] = {"flip_merge": "sum", "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max",
+                       "input_size": None, "scales": (1.0, 0.5, 1.5, 2.0), "bkg_thresh": 0.15}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class ModelSpec:
     @property
     def patch_size(self) -> int:
         """The ViT patch size: the stride of the CAM grid (CoBra's CNN matches it at its training crop)."""
-        if "output_stride" in self.arch:  # CNN-only families (SEAM): the trunk's output stride
+        if "output_stride" in self.arch:  # CNN families (SEAM, SC-CAM): the trunk's output stride
             return int(self.arch["output_stride"])
         return vit_patch_size(self.arch["backbone"])
 

@@ -41,6 +41,7 @@ from .cam import CAMObjective
 from .cobra import CoBraObjective
 from .configs import model_spec
 from .optim import make_optimizer, param_groups
+from .sccam import SCCAMObjective
 from .seam import SEAMObjective
 from .seco import SeCoObjective
 
@@ -74,6 +75,7 @@ class TrainSet(Dataset):
         crop, box = augment(img, self.aug, rng)
         labels = self.data.labels(i)
         item = {"image": to_tensor(crop), "labels": torch.from_numpy(labels), "img_box": box}
+        item["index"] = i  # SC-CAM looks up the image's sub-category labels (wsss.train.sccam)
         if self.seco_views:  # SeCo's weak and strong views, and the class of single-class images (§3.3)
             weak, strong = seco_views(img, crop, self.aug.crop, rng, self.s_flip)
             item.update(weak=to_tensor(weak), strong=to_tensor(strong),
@@ -81,7 +83,13 @@ class TrainSet(Dataset):
         return item
 
 
-OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective, "seam": SEAMObjective}
+OBJECTIVES = {
+    "cam": CAMObjective,
+    "seco": SeCoObjective,
+    "cobra": CoBraObjective,
+    "seam": SEAMObjective,
+    "sccam": SCCAMObjective,
+}
 
 
 def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: int, current: int = 0) -> torch.device:
