@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from common import add_json_option, write_result
 from wsss.cam.seg import seg_settings
 from wsss.data.datasets import VOCDataset
@@ -103,6 +105,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=80)
+    parser.add_argument("--min-size", type=int, default=96, help="Smallest image side (the demo's: 96).")
+    parser.add_argument("--max-size", type=int, default=128, help="Largest image side (the demo's: 128).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a contended CPU).")
     parser.add_argument("--seco-set", nargs="*", default=["train.iters=150", "seco.schedule.seg=[60,0.12]",
                                                            "seco.schedule.reg=[60,0.05]"])  # fmt: skip
     parser.add_argument("--cam-set", nargs="*", default=["train.iters=120", "train.batch_size=16"])
@@ -114,7 +119,10 @@ def main() -> None:
     args = parser.parse_args()
 
     synth = args.work / "synth"
-    synth_cfg = SynthConfig(n_train=args.train_images, n_val=args.val_images)
+    synth_cfg = SynthConfig(n_train=args.train_images, n_val=args.val_images, min_size=args.min_size,
+                            max_size=args.max_size)  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (synth / "synth_stats.json").is_file():
         generate_synth(synth, synth_cfg, progress=False)
     record: dict = {}

@@ -71,7 +71,10 @@ class SegFormer(nn.Module):
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = F.pad(x, (0, (-w) % self.stride, 0, (-h) % self.stride))
-        logits = self.head["classifier"](self.head["decoder"](self.backbone(x)))
+        # smp's encoder output without its empty stride-2 placeholder made by torch.empty, which torch.export
+        # cannot size symbolically; the decoder only reads the placeholder's (zero) channel count
+        features = [x, x[:, :0], *self.backbone.forward_features(x)]
+        logits = self.head["classifier"](self.head["decoder"](features))
         return logits[..., : -(-h // 4), : -(-w // 4)]  # the stride-4 cells that cover the unpadded image
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
