@@ -177,3 +177,24 @@ def test_masks_folder_is_paired_and_checked(synth, tmp_path):
     result = CliRunner().invoke(cli, ["train", "--config", "cam-tiny-synth", "--data", f"voc:{synth}:train",
                                       "--masks", masks, "--out", tmp_path / "run"])  # fmt: skip
     assert result.exit_code != 0 and "learns from image-level tags" in result.output
+
+
+def test_imagenet_weights_load_through_the_one_loader(tmp_path):
+    """torchvision's ResNet files fit DeepLab's trunk, the SegFormer authors' MiT files its encoder (heads skipped)."""
+    import torchvision
+
+    from wsss.models import load_pretrained
+
+    deeplab = build_model(
+        model_spec(get_config("deeplab-r101-voc", ["model.backbone.name=resnet18"]), ("background", "a"))
+    )
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    report = load_pretrained(deeplab, tmp_path / "resnet18.pth").check()
+    assert report.loaded == len(deeplab.backbone.net.state_dict()) and list(report.skipped) == ["fc.weight", "fc.bias"]
+
+    cfg = get_config("segformer-b2-voc", ["model.backbone.name=mit_b0", "model.decoder_channels=32"])
+    segformer = build_model(model_spec(cfg, ("background", "a")))
+    state = {**segformer.backbone.state_dict(), "head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "mit_b0.pth")
+    report = load_pretrained(segformer, tmp_path / "mit_b0.pth").check()
+    assert report.loaded == len(segformer.backbone.state_dict()) and len(report.skipped) == 2

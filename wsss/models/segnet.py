@@ -108,5 +108,6 @@ def load_segnet_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     for key in [k for k in state if k.startswith("head.")]:
         report.skipped[key] = "classifier head"
         del state[key]
-    model.backbone.load_state_dict(fit_state(model.backbone, state, report), strict=False)
+    # nn.Module's loader: smp's encoder overrides load_state_dict without ``strict``
+    nn.Module.load_state_dict(model.backbone, fit_state(model.backbone, state, report), strict=False)
     return report
