@@ -11,19 +11,21 @@ Per seed (one synthetic set, generated once):
 Budgets are reduced from the configs' (flags below) so that three seeds fit on a shared 2-core CPU; the JSON is
 rewritten after every finished stage, so an interrupted run keeps what it measured.
 
-    nice -n 5 python benchmarks/seg_stage.py --seeds 0 1 2 > seg_stage.log 2>&1 &
+    nice -n 5 python benchmarks/seg_stage.py > seg_stage.log 2>&1 &          # 3 seeds, writes results/seg_stage.json
+    nice -n 5 python benchmarks/seg_stage.py --only-cobra --seeds 0          # adds the CoBra rows to that file
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from common import add_json_option, write_result
+from common import RESULTS, add_json_option, write_result
 from wsss.cam.seg import seg_settings
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
@@ -72,21 +74,22 @@ def run_seed(args, synth: Path, work: Path, seed: int, record: dict, save) -> No
     names = VOCDataset(synth, "val").classes
     row = record.setdefault(str(seed), {})
 
-    ckpt, row["seco"] = timed_train("seco-tiny-synth", args.seco_set, synth, work / "seco", seed)
-    row["seco"]["val_cam"] = label(ckpt, synth, "val", work / "seco_cam")
-    row["seco"]["val_seg"] = label(ckpt, synth, "val", work / "seco_seg", "seg", "crf")
-    save()
+    if not args.only_cobra:
+        ckpt, row["seco"] = timed_train("seco-tiny-synth", args.seco_set, synth, work / "seco", seed)
+        row["seco"]["val_cam"] = label(ckpt, synth, "val", work / "seco_cam")
+        row["seco"]["val_seg"] = label(ckpt, synth, "val", work / "seco_seg", "seg", "crf")
+        save()
 
-    ckpt, row["cam"] = timed_train("cam-tiny-synth", args.cam_set, synth, work / "cam", seed)
-    row["cam"]["train"] = label(ckpt, synth, "train", work / "cam_train", refine="crf")
-    row["cam"]["val_cam"] = label(ckpt, synth, "val", work / "cam_val")
-    save()
-    ckpt, row["deeplab_on_cam"] = timed_train("deeplab-tiny-synth", args.deeplab_set, synth, work / "dl_cam", seed,
-                                              masks=work / "cam_train" / "masks")  # fmt: skip
-    row["deeplab_on_cam"]["val_seg"] = label(ckpt, synth, "val", work / "dl_cam_seg", "seg", "crf")
-    save()
+        ckpt, row["cam"] = timed_train("cam-tiny-synth", args.cam_set, synth, work / "cam", seed)
+        row["cam"]["train"] = label(ckpt, synth, "train", work / "cam_train", refine="crf")
+        row["cam"]["val_cam"] = label(ckpt, synth, "val", work / "cam_val")
+        save()
+        ckpt, row["deeplab_on_cam"] = timed_train("deeplab-tiny-synth", args.deeplab_set, synth, work / "dl_cam",
+                                                  seed, masks=work / "cam_train" / "masks")  # fmt: skip
+        row["deeplab_on_cam"]["val_seg"] = label(ckpt, synth, "val", work / "dl_cam_seg", "seg", "crf")
+        save()
 
-    if args.cobra:
+    if args.cobra or args.only_cobra:
         ckpt, row["cobra"] = timed_train("cobra-tiny-synth", args.cobra_set, synth, work / "cobra", seed)
         tic = time.perf_counter()
         masks = cobra_masks(load_model(ckpt), VOCDataset(synth, "train"), work / "cobra_masks", irn_preset="tiny",
@@ -103,18 +106,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/wsss_seg_stage"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-images", type=int, default=240)
-    parser.add_argument("--val-images", type=int, default=80)
-    parser.add_argument("--min-size", type=int, default=96, help="Smallest image side (the demo's: 96).")
-    parser.add_argument("--max-size", type=int, default=128, help="Largest image side (the demo's: 128).")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a contended CPU).")
-    parser.add_argument("--seco-set", nargs="*", default=["train.iters=150", "seco.schedule.seg=[60,0.12]",
-                                                           "seco.schedule.reg=[60,0.05]"])  # fmt: skip
-    parser.add_argument("--cam-set", nargs="*", default=["train.iters=120", "train.batch_size=16"])
-    parser.add_argument("--deeplab-set", nargs="*", default=["train.iters=120", "train.batch_size=8", "data.crop=80"])
+    parser.add_argument("--train-images", type=int, default=120)
+    parser.add_argument("--val-images", type=int, default=40)
+    parser.add_argument("--min-size", type=int, default=64, help="Smallest image side (the demo's: 96).")
+    parser.add_argument("--max-size", type=int, default=80, help="Largest image side (the demo's: 128).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 helps on a contended CPU).")
+    small = ["model.backbone.img_size=64", "data.crop=64", "cam.input_size=64"]
+    parser.add_argument("--seco-set", nargs="*", default=["train.iters=60", "seco.schedule.seg=[20,0.12]",
+                        "seco.schedule.reg=[20,0.05]", "seco.schedule.lig=[10,0.5]", "seco.schedule.lil=[10,0.5]",
+                        "seco.proto_start=10", *small])  # fmt: skip
+    parser.add_argument("--cam-set", nargs="*", default=["train.iters=60", "train.batch_size=16", *small])
+    parser.add_argument("--deeplab-set", nargs="*", default=["train.iters=60", "train.batch_size=8", "data.crop=64",
+                                                              "cam.input_size=64"])  # fmt: skip
     parser.add_argument("--cobra", action="store_true", help="Also CoBra masks (tiny IRN) and a DeepLab on them.")
-    parser.add_argument("--cobra-set", nargs="*", default=["train.iters=120"])
-    parser.add_argument("--irn-epochs", type=int, default=2)
+    parser.add_argument("--only-cobra", action="store_true", help="The CoBra rows only, added to the --json file.")
+    parser.add_argument("--cobra-set", nargs="*", default=["train.iters=60", *small])
+    parser.add_argument("--irn-epochs", type=int, default=1)
     add_json_option(parser)
     args = parser.parse_args()
 
@@ -125,7 +132,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not (synth / "synth_stats.json").is_file():
         generate_synth(synth, synth_cfg, progress=False)
-    record: dict = {}
+    previous = args.json or RESULTS / "seg_stage.json"
+    record: dict = json.loads(previous.read_text())["seeds"] if args.only_cobra and previous.is_file() else {}
     t0 = time.perf_counter()
     payload = {"synth": synth_cfg.__dict__, "args": {k: str(v) for k, v in vars(args).items()}, "seeds": record}
 
