@@ -2,7 +2,7 @@
 
 Each config runs in its own processes (training, labeling, export), so each stage's peak RSS is its own:
 
-    python benchmarks/paper_shapes.py                      # all five paper configs, CPU, random weights
+    python benchmarks/paper_shapes.py                      # every paper config, CPU, random weights
     python benchmarks/paper_shapes.py --configs seco-vitb16-voc --device cuda --steps 5 --batch 4
 
 Training keeps the config's crop, schedule length and model; the batch is reduced (``--batch``) and every loss term
@@ -29,7 +29,9 @@ import numpy as np
 
 from common import add_json_option, write_result
 
-PAPER_CONFIGS = ("seco-vitb16-voc", "seco-vitb16-coco", "cobra-r152-deits-voc", "cam-vitb16-voc", "seam-r50-voc")
+PAPER_CONFIGS = ("seco-vitb16-voc", "seco-vitb16-coco", "cobra-r152-deits-voc", "cam-vitb16-voc", "seam-r50-voc",
+                 "deeplab-r101-voc", "segformer-b2-voc")  # fmt: skip
+SEG_CONFIGS = ("deeplab-", "segformer-")  # trained on masks (here the synthetic ground truth), served by --source seg
 SIZE = (500, 375)  # width, height: the common VOC image size
 
 
@@ -104,16 +106,18 @@ def bench_config(name: str, tmp: Path, data: Path, args) -> dict:
     child = [sys.executable, __file__, "--child", name, "--data", f"voc:{data}:train", "--out", str(out / "run"),
              "--steps", str(args.steps), "--batch", str(args.batch), "--device", args.device]  # fmt: skip
     row = {"config": name, "batch": args.batch, "steps": args.steps, "train": run(child, out / "train.log")}
+    seg = ["--source", "seg"] if name.startswith(SEG_CONFIGS) else []
     if row["train"]["rc"] == 0:
         row["train"].update(json.loads((out / "train.json").read_text()))
         ckpt = str(out / "run" / "last.safetensors")
         row["label"] = run([*cli, "label", "--ckpt", ckpt, "--data", f"voc:{data}:val", "--out", str(out / "labels"),
                             "--refine", args.refine, "--device", args.device, "--batch", "2", "--workers", "2",
-                            "--quiet", "--fail-on-error"], out / "label.log")  # fmt: skip
+                            "--quiet", "--fail-on-error", *seg], out / "label.log")  # fmt: skip
         if row["label"]["rc"] == 0:
             summary = json.loads(next((out / "labels").glob("summary-shard-*.json")).read_text())
             row["label"].update(ok=summary["ok"], failed=summary["failed"], images_per_s=summary["images_per_s"])
-        row["export"] = run([*cli, "export", "--ckpt", ckpt, "--onnx", str(out / "net.onnx"), "--verify"],
+        what = ["--what", "seg"] if seg else []
+        row["export"] = run([*cli, "export", "--ckpt", ckpt, "--onnx", str(out / "net.onnx"), "--verify", *what],
                             out / "export.log")  # fmt: skip
     row["passed"] = all(row[k]["rc"] == 0 for k in ("train", "label", "export") if k in row) and "export" in row
     return row

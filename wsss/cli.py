@@ -115,8 +115,11 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 )
 @click.option("--list-configs", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda c, p, v: _list_configs(c, v), help="List the named configs and exit.")  # fmt: skip
+@click.option("--masks", "masks_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Segmentation configs (deeplab-*, segformer-*): the pseudo-masks, DIR/ID.png for every image "
+                   "(wsss label, wsss cobra-masks or any palette PNGs; 255 ignored).")  # fmt: skip
 def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device, pretrained_cnn,
-          no_cap, no_sap, no_cam_loss, seed_source) -> None:  # fmt: skip
+          no_cap, no_sap, no_cam_loss, seed_source, masks_dir) -> None:  # fmt: skip
     """Train a network from image-level labels; leaves OUT/last.safetensors.
 
     \b
@@ -128,6 +131,9 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
     Example (CoBra, both branches from local ImageNet weights, without the CAP loss):
       wsss train --config cobra-r152-deits-voc --data voc:VOCdevkit/VOC2012:train_aug \\
                  --pretrained deit_small_patch16_224-cd65a155.pth --pretrained-cnn resnet152-b121ed2d.pth --no-cap
+    Example (the final segmentation network on pseudo-masks from wsss label):
+      wsss train --config deeplab-r101-voc --data voc:VOCdevkit/VOC2012:train_aug --masks runs/label/labels \\
+                 --pretrained resnet101-63fe2227.pth --out runs/deeplab
     Progress goes to OUT/metrics.jsonl; Ctrl-C saves a checkpoint, --resume continues.
     """
     from .train.configs import get_config
@@ -143,15 +149,35 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
         cfg = get_config(config_name, overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise click.BadParameter(str(err).strip("\"'")) from None
+    data = _dataset(data_spec)
+    if masks_dir is not None or cfg["method"] == "segnet":
+        data = _masked(data, masks_dir, cfg)
     if cfg["method"] == "sccam":  # SC-CAM's rounds, each a training run (§7.2)
         from .train.sccam_rounds import train_rounds as run_training
     try:
-        path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
+        path = run_training(cfg, data, out, val=_dataset(val_spec) if val_spec else None,
                             pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip
     except KeyboardInterrupt as stop:
         click.echo(f"\n{stop}", err=True)
         sys.exit(130)
     click.echo(f"checkpoint: {path}")
+
+
+def _masked(data, masks_dir: Path | None, cfg: dict):
+    """The dataset with the pseudo-masks of ``--masks`` (a segmentation config without it trains on the dataset's
+    own masks); refused in one line for configs that learn from tags."""
+    from .data.datasets import DatasetError
+    from .data.masks import MaskedDataset
+
+    if cfg["method"] != "segnet":
+        raise click.BadParameter(f"{cfg['name']} learns from image-level tags; --masks is for segmentation "
+                                 "configs (deeplab-*, segformer-*)", param_hint="--masks")  # fmt: skip
+    if masks_dir is None:
+        return data
+    try:
+        return MaskedDataset(data, masks_dir)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint="--masks") from None
 
 
 def _list_configs(ctx: click.Context, value: bool) -> None:
@@ -187,6 +213,10 @@ def _cam_options(command):
         click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size."),
         click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (the GPU that runs it)."),
+        click.option("--source", type=click.Choice(["cam", "seg"]), default="cam", show_default=True,
+                     help="seg: the network's segmentation decoder under §3.15's protocol (scales 1.0,1.25,1.5 unless "
+                          "--scales, flips summed, max over scales, softmax; --refine crf: §5.3 row A), for SeCo "
+                          "and segmentation networks (deeplab-*, segformer-*) or a wsss export --what seg graph."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
@@ -194,12 +224,15 @@ def _cam_options(command):
 
 
 def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source,
-             opener=None):  # fmt: skip
-    """Backend, spec, metadata, CAM settings and dataset of a labeling job (``opener``: how the backend opens, by
-    default here)."""
-    runner, spec, meta = (opener or _open_backend)(ckpt, engine, backend, device, use_compile)
+             source="cam", opener=None):  # fmt: skip
+    """Backend, spec, metadata, CAM (or §3.15 segmentation) settings and dataset of a labeling job (``opener``: how
+    the backend opens, by default here)."""
+    from .cam.seg import seg_settings
+
+    runner, spec, meta = (opener or _open_backend)(ckpt, engine, backend, device, use_compile, source)
     try:
-        settings = spec.cam.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
+        base = seg_settings(spec.cam) if source == "seg" else spec.cam
+        settings = base.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     dataset = _dataset(data_spec, spec.class_names if data_spec.startswith("folder:") else None)
@@ -208,8 +241,12 @@ def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip
 
 def _run_labeler(runner, spec, meta, dataset, out, cfg, cluster=None) -> dict:
     from .data.datasets import DatasetError
-    from .runtime.labeler import label_dataset
+    from .runtime.labeler import check_source, label_dataset
 
+    try:
+        check_source(runner, cfg)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--source") from None
     try:
         if cluster is not None:  # runner: the replicas' network (_ray_opener)
             from .runtime.cluster import label_on_ray
@@ -230,7 +267,7 @@ def _run_labeler(runner, spec, meta, dataset, out, cfg, cluster=None) -> dict:
               help="crf: also write dense-CRF masks (§5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
 def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, crf_impl, batch, workers,
-        overlays, device):  # fmt: skip
+        overlays, device, source):  # fmt: skip
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -238,13 +275,16 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
       wsss cam --ckpt runs/cam/last.safetensors --data voc:data/synth:train --out runs/cam/train --refine crf
     The same pipeline as `wsss label`, keeping the seeds too. Images without tags (folder:DIR) use the classes
     the classifier predicts (sigmoid > cam.score_thresh).
+    With --source seg: OUT/seeds holds the decoder's raw §3.15 prediction, OUT/masks (--refine crf) its CRF
+    (§5.3 row A), e.g. wsss cam --ckpt runs/seco/last.safetensors --data voc:data/synth:val --out runs/seco/seg \\
+    --source seg --refine crf, then wsss eval --pred runs/seco/seg/masks --gt data/synth/SegmentationClass.
     """
     from .runtime.labeler import LabelConfig, crf_implementation
 
     runner, spec, meta, settings, dataset = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip,
-                                                     bkg_thresh, input_size, seed_source)  # fmt: skip
+                                                     bkg_thresh, input_size, seed_source, source)  # fmt: skip
     cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch, workers,
-                      overlays=overlays, crf_impl=crf_impl)  # fmt: skip
+                      overlays=overlays, crf_impl=crf_impl, source=source)  # fmt: skip
     try:
         crf_implementation(cfg, device)
     except RuntimeError as err:  # pydensecrf asked for, not installed
@@ -542,6 +582,7 @@ def label(
     workers,
     overlays,
     device,
+    source,
 ) -> None:
     """Pseudo-label a dataset in batch: resumable, sharded, every core busy.
 
@@ -552,6 +593,7 @@ def label(
       wsss label ... --resume            # after a crash or kill: finishes the job, redoing nothing twice
       wsss label merge labels            # one summary.json from all shards
       wsss label --ckpt M.safetensors --device cuda:1 --precision bf16 ...   # GPU 1, bf16 network forward
+      wsss label --ckpt runs/deeplab/last.safetensors --source seg ...   # a decoder's §3.15 prediction + CRF
     Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
     reasons, seconds per stage, a timeline of each stage's busy fraction and the one that bounds the run,
     configuration, checkpoint hash). Bad images are recorded, never fatal. folder:DIR walks subfolders; an id is
@@ -575,13 +617,13 @@ def label(
     try:
         runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec,
                                                          scales, flip, bkg_thresh, input_size, seed_source,
-                                                         opener)  # fmt: skip
+                                                         source, opener)  # fmt: skip
     except RuntimeError as err:  # an execution provider or engine that cannot start here
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
                       save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision,
-                      crf_impl=crf_impl, cams_scale=cams_scale)  # fmt: skip
+                      crf_impl=crf_impl, cams_scale=cams_scale, source=source)  # fmt: skip
     try:
         crf_implementation(cfg, device)
     except RuntimeError as err:  # pydensecrf asked for, not installed
@@ -619,9 +661,10 @@ def _ray_opener(cluster, precision: str):
     from .models import CheckpointError
     from .runtime.cluster import BackendSource, open_network
 
-    def opener(ckpt, engine, backend, device, use_compile):
+    def opener(ckpt, engine, backend, device, use_compile, what="cam"):
         try:
-            network = open_network(BackendSource(ckpt, engine, backend, device, use_compile), precision, cluster)
+            network = open_network(BackendSource(ckpt, engine, backend, device, use_compile, what=what), precision,
+                                   cluster)  # fmt: skip
         except (CheckpointError, ValueError) as err:
             raise click.BadParameter(str(err)) from None
         return network, network.spec, network.meta
@@ -680,12 +723,12 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _open_backend(ckpt, engine, backend, device, use_compile):
+def _open_backend(ckpt, engine, backend, device, use_compile, what="cam"):
     from .models import CheckpointError
     from .runtime.backends import open_backend
 
     try:
-        return open_backend(ckpt, engine, backend, device, use_compile)
+        return open_backend(ckpt, engine, backend, device, use_compile, what=what)
     except (CheckpointError, ValueError) as err:
         raise click.BadParameter(str(err)) from None
 

@@ -155,7 +155,7 @@ class ModelSpec:
     @property
     def patch_size(self) -> int:
         """The ViT patch size: the stride of the CAM grid (CoBra's CNN matches it at its training crop)."""
-        if "output_stride" in self.arch:  # CNN families (SEAM, SC-CAM): the trunk's output stride
+        if "output_stride" in self.arch:  # CNN families (SEAM, SC-CAM, segnet): the trunk's output stride
             return int(self.arch["output_stride"])
         return vit_patch_size(self.arch["backbone"])
 

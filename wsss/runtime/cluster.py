@@ -39,6 +39,7 @@ from .labeler import (
     _crf_in_worker,
     _crf_on_device,
     _finish,
+    _probs,
     failed_record,
     forward_chunk,
     plan_run,
@@ -68,6 +69,7 @@ class BackendSource:
     device: str = "cpu"  # cpu, or cuda: each replica takes the GPU Ray gives it
     compile: bool = False
     vit_ckpt: str | Path | None = None
+    what: str = "cam"  # the graph: cam, or seg for --source seg
 
     @property
     def on_gpu(self) -> bool:
@@ -76,7 +78,8 @@ class BackendSource:
     def open(self, precision: str):
         """(backend at ``precision``, spec, meta) in this process; on a GPU the first Ray assigned to it."""
         device = "cuda" if self.on_gpu else self.device
-        backend, spec, meta = open_backend(self.ckpt, self.engine, self.backend, device, self.compile, self.vit_ckpt)
+        backend, spec, meta = open_backend(self.ckpt, self.engine, self.backend, device, self.compile, self.vit_ckpt,
+                                           self.what)  # fmt: skip
         return backend.at_precision(precision), spec, meta
 
 
@@ -99,6 +102,10 @@ class Network:
     spec: ModelSpec
     meta: dict
     backend: str  # the backend's name, for the summary
+
+    @property
+    def what(self) -> str:  # what its graph gives (check_source)
+        return self.source.what
 
 
 def connect(cluster: ClusterConfig):
@@ -232,7 +239,7 @@ def _refine_and_write(row: dict, out: str, cfg: LabelConfig, host_crf: str | Non
     for sample, res, label, overlay in zip(samples, results, labels, overlays, strict=True):
         if host_crf is not None:
             try:
-                label, seconds = _crf_in_worker(host_crf, sample.image, res.seed, res.tags.numpy())
+                label, seconds = _crf_in_worker(host_crf, sample.image, res.seed, res.tags.numpy(), _probs(res, cfg))
             except Exception as err:  # noqa: BLE001 - one item's refinement failed: that item alone
                 records.append(failed_record(sample.id, err))
                 continue
