@@ -115,8 +115,11 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 )
 @click.option("--list-configs", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda c, p, v: _list_configs(c, v), help="List the named configs and exit.")  # fmt: skip
+@click.option("--masks", "masks_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Segmentation configs (deeplab-*, segformer-*): the pseudo-masks, DIR/ID.png for every image "
+                   "(wsss label, wsss cobra-masks or any palette PNGs; 255 ignored).")  # fmt: skip
 def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, resume, device, pretrained_cnn,
-          no_cap, no_sap, no_cam_loss, seed_source) -> None:  # fmt: skip
+          no_cap, no_sap, no_cam_loss, seed_source, masks_dir) -> None:  # fmt: skip
     """Train a network from image-level labels; leaves OUT/last.safetensors.
 
     \b
@@ -128,6 +131,9 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
     Example (CoBra, both branches from local ImageNet weights, without the CAP loss):
       wsss train --config cobra-r152-deits-voc --data voc:VOCdevkit/VOC2012:train_aug \\
                  --pretrained deit_small_patch16_224-cd65a155.pth --pretrained-cnn resnet152-b121ed2d.pth --no-cap
+    Example (the final segmentation network on pseudo-masks from wsss label):
+      wsss train --config deeplab-r101-voc --data voc:VOCdevkit/VOC2012:train_aug --masks runs/label/labels \\
+                 --pretrained resnet101-63fe2227.pth --out runs/deeplab
     Progress goes to OUT/metrics.jsonl; Ctrl-C saves a checkpoint, --resume continues.
     """
     from .train.configs import get_config
@@ -143,13 +149,33 @@ def train(config_name, data_spec, out, val_spec, overrides, seed, pretrained, re
         cfg = get_config(config_name, overrides)
     except (KeyError, ValueError, TypeError) as err:
         raise click.BadParameter(str(err).strip("\"'")) from None
+    data = _dataset(data_spec)
+    if masks_dir is not None or cfg["method"] == "segnet":
+        data = _masked(data, masks_dir, cfg)
     try:
-        path = run_training(cfg, _dataset(data_spec), out, val=_dataset(val_spec) if val_spec else None,
+        path = run_training(cfg, data, out, val=_dataset(val_spec) if val_spec else None,
                             pretrained=pretrained, resume=resume, device=device, seed=seed)  # fmt: skip
     except KeyboardInterrupt as stop:
         click.echo(f"\n{stop}", err=True)
         sys.exit(130)
     click.echo(f"checkpoint: {path}")
+
+
+def _masked(data, masks_dir: Path | None, cfg: dict):
+    """The dataset with the pseudo-masks of ``--masks`` (a segmentation config without it trains on the dataset's
+    own masks); refused in one line for configs that learn from tags."""
+    from .data.datasets import DatasetError
+    from .data.masks import MaskedDataset
+
+    if cfg["method"] != "segnet":
+        raise click.BadParameter(f"{cfg['name']} learns from image-level tags; --masks is for segmentation "
+                                 "configs (deeplab-*, segformer-*)", param_hint="--masks")  # fmt: skip
+    if masks_dir is None:
+        return data
+    try:
+        return MaskedDataset(data, masks_dir)
+    except DatasetError as err:
+        raise click.BadParameter(str(err), param_hint="--masks") from None
 
 
 def _list_configs(ctx: click.Context, value: bool) -> None:

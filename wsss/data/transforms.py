@@ -51,15 +51,16 @@ def color_jitter(
     return out.astype(np.uint8)
 
 
-def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_crop(img: np.ndarray, crop: int, rng: np.random.Generator, fill=0) -> tuple[np.ndarray, np.ndarray]:
     """Place ``img`` on a black canvas of at least ``crop`` x ``crop`` and cut a random crop (§1.6).
 
     Returns the crop and ``img_box = (top, bottom, left, right)``, the half-open region of real pixels.
+    ``fill``: the canvas value per channel (``augment_with_mask`` pads its mask channel with 255, ignored).
     """
     h, w = img.shape[:2]
     ch, cw = max(crop, h), max(crop, w)
     hpad, wpad = int(rng.integers(0, ch - h + 1)), int(rng.integers(0, cw - w + 1))
-    canvas = np.zeros((ch, cw, 3), np.uint8)
+    canvas = np.full((ch, cw, img.shape[2]), fill, np.uint8)
     canvas[hpad : hpad + h, wpad : wpad + w] = img
     hs, ws = int(rng.integers(0, ch - crop + 1)), int(rng.integers(0, cw - crop + 1))
     box = np.array([max(hpad - hs, 0), min(crop, h + hpad - hs), max(wpad - ws, 0), min(crop, w + wpad - ws)], np.int16)
@@ -74,6 +75,22 @@ def augment(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tu
     if rng.random() < cfg.jitter:
         img = color_jitter(img, rng)
     return random_crop(np.ascontiguousarray(img), cfg.crop, rng)
+
+
+def augment_with_mask(img: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """One segmentation training view: the image and its (H, W) uint8 mask rescaled (bilinear / nearest), flipped
+    and cropped together, the image colour-jittered; canvas padding is 255 (ignored) in the mask."""
+    r = rng.uniform(*cfg.scale_range)
+    size = (max(int(r * img.shape[1]), 1), max(int(r * img.shape[0]), 1))
+    img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    if rng.random() < cfg.flip:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    if rng.random() < cfg.jitter:
+        img = color_jitter(img, rng)
+    both, _ = random_crop(np.ascontiguousarray(np.dstack([img, mask])), cfg.crop, rng, fill=(0, 0, 0, 255))
+    return both[..., :3], both[..., 3]
 
 
 def normalize_images(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import cam_net, cobra, irn, seco  # noqa: F401  (each registers its family)
+from . import cam_net, cobra, irn, seco, segnet  # noqa: F401  (each registers its family)
 from .backbone import BackboneConfig
 from .cam_net import CAMNet
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -24,6 +24,7 @@ from .checkpoint import (
 from .official import cobra_filter, cobra_partner, describe_unknown, detect_layout, read_cobra_file, seco_filter
 from .report import LoadReport, fit_state
 from .resnet import load_resnet_weights
+from .segnet import SegNet, load_segnet_backbone
 from .spec import CAMSettings, ModelSpec, build_model
 
 SPEC_KEY = "spec"
@@ -104,6 +105,8 @@ def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") 
     ``builtin:NAME`` names a file shipped in ``wsss/models/weights`` (the CPU stand-ins for ImageNet weights).
     """
     path = resolve_weights(path)
+    if part == "backbone" and isinstance(model, SegNet):
+        return load_segnet_backbone(model, path)
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":

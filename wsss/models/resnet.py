@@ -50,7 +50,9 @@ def create_resnet(cfg: ResNetConfig) -> ResNet:
     norm = FixedBatchNorm2d if cfg.fixed_bn else nn.BatchNorm2d
     if cfg.name == "custom":
         block = {"basic": BasicBlock, "bottleneck": Bottleneck}[cfg.block]
-        net = ResNet(block, cfg.layers, num_classes=0, global_pool="", channels=cfg.channels, norm_layer=norm)
+        net = ResNet(
+            block, cfg.layers, num_classes=0, global_pool="", channels=cfg.channels, norm_layer=norm, **cfg.extra
+        )
     else:
         net = timm.create_model(cfg.name, num_classes=0, global_pool="", norm_layer=norm, **cfg.extra)
     for layer, stride in zip((net.layer1, net.layer2, net.layer3, net.layer4), cfg.strides, strict=True):

@@ -148,6 +148,8 @@ class ModelSpec:
     @property
     def patch_size(self) -> int:
         """The ViT patch size: the stride of the CAM grid (CoBra's CNN matches it at its training crop)."""
+        if "output_stride" in self.arch:  # CNN segmentation networks (wsss.models.segnet)
+            return int(self.arch["output_stride"])
         return vit_patch_size(self.arch["backbone"])
 
     def replace(self, **changes) -> ModelSpec:

@@ -132,6 +132,49 @@ CONFIGS["cobra-tiny-synth"] = {
     "cobra": {**COBRA_DEFAULTS, "aux_start_epoch": 5},
 }  # fmt: skip
 
+# The final segmentation network on pseudo-masks (wsss.models.segnet, wsss.train.seg). DeepLabV2 R101 with the
+# multi-stage papers' recipe (IRN / CONTA / CLIMS through kazuto1011's deeplab-pytorch): SGD momentum 0.9, lr 2.5e-4
+# (10x ASPP), weight decay 5e-4, poly 0.9, 20,000 iterations of batch 10 (5 x 2 accumulated there), 321 crops of
+# images rescaled by 0.5..1.5, flips; BatchNorm frozen. SegFormer MiT-B2 with its authors' recipe (mmseg):
+# AdamW lr 6e-5 (10x head), weight decay 0.01, warm-up 1,500, poly 1.0, batch 16 at 512 crops, rescale 0.5..2.0.
+# "cam" holds the inference input size of §3.15 (images resized to it, then scales 1.0 / 1.25 / 1.5).
+_R101_OS8 = {"name": "resnet101", "strides": [1, 2, 1, 1], "fixed_bn": True, "frozen_stages": 0,
+             "extra": {"output_stride": 8}}  # fmt: skip
+CONFIGS["deeplab-r101-voc"] = {
+    "method": "segnet",
+    "model": {"kind": "deeplabv2", "backbone": _R101_OS8, "rates": [6, 12, 18, 24], "freeze_bn": True,
+              "output_stride": 8},
+    "pretrained": None,  # torchvision resnet101-63fe2227.pth (ImageNet); --pretrained
+    "data": {"crop": 321, "scale_range": [0.5, 1.5], "flip": 0.5, "jitter": 0.0, "cache_images": False},
+    "optim": {"name": "sgd", "lr": 2.5e-4, "head_lr": 10, "weight_decay": 5e-4, "momentum": 0.9, "power": 0.9},
+    "train": {"iters": 20000, "batch_size": 10, "workers": 8, "amp": True, "log_every": 50, "ckpt_every": 1000,
+              "eval_every": 2000, "eval_images": 1449},
+    "cam": {"input_size": 448},
+}  # fmt: skip
+CONFIGS["segformer-b2-voc"] = {
+    "method": "segnet",
+    "model": {"kind": "segformer", "backbone": {"name": "mit_b2"}, "decoder_channels": 768, "output_stride": 4},
+    "pretrained": None,  # the SegFormer authors' ImageNet-1k mit_b2.pth; --pretrained
+    "data": {"crop": 512, "scale_range": [0.5, 2.0], "flip": 0.5, "jitter": 0.0, "cache_images": False},
+    "optim": {"lr": 6e-5, "weight_decay": 0.01, "warmup": 1500, "warmup_ratio": 1e-6, "power": 1.0, "head_lr": 10},
+    "train": {"iters": 40000, "batch_size": 16, "workers": 8, "amp": True, "log_every": 50, "ckpt_every": 1000,
+              "eval_every": 4000, "eval_images": 1449},
+    "cam": {"input_size": 448},
+}  # fmt: skip
+CONFIGS["deeplab-tiny-synth"] = {
+    "method": "segnet",
+    "model": {"kind": "deeplabv2", "rates": [2, 4, 6, 8], "freeze_bn": False, "output_stride": 8,
+              "backbone": {"name": "custom", "layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256],
+                           "block": "basic", "strides": [1, 2, 1, 1], "fixed_bn": False, "frozen_stages": 0,
+                           "extra": {"output_stride": 8}}},
+    "pretrained": "builtin:resnet-tiny-synth",  # the CPU stand-in for ImageNet weights (benchmarks/pretrain_cnn.py)
+    "data": {"crop": 96, "scale_range": [0.75, 1.25], "flip": 0.5, "jitter": 0.0, "cache_images": True},
+    "optim": {"lr": 1e-3, "weight_decay": 1e-4, "warmup": 20, "warmup_ratio": 1e-6, "power": 0.9, "head_lr": 10},
+    "train": {"iters": 300, "batch_size": 16, "workers": 0, "amp": True, "log_every": 10, "ckpt_every": 50,
+              "eval_every": 0, "eval_images": 300},
+    "cam": {"input_size": 112},
+}  # fmt: skip
+
 
 def config_summaries() -> dict[str, str]:
     """Every named config with its one-line summary, sorted by name (``wsss train --list-configs``)."""

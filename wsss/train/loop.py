@@ -42,6 +42,7 @@ from .cobra import CoBraObjective
 from .configs import model_spec
 from .optim import make_optimizer, param_groups
 from .seco import SeCoObjective
+from .seg import SegObjective, seg_training_set
 
 CHECKPOINT = "last.safetensors"
 RESUME_STATE = "last.state.pt"
@@ -80,7 +81,7 @@ class TrainSet(Dataset):
         return item
 
 
-OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective}
+OBJECTIVES = {"cam": CAMObjective, "seco": SeCoObjective, "cobra": CoBraObjective, "segnet": SegObjective}
 
 
 def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: int, current: int = 0) -> torch.device:
@@ -191,7 +192,7 @@ def train(
     if world > 1:  # DDP broadcasts the model; the objective's teachers, bank and queue follow rank 0 as well
         _broadcast([*objective.parameters(), *objective.buffers()])
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if device.type == "cuda" and cfg["method"] == "cobra":
+    if device.type == "cuda" and cfg["method"] in ("cobra", "segnet"):
         torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN times its convolutions once
 
     batches = _batches(training_set(cfg, data, seed, progress and rank == 0), tcfg, seed, rank, world, step,
@@ -262,6 +263,8 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
 
 def training_set(cfg: dict[str, Any], data: WSSSDataset, seed: int, progress: bool = False) -> TrainSet:
     """The config's augmented training views of ``data``."""
+    if cfg["method"] == "segnet":  # images with their (pseudo-)masks
+        return seg_training_set(cfg, data, seed, progress)
     d = cfg["data"]
     aug = AugmentConfig(d["crop"], tuple(d["scale_range"]), d["flip"], d["jitter"])
     return TrainSet(data, aug, seed, d.get("cache_images", False), progress, seco_views=cfg["method"] == "seco",
@@ -361,7 +364,7 @@ def validate(model: nn.Module, val: WSSSDataset, spec: ModelSpec, device, max_im
     gets the result)."""
     settings = spec.cam
     model.eval()
-    views = {"val_seed_miou": model}
+    views = {"val_seed_miou": model} if spec.family != "segnet" else {}  # a segmentation network has no CAMs
     if hasattr(model, "aux_outputs"):
         views["val_aux_seed_miou"] = _AuxCAM(model)
     matrices = {name: ConfusionMatrix(val.num_classes) for name in views}
