@@ -27,6 +27,7 @@ import torch
 
 from ..cam.crf import CRF_PRESETS, crf_from_probs
 from ..data.datasets import WSSSDataset
+from ..data.palette import save_label_png
 from ..models import build_model
 from ..models.resnet import ResNetConfig
 from ..train.cobra_masks import write_ir_labels, write_masks
@@ -120,6 +121,7 @@ class BenchOptions:
     """How much to run; see ``wsss bench pipeline --help``."""
 
     warmup: int = 2  # untimed optimiser steps before the timed ones
+    official_warmup: int | None = None  # the official style's own (default: warmup; after ours, on the same model)
     steps: int = 5  # timed steps per training stage (and implementation)
     images: int = 8  # timed images per per-image stage
     warmup_images: int = 1  # untimed images before them
@@ -162,12 +164,12 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- training stages
 
 
-def time_training(cfg: dict, data: WSSSDataset, device: torch.device, warmup: int, steps: int,
-                  official: bool) -> dict[str, list[float]]:  # fmt: skip
+def time_training(cfg: dict, data: WSSSDataset, device: torch.device, warmup: int, steps: int, official: bool,
+                  official_warmup: int | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Seconds per ``train_step`` of ``cfg``, ours and (``official``) the loop-transcribed losses, every term on.
 
-    One model serves both: each implementation gets ``warmup`` untimed steps, then their timed steps alternate,
-    so a load change on a shared machine falls on both alike.
+    One model serves both: ours gets ``warmup`` untimed steps, the official style then ``official_warmup``
+    (default: as many), then their timed steps alternate, so a load change on a shared machine falls on both alike.
     """
     torch.manual_seed(0)
     _, model, objective, optim = build_training(cfg, data.classes, device, verbose=False)
@@ -189,7 +191,7 @@ def time_training(cfg: dict, data: WSSSDataset, device: torch.device, warmup: in
 
     styles = ["ours", "official"] if official else ["ours"]
     for style in styles:
-        for _ in range(warmup):
+        for _ in range(warmup if style == "ours" or official_warmup is None else official_warmup):
             one(style)
     times = {style: [] for style in styles}
     for _ in range(steps):
@@ -202,7 +204,8 @@ def _train_stage(stage: Stage, ctx: Context) -> dict:
     cfg = ctx.config(stage.config)
     paper = get_config(stage.config)
     official = has_official_losses(cfg["method"])
-    times = time_training(cfg, ctx.train, ctx.device, ctx.opts.warmup, ctx.opts.steps, official)
+    times = time_training(cfg, ctx.train, ctx.device, ctx.opts.warmup, ctx.opts.steps, official,
+                          ctx.opts.official_warmup)  # fmt: skip
     return {"units": "steps", "count": paper["train"]["iters"], "batch_measured": cfg["train"]["batch_size"],
             "batch_paper": paper["train"]["batch_size"], "ours": times["ours"], "official": times.get("official"),
             "shared": not official}  # fmt: skip
@@ -345,6 +348,35 @@ def official_seg_predict(segment: Callable[[torch.Tensor], torch.Tensor], image:
     return crf_from_probs(image, probs, CRF_PRESETS["seg"])
 
 
+def _seg_infer_stage(stage: Stage, ctx: Context) -> dict:
+    """§3.15's final prediction on the val images: ``wsss label --source seg`` (batched, the CRF pooled or on the
+    device) against :func:`official_seg_predict` one image at a time."""
+    from ..cam.seg import seg_settings  # the segmentation source of the labeler
+
+    model, spec = _network(stage.config, ctx, ctx.val)
+    backend = TorchBackend(model, ctx.device, spec=spec, what="seg")
+    settings = seg_settings(spec.cam)
+    cfg = replace(LabelConfig(settings, "crf"), batch=ctx.opts.label_batch, workers=ctx.opts.workers, quiet=True,
+                  source="seg")  # fmt: skip
+
+    def ours(subset: WSSSDataset, out: Path) -> float:
+        return len(subset) / label_dataset(backend, spec, {}, subset, out, cfg)["images_per_s"]
+
+    @torch.no_grad()
+    def official(subset: WSSSDataset, out: Path) -> float:
+        def run() -> None:
+            for i in range(len(subset)):
+                sample = subset[i]
+                label = official_seg_predict(model.segment, sample.image, spec.mean, spec.std, settings.input_size,
+                                             settings.scales, ctx.device)  # fmt: skip
+                save_label_png(out / f"{sample.id}.png", label.astype(np.uint8))
+
+        return _timed(run)
+
+    return {"units": "images", "ours": _per_image(ours, ctx.val, ctx, "seg"),
+            "official": _per_image(official, ctx.val, ctx, "seg-loop"), "shared": False}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- the bench
 
 RUNNERS: dict[str, Callable[[Stage, Context], dict]] = {
@@ -353,6 +385,8 @@ RUNNERS: dict[str, Callable[[Stage, Context], dict]] = {
     "seeds": _seeds_stage,
     "ir-labels": _ir_labels_stage,
     "masks": _masks_stage,
+    "seg-train": _train_stage,  # a training step of the segmentation config (the shared loop)
+    "seg-infer": _seg_infer_stage,
 }
 
 
@@ -395,10 +429,11 @@ def measured_stages(previous: dict) -> dict[tuple[str, str], dict]:
 
 def bench_pipeline(train: WSSSDataset, val: WSSSDataset, methods: list[str], device: str = "cpu",
                    opts: BenchOptions | None = None, progress: Callable[[str], None] | None = None,
-                   previous: dict | None = None) -> dict:  # fmt: skip
+                   previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
     """Every stage of each method's pipeline, timed ours and official-style, projected to the paper's schedule.
 
-    ``previous`` (an earlier result on the same device) supplies the stages it measured; the rest are timed."""
+    ``previous`` (an earlier result on the same device) supplies the stages it measured; the rest are timed.
+    ``checkpoint(result so far)`` is called after every stage (an interrupted run leaves what it measured)."""
     unknown = [m for m in methods if m not in PIPELINES]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(PIPELINES)}")
@@ -423,6 +458,8 @@ def bench_pipeline(train: WSSSDataset, val: WSSSDataset, methods: list[str], dev
                     what = (f"error: {r['error']}" if "error" in r else f"ours {r['minutes']['ours']:10.1f} min, "
                             f"official {r['minutes']['official']:10.1f} min")  # fmt: skip
                     progress(f"{method:6s} {stage.name:28s} {what} ({time.perf_counter() - tic:.0f} s)")
+                if checkpoint:
+                    checkpoint({**result, "methods": {**result["methods"], method: summarise(rows)}})
             result["methods"][method] = summarise(rows)
     return result
 
