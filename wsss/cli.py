@@ -211,17 +211,25 @@ def _cam_options(command):
         click.option("--workers", default=2, show_default=True, help="Decoding, CRF and writer pool size."),
         click.option("--overlays", default=0, show_default=True, help="Overlay strips for the first K images."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (the GPU that runs it)."),
+        click.option("--source", type=click.Choice(["cam", "seg"]), default="cam", show_default=True,
+                     help="seg: the network's segmentation decoder under §3.15's protocol (scales 1.0,1.25,1.5 unless "
+                          "--scales, flips summed, max over scales, softmax; --refine crf: §5.3 row A), for SeCo "
+                          "and segmentation networks (deeplab-*, segformer-*) or a wsss export --what seg graph."),
     ]  # fmt: skip
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source):
-    """Backend, spec, metadata, CAM settings and dataset of a labeling job."""
-    runner, spec, meta = _open_backend(ckpt, engine, backend, device, use_compile)
+def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source,
+             source="cam"):  # fmt: skip
+    """Backend, spec, metadata, CAM (or §3.15 segmentation) settings and dataset of a labeling job."""
+    from .cam.seg import seg_settings
+
+    runner, spec, meta = _open_backend(ckpt, engine, backend, device, use_compile, source)
     try:
-        settings = spec.cam.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
+        base = seg_settings(spec.cam) if source == "seg" else spec.cam
+        settings = base.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     dataset = _dataset(data_spec, spec.class_names if data_spec.startswith("folder:") else None)
@@ -230,8 +238,12 @@ def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip
 
 def _run_labeler(runner, spec, meta, dataset, out, cfg) -> dict:
     from .data.datasets import DatasetError
-    from .runtime.labeler import label_dataset
+    from .runtime.labeler import check_source, label_dataset
 
+    try:
+        check_source(runner, cfg)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--source") from None
     try:
         return label_dataset(runner, spec, meta, dataset, out, cfg)
     except FileExistsError as err:
@@ -248,7 +260,7 @@ def _run_labeler(runner, spec, meta, dataset, out, cfg) -> dict:
               help="crf: also write dense-CRF masks (§5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
 def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, crf_impl, batch, workers,
-        overlays, device):  # fmt: skip
+        overlays, device, source):  # fmt: skip
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -256,13 +268,16 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
       wsss cam --ckpt runs/cam/last.safetensors --data voc:data/synth:train --out runs/cam/train --refine crf
     The same pipeline as `wsss label`, keeping the seeds too. Images without tags (folder:DIR) use the classes
     the classifier predicts (sigmoid > cam.score_thresh).
+    With --source seg: OUT/seeds holds the decoder's raw §3.15 prediction, OUT/masks (--refine crf) its CRF
+    (§5.3 row A), e.g. wsss cam --ckpt runs/seco/last.safetensors --data voc:data/synth:val --out runs/seco/seg \\
+    --source seg --refine crf, then wsss eval --pred runs/seco/seg/masks --gt data/synth/SegmentationClass.
     """
     from .runtime.labeler import LabelConfig, crf_implementation
 
     runner, spec, meta, settings, dataset = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip,
-                                                     bkg_thresh, input_size, seed_source)  # fmt: skip
+                                                     bkg_thresh, input_size, seed_source, source)  # fmt: skip
     cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch, workers,
-                      overlays=overlays, crf_impl=crf_impl)  # fmt: skip
+                      overlays=overlays, crf_impl=crf_impl, source=source)  # fmt: skip
     try:
         crf_implementation(cfg, device)
     except RuntimeError as err:  # pydensecrf asked for, not installed
@@ -495,6 +510,7 @@ def label(
     workers,
     overlays,
     device,
+    source,
 ) -> None:
     """Pseudo-label a dataset in batch: resumable, sharded, every core busy.
 
@@ -505,6 +521,7 @@ def label(
       wsss label ... --resume            # after a crash or kill: finishes the job, redoing nothing twice
       wsss label merge labels            # one summary.json from all shards
       wsss label --ckpt M.safetensors --device cuda:1 --precision bf16 ...   # GPU 1, bf16 network forward
+      wsss label --ckpt runs/deeplab/last.safetensors --source seg ...   # a decoder's §3.15 prediction + CRF
     Writes OUT/labels/ID.png (VOC palette, original resolution), OUT/summary.json (counts, failures and their
     reasons, seconds per stage, a timeline of each stage's busy fraction and the one that bounds the run,
     configuration, checkpoint hash). Bad images are recorded, never fatal.
@@ -521,13 +538,14 @@ def label(
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec,
-                                                         scales, flip, bkg_thresh, input_size, seed_source)  # fmt: skip
+                                                         scales, flip, bkg_thresh, input_size, seed_source,
+                                                         source)  # fmt: skip
     except RuntimeError as err:  # an execution provider or engine that cannot start here
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
     cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
                       save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision,
-                      crf_impl=crf_impl, cams_scale=cams_scale)  # fmt: skip
+                      crf_impl=crf_impl, cams_scale=cams_scale, source=source)  # fmt: skip
     try:
         crf_implementation(cfg, device)
     except RuntimeError as err:  # pydensecrf asked for, not installed
@@ -568,12 +586,12 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _open_backend(ckpt, engine, backend, device, use_compile):
+def _open_backend(ckpt, engine, backend, device, use_compile, what="cam"):
     from .models import CheckpointError
     from .runtime.backends import open_backend
 
     try:
-        return open_backend(ckpt, engine, backend, device, use_compile)
+        return open_backend(ckpt, engine, backend, device, use_compile, what=what)
     except (CheckpointError, ValueError) as err:
         raise click.BadParameter(str(err)) from None
 

@@ -1,4 +1,6 @@
-"""Inference backends behind one interface: ``backend(x) -> (logits (B, K), *CAM groups)`` as float32 torch tensors.
+"""Inference backends behind one interface: ``backend(x) -> (logits (B, K), *CAM groups)`` as float32 torch tensors,
+or for segmentation (``backend.what == "seg"``: ``TorchBackend(..., what="seg")``, a ``--what seg`` graph)
+``backend(x) -> (seg,)``, the decoder's logits (B, K + 1, h, w).
 
 The groups are those of the network in cam mode: ``cams`` (B, K, h, w) for CAM and SeCo networks, ``cams_cnn`` and
 ``cams_vit`` for CoBra (§4.8). ``x`` is a (B, 3, H, W) float32 batch normalised by ``backend.spec``'s mean/std, on
@@ -19,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.onnx import INPUT, NORM_OUTPUT, onnx_session, ort_providers, read_metadata
+from ..export.onnx import INPUT, NORM_OUTPUT, graph_for, onnx_session, ort_providers, read_metadata
 from ..export.tensorrt import label_profile, ort_tensorrt_options, run_chunks
 from ..models import ModelSpec, load_model
 from ..models.checkpoint import file_sha256
 
 BACKENDS = ("torch", "onnx", "onnx-trt", "trt")  # onnx-trt: ONNX Runtime's TensorRT provider
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SEG_OUTPUTS = ["seg"]  # a segmentation graph (wsss export --what seg)
 ORT_TRT_FIX = "its profile follows the file's CAM settings; for other --scales or --input-size use --backend onnx"
 
 
@@ -54,9 +57,13 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", compile: bool = False,
-                 spec: ModelSpec | None = None):  # fmt: skip
+                 spec: ModelSpec | None = None, what: str = "cam"):  # fmt: skip
         self.device = torch.device(device)
         self.spec: ModelSpec = spec or model.spec
+        self.what = what  # cam: (logits, *CAM groups); seg: (seg logits,) of the network's decoder
+        if what == "cam" and self.spec.family == "segnet":
+            raise ValueError("a segmentation network has no CAMs: use --source seg")
+        model = graph_for(model, self.spec, "seg") if what == "seg" else model
         self.model = model.to(self.device).eval()
         self.patch_size = self.spec.patch_size
         self.run = torch.compile(self.model, dynamic=True) if compile else self.model
@@ -105,6 +112,7 @@ class OnnxBackend:
             self.name = "onnx-trt"
         self.session = onnx_session(path, ort_providers(self.device, options))
         self.outputs = _cam_outputs([o.name for o in self.session.get_outputs()], path)
+        self.what = "seg" if self.outputs == SEG_OUTPUTS else "cam"
 
     def at_precision(self, precision: str) -> OnnxBackend:
         if precision == self.precision:
@@ -145,6 +153,7 @@ class TensorRTBackend:
         self.patch_size = self.spec.patch_size
         keep = _cam_outputs(self.runner.outputs, path)
         self.index = [self.runner.outputs.index(n) for n in keep]
+        self.what = "seg" if keep == SEG_OUTPUTS else "cam"
 
     def at_precision(self, precision: str) -> TensorRTBackend:
         if precision != "fp32":
@@ -158,7 +167,10 @@ class TensorRTBackend:
 
 
 def _cam_outputs(names: list[str], path: str | Path) -> list[str]:
-    """The network's outputs of a CAM graph, in graph order (``cams_norm`` is for consumers without wsss)."""
+    """The network's outputs of a CAM graph, in graph order (``cams_norm`` is for consumers without wsss), or those
+    of a segmentation graph (``--what seg``)."""
+    if names == SEG_OUTPUTS:
+        return names
     if not names or names[0] != "logits":
         raise ValueError(f"{path}: not a CAM graph (outputs {names}); export it with --what cam")
     return [n for n in names if n != NORM_OUTPUT]
@@ -168,14 +180,15 @@ Backend = TorchBackend | OnnxBackend | TensorRTBackend
 
 
 def open_backend(ckpt: str | Path | None = None, engine: str | Path | None = None, backend: str | None = None,
-                 device: str = "cpu", compile: bool = False,
-                 vit_ckpt: str | Path | None = None) -> tuple[Backend, ModelSpec, dict]:  # fmt: skip
+                 device: str = "cpu", compile: bool = False, vit_ckpt: str | Path | None = None,
+                 what: str = "cam") -> tuple[Backend, ModelSpec, dict]:  # fmt: skip
     """A backend on ``select_device(device)``, its spec and metadata, from a checkpoint (torch; any file
     ``load_model`` reads, ``vit_ckpt`` the other file of an official CoBra pair) or an exported artifact (.onnx /
     .engine). ``backend.at_precision(p)`` gives it at another precision.
 
-    ``meta`` holds ``source_sha256`` (and ``source_sha256_vit`` for CoBra pairs); for artifacts also
-    ``artifact_sha256`` and the file's other metadata (outputs, version).
+    ``what="seg"``: a checkpoint's network runs its decoder (``(seg,)`` logits); an artifact's graph is what it was
+    exported as (``backend.what``). ``meta`` holds ``source_sha256`` (and ``source_sha256_vit`` for CoBra pairs);
+    for artifacts also ``artifact_sha256`` and the file's other metadata (outputs, version).
     """
     if (ckpt is None) == (engine is None):
         raise ValueError("give exactly one of --ckpt (PyTorch) or --engine (.onnx / .engine)")
@@ -184,7 +197,7 @@ def open_backend(ckpt: str | Path | None = None, engine: str | Path | None = Non
         if backend not in (None, "torch"):
             raise ValueError(f"--backend {backend} runs exported files: export with wsss export, then pass --engine")
         loaded = load_model(ckpt, vit_path=vit_ckpt)
-        return TorchBackend(loaded.model, device, compile, loaded.spec), loaded.spec, loaded.meta
+        return TorchBackend(loaded.model, device, compile, loaded.spec, what), loaded.spec, loaded.meta
     engine = Path(engine)
     kind = backend or ("trt" if engine.suffix in (".engine", ".plan") else "onnx")
     if kind not in BACKENDS[1:]:

@@ -36,6 +36,7 @@ from ..cam.crf_torch import refine_seed_crf_batch
 from ..cam.overlay import save_overlay
 from ..cam.par import refine_labels
 from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
+from ..cam.seg import predict_segmentation, refine_segmentation
 from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
 from ..models import CAMSettings, ModelSpec
@@ -67,6 +68,7 @@ class LabelConfig:
     precision: str = "fp32"  # the network's forward: fp32 | fp16 | bf16 (``backend.at_precision``)
     crf_impl: str = "auto"  # who runs refine="crf": auto | torch | pydensecrf (crf_implementation)
     cams_scale: float = 1.0  # save_cams: maps downscaled by this factor on the device (bilinear)
+    source: str = "cam"  # cam: CAM seeds; seg: a decoder's §3.15 prediction (cams: its class probabilities)
 
 
 @dataclass
@@ -203,8 +205,9 @@ def write_item(out: Path, sample: Sample, label: np.ndarray, res: CAMResult, cfg
         _atomic(out / cfg.seed_dir / f"{sample.id}.png", lambda p: save_label_png(p, res.seed))
     if cfg.label_dir:
         _atomic(out / cfg.label_dir / f"{sample.id}.png", lambda p: save_label_png(p, label))
-    if cfg.save_cams:  # res.cam: float16, downscaled by cfg.cams_scale
-        arrays = {"cams": res.cam.numpy(), "tags": res.tags.numpy(), "image_size": np.array(label.shape)}
+    if cfg.save_cams:  # res.cam: float16, downscaled by cfg.cams_scale (here, if it came for a host CRF)
+        cams = res.cam if res.cam.dtype == torch.float16 else _saved_cams(res.cam, cfg.cams_scale)
+        arrays = {"cams": cams.numpy(), "tags": res.tags.numpy(), "image_size": np.array(label.shape)}
         _atomic(out / "cams" / f"{sample.id}.npz", lambda p: _save_npz(p, **arrays))
     if cfg.format == "coco-rle":
         record = {"id": sample.id, "height": label.shape[0], "width": label.shape[1],
@@ -229,17 +232,25 @@ def _refine_par(samples: list[Sample], results: list[CAMResult], settings: CAMSe
     return labels
 
 
-def _refine_crf(samples: list[Sample], results: list[CAMResult], device) -> list[torch.Tensor]:
-    """uint8 dense-CRF labels (§5.3 row C) of a chunk, batched on the device; the images reach it in one copy."""
+def _refine_crf(samples: list[Sample], results: list[CAMResult], device, source: str = "cam") -> list[torch.Tensor]:
+    """uint8 dense-CRF labels (§5.3 row C; row A on the probabilities of ``source="seg"``) of a chunk, batched on
+    the device; the images reach it in one copy."""
     images = to_device([s.image for s in samples], device)
+    if source == "seg":
+        return refine_segmentation(images, [r.cam for r in results], "torch", device)
     tags = torch.stack([r.tags for r in results])
     return refine_seed_crf_batch(images, [r.seed for r in results], tags, "seed", device)
 
 
-def _crf_in_worker(impl: str, image: np.ndarray, seed: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, float]:
-    """One image's dense CRF in a pool worker: the uint8 label and the seconds it took there."""
+def _crf_in_worker(impl: str, image: np.ndarray, seed: np.ndarray, tags: np.ndarray,
+                   probs: np.ndarray | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
+    """One image's dense CRF in a pool worker (row A on ``probs`` when given): the uint8 label and the seconds it
+    took there."""
     tic = time.perf_counter()
-    if impl == "pydensecrf":
+    if probs is not None:
+        torch.set_num_threads(1)
+        label = np.asarray(refine_segmentation([image], [probs], impl)[0], np.uint8)
+    elif impl == "pydensecrf":
         label = refine_seed_crf(image, seed, tags)
     else:
         torch.set_num_threads(1)  # a core per worker, as pydensecrf
@@ -256,15 +267,18 @@ def _saved_cams(cam: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def _fetch(results: list[CAMResult], refined: list[torch.Tensor] | None, cfg: LabelConfig,
-           overlay: bool) -> tuple[list[CAMResult], list[np.ndarray]]:  # fmt: skip
+           overlay: bool, probs: bool = False) -> tuple[list[CAMResult], list[np.ndarray]]:  # fmt: skip
     """Host results and labels of a chunk (PAR's, else the seeds), one copy per dtype: seeds only where written,
-    shown or refined on the host, CAMs (float16) only when saved."""
+    shown or refined on the host, CAMs (float16) only when saved; ``probs``: the float32 maps (a host CRF's
+    input)."""
     wanted = {"tags": [r.tags.to(torch.uint8) for r in results]}  # multi-hot: exact in uint8
     if refined is not None:
         wanted["labels"] = refined
     if refined is None or cfg.seed_dir or overlay:
         wanted["seeds"] = [r.seed for r in results]
-    if cfg.save_cams:
+    if probs:
+        wanted["cams"] = [r.cam.float() for r in results]
+    elif cfg.save_cams:
         wanted["cams"] = [_saved_cams(r.cam, cfg.cams_scale) for r in results]
     n = len(results)
     flat = to_host([t for group in wanted.values() for t in group])
@@ -288,6 +302,7 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     tag = f"shard-{index}-of-{count}"
     if cfg.label_dir is None and cfg.refine != "none":
         raise ValueError("refined labels need a label_dir")
+    check_source(backend, cfg)
     optional = {"cams": cfg.save_cams, "rle": cfg.format == "coco-rle", cfg.seed_dir: bool(cfg.seed_dir),
                 cfg.label_dir: bool(cfg.label_dir)}  # fmt: skip
     for sub in [JOURNAL] + [name for name, wanted in optional.items() if wanted]:
@@ -352,6 +367,19 @@ def label_dataset(backend, spec: ModelSpec, meta: dict, data: WSSSDataset, out: 
     return summary
 
 
+def check_source(backend, cfg: LabelConfig) -> None:
+    """The backend's graph must produce what ``cfg.source`` reads (a seg graph: ``(seg,)`` logits)."""
+    what = getattr(backend, "what", "cam")
+    if cfg.source not in ("cam", "seg"):
+        raise ValueError(f"source must be 'cam' or 'seg', got {cfg.source!r}")
+    if what != cfg.source:
+        fix = "wsss export --what seg" if cfg.source == "seg" else "--source seg"
+        raise ValueError(f"source {cfg.source!r} needs a {cfg.source} network output, this backend gives {what} "
+                         f"outputs: use {fix}")  # fmt: skip
+    if cfg.source == "seg" and cfg.refine == "par":
+        raise ValueError("PAR refines CAMs; segmentation predictions take refine 'crf' (§3.15) or 'none'")
+
+
 def _header_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header without decoding; (0, 0) for unreadable files."""
     try:
@@ -385,17 +413,19 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
     if not samples:
         return []
     start = time.perf_counter()
-    results = predict_cams(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
-                           backend.device, spec.mean, spec.std, on_device=True)  # fmt: skip
+    predict = predict_segmentation if cfg.source == "seg" else predict_cams
+    results = predict(backend, [s.image for s in samples], [s.labels for s in samples], cfg.settings,
+                      backend.device, spec.mean, spec.std, on_device=True)  # fmt: skip
     launched, refine_start = time.perf_counter(), _device_mark(backend.device)
     refined = None
     if cfg.refine == "par":
         refined = _refine_par(samples, results, cfg.settings, backend.device)
     elif _crf_on_device(crf, backend.device):
-        refined = _refine_crf(samples, results, backend.device)
+        refined = _refine_crf(samples, results, backend.device, cfg.source)
     refine_end = _device_mark(backend.device)
     overlays = [s.id in overlay_ids for s in samples]
-    results, labels = _fetch(results, refined, cfg, any(overlays))
+    host_probs = crf_pool is not None and cfg.source == "seg"
+    results, labels = _fetch(results, refined, cfg, any(overlays), host_probs)
     fetched = time.perf_counter()  # the device's work so far is waited for here
     times.main["cam_s"] += launched - start
     times.main["fetch_s"] += fetched - launched
@@ -404,7 +434,8 @@ def _process(backend, spec, samples, out, cfg, crf, crf_pool, writers, overlay_i
     times.busy["forward"] += fetched - start - refine_s
     tic = time.perf_counter()
     if crf_pool is not None:
-        labels = [crf_pool.submit(_crf_in_worker, crf, s.image, r.seed, r.tags.numpy()) for s, r in
+        labels = [crf_pool.submit(_crf_in_worker, crf, s.image, r.seed, r.tags.numpy(),
+                                  r.cam.numpy() if host_probs else None) for s, r in
                   zip(samples, results, strict=True)]  # fmt: skip
     times.main["refine_submit_s"] += time.perf_counter() - tic
     names = spec.class_names
