@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--official-warmup", type=int, default=None, help="The official style's (default: --warmup).")
     parser.add_argument("--batch", type=int, default=None, help="Training batch (default: the paper's).")
     parser.add_argument("--walk-exp-times", type=int, default=None, help="Random-walk squarings run (default 8).")
+    parser.add_argument("--budget-s", type=float, default=None, help="Stages not started by then are not measured.")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized configs at the synthetic size (smoke runs).")
     parser.add_argument("--resume", type=Path, default=None, help="Reuse the stages this earlier result measured.")
     parser.add_argument("--json", type=Path, default=None, help="Results file (default: results/NAME.json).")
@@ -45,7 +46,7 @@ def main() -> None:
     opts = BenchOptions(warmup=args.warmup, official_warmup=args.official_warmup, steps=args.steps,
                         images=args.images, warmup_images=args.warmup_images, batch=args.batch,
                         walk_exp_times=args.walk_exp_times, label_batch=args.label_batch, workers=args.workers,
-                        tiny=args.tiny)  # fmt: skip
+                        tiny=args.tiny, budget_s=args.budget_s)  # fmt: skip
     previous = json.loads(args.resume.read_text()) if args.resume else None
     name = f"bench_pipeline_{args.device.split(':')[0]}{'_tiny' if args.tiny else ''}"
     with tempfile.TemporaryDirectory(prefix="wsss-pipeline-data-") as tmp:

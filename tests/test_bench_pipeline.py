@@ -101,3 +101,24 @@ def test_cli_writes_json_and_png_and_records_a_stage_that_cannot_run(tmp_path, s
     assert "warp-drive" in missing["error"] and not summary["complete"]
     assert summary["minutes"]["ours"] == pytest.approx(train["minutes"]["ours"] + seeds["minutes"]["ours"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_official_style_segmentation_agrees_with_the_labelers_protocol(synth):
+    from wsss.cam.seg import predict_segmentation, refine_segmentation, seg_settings
+    from wsss.data.datasets import VOCDataset
+    from wsss.models import build_model
+    from wsss.runtime.backends import TorchBackend
+    from wsss.train.configs import model_spec
+
+    data = VOCDataset(synth, "val")
+    spec = model_spec(get_config("deeplab-tiny-synth", ["cam.input_size=48"]), data.classes)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    settings = seg_settings(spec.cam)
+    image = data[0].image
+    backend = TorchBackend(model, "cpu", spec=spec, what="seg")
+    probs = predict_segmentation(backend, [image], [None], settings, "cpu", spec.mean, spec.std)[0].cam
+    ours = np.asarray(refine_segmentation([image], [probs.numpy()], "pydensecrf")[0])
+    official = pb.official_seg_predict(model.segment, image, spec.mean, spec.std, 48, settings.scales)
+    assert official.shape == image.shape[:2]
+    assert (official == ours).mean() > 0.999

@@ -774,10 +774,11 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refin
 @click.option("--label-batch", default=8, show_default=True, help="The labeler's batch (ours).")
 @click.option("--workers", default=2, show_default=True, help="Decode / CRF / IRN loader processes (ours).")
 @click.option("--tiny", is_flag=True, help="CPU-sized stand-ins of the paper configs (smoke runs).")
+@click.option("--budget-s", type=float, default=None, help="Stages not started within this time are not measured.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), help="Stacked-minutes chart.")
 def bench_pipeline_cmd(data_spec, val_spec, methods, device, warmup, steps, images, warmup_images, batch,
-                       walk_exp_times, label_batch, workers, tiny, json_path, png_path) -> None:  # fmt: skip
+                       walk_exp_times, label_batch, workers, tiny, budget_s, json_path, png_path) -> None:  # fmt: skip
     """Minutes per pipeline (seco, cobra, cam), stage by stage, ours against the official code's style.
 
     \b
@@ -791,7 +792,8 @@ def bench_pipeline_cmd(data_spec, val_spec, methods, device, warmup, steps, imag
     from .runtime.pipeline_bench import BenchOptions, bench_pipeline, plot_pipeline, table_lines
 
     opts = BenchOptions(warmup=warmup, steps=steps, images=images, warmup_images=warmup_images, batch=batch,
-                        walk_exp_times=walk_exp_times, label_batch=label_batch, workers=workers, tiny=tiny)  # fmt: skip
+                        walk_exp_times=walk_exp_times, label_batch=label_batch, workers=workers, tiny=tiny,
+                        budget_s=budget_s)  # fmt: skip
     try:
         result = bench_pipeline(_dataset(data_spec), _dataset(val_spec), methods.split(","), device, opts,
                                 progress=click.echo)  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +131,7 @@ class BenchOptions:
     label_batch: int = 8  # the labeler's batch (ours)
     workers: int = 2  # the labeler's decode and CRF processes (ours)
     tiny: bool = False  # CPU-sized configs (TINY); projections keep the paper's counts
+    budget_s: float | None = None  # stages not started within this many seconds are recorded as not measured
 
 
 @dataclass
@@ -140,6 +142,7 @@ class Context:
     opts: BenchOptions
     tmp: Path
     cache: dict = dataclasses.field(default_factory=dict)  # (kind, config) -> timings, and trained networks
+    start: float = dataclasses.field(default_factory=time.monotonic)
 
     def config(self, name: str, overrides: tuple[str, ...] = ()) -> dict:
         cfg = get_config(TINY.get(name, name) if self.opts.tiny else name, list(overrides))
@@ -327,6 +330,7 @@ def _masks_stage(stage: Stage, ctx: Context) -> dict:
     return {"units": "images", "ours": measured, "official": None, "shared": True, **extra}
 
 
+@torch.no_grad()
 def official_seg_predict(segment: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, mean, std,
                          size: int = 448, scales=(1.0, 1.25, 1.5), device="cpu") -> np.ndarray:  # fmt: skip
     """§3.15's final prediction the way [SeCo] ``tools/infer_seg_voc.py`` runs it: one image, each scale and its
@@ -362,7 +366,6 @@ def _seg_infer_stage(stage: Stage, ctx: Context) -> dict:
     def ours(subset: WSSSDataset, out: Path) -> float:
         return len(subset) / label_dataset(backend, spec, {}, subset, out, cfg)["images_per_s"]
 
-    @torch.no_grad()
     def official(subset: WSSSDataset, out: Path) -> float:
         def run() -> None:
             for i in range(len(subset)):
@@ -405,7 +408,14 @@ def run_stage(stage: Stage, ctx: Context) -> dict:
         try:
             if stage.kind not in RUNNERS:
                 raise ValueError(f"stage kind {stage.kind!r} has no timer (known: {', '.join(RUNNERS)})")
-            ctx.cache[key] = RUNNERS[stage.kind](stage, ctx)
+            if ctx.opts.budget_s is not None and time.monotonic() - ctx.start > ctx.opts.budget_s:
+                raise RuntimeError(f"time budget spent ({ctx.opts.budget_s:.0f} s)")
+            measured_with = {k: getattr(ctx.opts, k) for k in ("warmup", "official_warmup", "steps", "images",
+                                                               "warmup_images", "batch", "walk_exp_times")}  # fmt: skip
+            load = os.getloadavg()[0]  # the machine may be shared: the load it was measured under
+            timing = RUNNERS[stage.kind](stage, ctx)
+            measured_with["load_avg_1min"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+            ctx.cache[key] = {**timing, "measured_with": measured_with}
         except (ValueError, KeyError, RuntimeError, ImportError) as err:
             return {**row, "error": f"{type(err).__name__}: {err}"}
     row.update(ctx.cache[key])
@@ -418,12 +428,15 @@ def run_stage(stage: Stage, ctx: Context) -> dict:
 
 def measured_stages(previous: dict) -> dict[tuple[str, str], dict]:
     """The timings of a previous result's measured stages, by (kind, config), to reuse instead of re-timing."""
-    keep = ("units", "count", "batch_measured", "batch_paper", "ours", "official", "shared")
+    keep = ("units", "count", "batch_measured", "batch_paper", "ours", "official", "shared", "walk_exp_times_run",
+            "walk_exp_times_paper", "squaring_s", "walk_pixels")  # fmt: skip
     cache = {}
     for summary in previous["methods"].values():
         for r in summary["stages"]:
             if "error" not in r:
-                cache[(r["kind"], r["config"])] = {**{k: r[k] for k in keep if k in r}, "reused": previous["time"]}
+                cache[(r["kind"], r["config"])] = {**{k: r[k] for k in keep if k in r},
+                                                   "measured_with": r.get("measured_with", previous["options"]),
+                                                   "reused": r.get("reused", previous["time"])}  # fmt: skip
     return cache
 
 
