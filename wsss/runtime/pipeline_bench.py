@@ -496,7 +496,7 @@ def table_lines(result: dict) -> list[str]:
     lines = [f"wsss bench pipeline, {result['mode']} ({_device_name(result)}); minutes projected to the paper's "
              f"schedule and VOC image counts"]  # fmt: skip
     lines.append(f"{'method':7s} {'stage':30s} {'column':8s} {'measured':>14s} {'x count':>8s} {'ours min':>10s} "
-                 f"{'official':>10s} {'ratio':>6s}")  # fmt: skip
+                 f"{'official':>10s} {'ratio':>6s}  load")  # fmt: skip
     for method, summary in result["methods"].items():
         for r in summary["stages"]:
             if "error" in r:
@@ -505,8 +505,10 @@ def table_lines(result: dict) -> list[str]:
             unit = "s/step" if r["units"] == "steps" else "s/img"
             measured = f"{np.mean(r['ours']):.3g} {unit}"
             ratio = "shared" if r["shared"] else f"{r['ratio']:.2f}x"
-            lines.append(f"{method:7s} {r['stage']:30s} {r['column']:8s} {measured:>14s} {r['count']:8d} "
-                         f"{r['minutes']['ours']:10.1f} {r['minutes']['official']:10.1f} {ratio:>6s}")  # fmt: skip
+            load = "-".join(f"{x:g}" for x in r.get("measured_with", {}).get("load_avg_1min", []))
+            minutes = f"{r['minutes']['ours']:10.1f} {r['minutes']['official']:10.1f}"
+            lines.append(f"{method:7s} {r['stage']:30s} {r['column']:8s} {measured:>14s} {r['count']:8d} {minutes} "
+                         f"{ratio:>6s}  {load}")  # fmt: skip
         m, ratio = summary["minutes"], summary["ratio"]
         total = "total" if summary["complete"] else "total (incomplete)"
         lines.append(f"{method:7s} {total:30s} {'':8s} {'':>14s} {'':>8s} {m['ours']:10.1f} {m['official']:10.1f} "
