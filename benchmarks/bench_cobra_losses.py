@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from common import write_result
-from official_loops import official_cap_loop, official_sap_loop
 from wsss.train.cobra_losses import cap_loss, sap_loss
+from wsss.train.official_loops import official_cap_loop, official_sap_loop
 
 
 def inputs(b: int, side: int, dim: int, classes: int, device: str, seed: int = 0):

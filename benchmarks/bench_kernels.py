@@ -3,7 +3,7 @@
 Per kernel and shape: median time (forward + backward for the losses) and peak extra memory
 (``torch.cuda.max_memory_allocated`` above the inputs, CUDA only; on CPU it is reported as n/a, not estimated)
 of the Triton kernel, the vectorised reference and, for CoBra's losses, the official per-patch loop
-(``official_loops.py``). The losses are the library's own (``wsss.train.cobra_losses`` in the official code's
+(``wsss/train/official_loops.py``). The losses are the library's own (``wsss.train.cobra_losses`` in the official code's
 mode, the kernel backend chosen through ``WSSS_KERNELS``), so all three compute the same number; the largest
 difference to the reference is reported as a check.
 
@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from common import add_json_option, write_result
-from official_loops import official_cap_loop, official_sap_loop
 from wsss.kernels import cam_postprocess, masked_ptc
 from wsss.kernels.dispatch import ENV_VAR, interpreter_enabled, triton_available
 from wsss.train.cobra_losses import cap_loss, sap_loss
+from wsss.train.official_loops import official_cap_loop, official_sap_loop
 
 NA_TRITON = "n/a (needs CUDA or TRITON_INTERPRET=1)"
 BACKENDS = {"triton": "triton", "reference": "torch"}  # column -> wsss.kernels backend

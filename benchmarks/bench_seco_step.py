@@ -13,17 +13,17 @@ everything else unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-import wsss.train.seco as seco
 from common import add_json_option, write_result
 from wsss.data.datasets import VOCDataset
 from wsss.train.configs import get_config
 from wsss.train.loop import _batches, build_training, train_step, training_set
-from wsss.train.precision import float32
+from wsss.train.official_loops import official_losses
 
 # --quick: a micro SeCo (3 blocks of width 48 at 48 px) with every term on from the first timed step
 QUICK = [
@@ -39,76 +39,8 @@ QUICK = [
 ]
 
 
-def lil_loop(q, k, f, g, tau=0.08, tau_base=0.08, impl="code"):
-    """LIL as the official code computes it: one anchor row at a time, with host syncs."""
-    n, m = q.shape[0], k.shape[0]
-    logits = q @ k.t() / tau
-    f = f.clone()
-    total, z, rows = q.sum() * 0, 0, []
-    for i in range(n):
-        l = logits[i] - logits[i].max().detach()
-        if f[i].item() == -1:
-            rows.append(None)
-            continue
-        p = l * (g == f[i]).float()
-        mean = p.mean()
-        if (p < mean).sum().item() > 10 * ((p >= mean).sum().item() + 1e-6):
-            f[i] = 0
-            p = p * 0
-        l = l * (g != -1).float()
-        e = l.exp()
-        e = e * (e != 1)
-        rows.append((p.sum(), e.sum()))
-        z += int((p != 0).sum().item())
-    for row in rows:
-        if row is None:
-            continue
-        r = row[0] - m * torch.log(row[1] + 1e-12)
-        if z > 0 and row[1].item() > 0 and r.item() < 0:
-            total = total + r / z
-    return -(tau / tau_base) * total / n, f, None
-
-
-def lig_loop(q, prototypes, f, tau=0.1, tau_base=0.1):
-    present = sorted({int(t) for t in f.tolist() if t >= 1})
-    total, count = q.sum() * 0, 0
-    for i in range(q.shape[0]):
-        c = int(f[i].item())
-        if c < 1:
-            continue
-        count += 1
-        l = q[i] @ prototypes.t() / tau
-        den = sum(torch.exp(l[j - 1]) for j in present)
-        total = total + l[c - 1] - torch.log(den + 1e-12)
-    return -(tau / tau_base) * total / max(count, 1)
-
-
-def aff_loop(label):
-    out = []
-    for b in range(label.shape[0]):
-        flat = label[b].flatten()
-        mask = (flat[:, None] == flat[None, :]).long()
-        mask[flat == 255, :] = 255
-        mask[:, flat == 255] = 255
-        mask.fill_diagonal_(255)
-        out.append(mask)
-    return torch.stack(out)
-
-
-def ptc_loop(feats, labels):
-    """The official PTC: the (B, N, N) pair mask built per image, then masked |cos| sums (§3.10)."""
-    aff = aff_loop(labels)
-    tokens = torch.nn.functional.normalize(feats.flatten(2), dim=1, eps=1e-8)
-    cos = (tokens.transpose(1, 2) @ tokens).abs()
-    pos, neg = (aff == 1).float(), (aff == 0).float()
-    return 0.5 * (1 - (cos * pos).sum() / (pos.sum() + 1)) + 0.5 * (cos * neg).sum() / (neg.sum() + 1)
-
-
 def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
-    originals = (seco.lil_loss, seco.lig_loss, seco.ptc_loss)
-    if loop_style:  # in the precision of ours, so that only the form of the computation differs
-        seco.lil_loss, seco.lig_loss, seco.ptc_loss = float32(lil_loop), float32(lig_loop), ptc_loop
-    try:
+    with official_losses("seco") if loop_style else contextlib.nullcontext():
         torch.manual_seed(0)
         _, model, objective, optim = build_training(cfg, data.classes, device, verbose=False)
         batches = _batches(training_set(cfg, data, 0), cfg["train"], 0, 0, 1, 0, pin=device.type == "cuda")
@@ -125,8 +57,6 @@ def time_steps(cfg, data, device, steps: int, loop_style: bool) -> dict:
             times.append(time.perf_counter() - tic)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         return {"s_per_step": sum(times[1:]) / steps, "peak_mib": peak, "precision": "bf16-autocast" if amp else "fp32"}
-    finally:
-        seco.lil_loss, seco.lig_loss, seco.ptc_loss = originals
 
 
 def main() -> None:

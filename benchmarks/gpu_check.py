@@ -179,6 +179,7 @@ def checks(tmp: Path) -> list[Check]:
     paper_seco = [py, "benchmarks/paper_shapes.py", "--configs", "seco-vitb16-voc", "--device", "cuda", "--steps",
                   "6", "--batch", "4", "--refine", "par", "--json", f"{d}/paper_seco.json"]  # fmt: skip
     onnx_label = [py, "-c", _ONNX_LABEL, seco, data, d]
+    pipeline = [py, "benchmarks/bench_pipeline.py", "--json", f"{d}/bench_pipeline.json"]
     return [
         Check("kernel-tests", "Triton kernels compiled for this GPU (no interpreter) against their torch references",
               kernel_tests, kernel_tests, timeout_s=240),
@@ -240,6 +241,11 @@ def checks(tmp: Path) -> list[Check]:
               "SeCo's 1.61 s/iteration on an RTX 3090", paper_seco, None, timeout_s=300,
               after=embed("paper_seco.json"),
               why_not_cpu="benchmarks/paper_shapes.py measures it on the CPU (minutes per step)"),
+        Check("bench-pipeline", "wsss bench pipeline at the paper configs and batches: minutes per stage of SeCo, "
+              "CoBra and CAM, ours and official style, beside Table 4 (RTX 3090)",
+              [*pipeline, "--device", "cuda", "--warmup", "2", "--steps", "3", "--images", "4", "--workers", "8"],
+              [*pipeline, "--tiny", "--methods", "cam", "--warmup", "1", "--steps", "1", "--images", "2",
+               "--warmup-images", "0", "--batch", "4"], timeout_s=420, after=embed("bench_pipeline.json")),
     ]  # fmt: skip
 
 
