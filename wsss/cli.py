@@ -916,7 +916,7 @@ def bench_label_cmd(ckpt, data_spec, images, batches, backends, precision, refin
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), help="Stacked-minutes chart.")
 def bench_pipeline_cmd(data_spec, val_spec, methods, device, warmup, steps, images, warmup_images, batch,
                        walk_exp_times, label_batch, workers, tiny, budget_s, json_path, png_path) -> None:  # fmt: skip
-    """Minutes per pipeline (seco, cobra, cam), stage by stage, ours against the official code's style.
+    """Minutes per pipeline (seco, cobra, cam, seam, sccam), stage by stage, ours against the official code's style.
 
     \b
     Example (a GPU, the real figure; on a CPU use few steps and images, the result says "reduced"):
