@@ -24,6 +24,16 @@ def test_demo_runs_every_step_and_onnx_labels_agree(tmp_path) -> None:
     assert (tmp_path / "cam_val" / "report.html").is_file() and res["report"].endswith("report.html")
 
 
+def test_demo_full_trains_the_final_network_on_the_masks(tmp_path) -> None:
+    seg = ["train.iters=2", "train.batch_size=4", "data.crop=48"]
+    res = run_demo(tmp_path, [*MICRO, "seco.n_crops=2", "seco.local_crop=16", "seco.queue=32"], n_train=12,
+                   n_val=4, iters=2, full=True, seg_overrides=seg)  # fmt: skip
+    assert "final_network" in res["steps_s"] and {"train_seeds", "train_masks", "val_final"} <= res.keys()
+    assert len(list((tmp_path / "cam_train" / "masks").glob("*.png"))) == 12  # what the final network learns from
+    for kind in ("seeds", "masks"):  # its raw §3.15 prediction and the CRF-refined one, scored on val
+        assert res["val_final"][kind]["num_images"] == 4 and 0.0 <= res["val_final"][kind]["miou"] <= 1.0
+
+
 def test_label_agreement_counts_pixels_and_identical_files(tmp_path) -> None:
     import numpy as np
 

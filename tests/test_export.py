@@ -19,6 +19,7 @@ from wsss.export.run import run_export
 from wsss.models import CAMSettings, CheckpointError, ModelSpec, build_model, load_model, save_model
 from wsss.models.checkpoint import file_sha256
 from wsss.runtime.backends import OnnxBackend, TorchBackend, open_backend
+from wsss.runtime.labeler import LabelConfig, check_source
 
 TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 48,
                                                                         "num_heads": 2}}  # fmt: skip
@@ -125,8 +126,10 @@ def test_official_seco_import_and_segmentation_export(tmp_path):
     out = tmp_path / "seg.onnx"
     assert export_onnx(loaded.model, loaded.spec, out, what="seg", meta=loaded.meta).outputs == ["seg"]
     assert _worst(verify_onnx(loaded.model, out, ODD)) < FP32_TOLERANCE
-    with pytest.raises(ValueError, match="not a CAM graph"):
-        OnnxBackend(out)
+    seg = OnnxBackend(out)  # serves `wsss label --source seg`, and is refused as a CAM source
+    assert seg.what == "seg"
+    with pytest.raises(ValueError, match="needs a cam network output"):
+        check_source(seg, LabelConfig())
     with pytest.raises(CheckpointError, match="this is a SeCo checkpoint"):
         load_model(path, vit_path=path)
 
