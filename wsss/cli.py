@@ -460,8 +460,9 @@ def demo(out, config_name, iters, full, overrides, train_images, val_images) -> 
 
     Generates the synthetic set, trains SeCo's tiny student from the shipped pre-trained backbone (100
     iterations, a third of its schedule), writes seeds and dense-CRF masks of the validation images through the
-    batch labeler, exports the network to ONNX and labels the images again through ONNX Runtime, then prints
-    the mIoU tables, the context false-activation figure, the two backends' agreement and each step's time.
+    batch labeler, exports the network to ONNX and makes the seeds again through ONNX Runtime, then prints the
+    mIoU tables, the context false-activation figure, the two backends' agreement and each step's time, and writes
+    OUT/cam_val/report.html. --full also trains the final segmentation network on the training images' masks.
     Everything lands in OUT.
 
     \b
