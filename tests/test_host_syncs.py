@@ -7,6 +7,7 @@ dispatch mode flags the operations that synchronise on a GPU (``.item()``, ``non
 
 from __future__ import annotations
 
+import os
 import traceback
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from conftest import TINY_COBRA
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import wsss
 from wsss.data.datasets import VOCDataset
 from wsss.train.configs import get_config
 from wsss.train.loop import _batches, build_training, train_step, training_set
@@ -36,6 +38,7 @@ SHARED = ["pretrained=null", "data.crop=48", "train.batch_size=2", "train.worker
 # functions whose host round trip is on the CPU only: range checks (torch._assert_async on CUDA) and the kernels'
 # PyTorch references (Triton runs on CUDA)
 CPU_ONLY = {"check_range", "_reference"}
+PACKAGE = os.path.dirname(wsss.__file__) + os.sep  # the package's own frames (a checkout may itself be named wsss)
 
 
 # syncs found outside wsss/train, reported to their owners; each entry must still occur (remove it once fixed)
@@ -48,10 +51,10 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _syncs(func, args):
-            where = [f for f in traceback.extract_stack() if "/wsss/" in f.filename]
+            where = [f for f in traceback.extract_stack() if f.filename.startswith(PACKAGE)]
             if not (where and where[-1].name in CPU_ONLY):
                 frame = where[-1] if where else None
-                self.found.append(f"{frame.filename.split('/wsss/')[-1]}:{frame.name}" if frame else str(func))
+                self.found.append(f"{frame.filename[len(PACKAGE) :]}:{frame.name}" if frame else str(func))
         return func(*args, **(kwargs or {}))
 
 
