@@ -6,7 +6,10 @@ Per seed (one synthetic set, generated once):
   flips summed, max over scales, softmax) raw and with the row-A CRF;
 * plain CAM (``cam-tiny-synth``): train seeds and CRF masks (``wsss label --refine crf``), then a DeepLab
   (``deeplab-tiny-synth``) trained on those masks, its val mIoU under the same protocol;
-* with ``--cobra``: CoBra (``cobra-tiny-synth``) masks by ``cobra-masks`` (tiny IRN) and a DeepLab on them.
+* with ``--cobra``: CoBra (``cobra-tiny-synth``) masks by ``cobra-masks`` (tiny IRN) and a DeepLab on them. At this
+  scale the masks use IRN's constant IR thresholds (0.30 / 0.05) and a walk of T^4, the settings docs/cobra.md
+  measured: (4.21)'s dynamic thresholds leave no foreground and T^256 spreads every class over its context on
+  these small grids (9.9% masks in the first run of this script).
 
 Budgets are reduced from the configs' (flags below) so that three seeds fit on a shared 2-core CPU; the JSON is
 rewritten after every finished stage, so an interrupted run keeps what it measured.
@@ -93,7 +96,8 @@ def run_seed(args, synth: Path, work: Path, seed: int, record: dict, save) -> No
         ckpt, row["cobra"] = timed_train("cobra-tiny-synth", args.cobra_set, synth, work / "cobra", seed)
         tic = time.perf_counter()
         masks = cobra_masks(load_model(ckpt), VOCDataset(synth, "train"), work / "cobra_masks", irn_preset="tiny",
-                            irn_epochs=args.irn_epochs, seed=seed, device="cpu")  # fmt: skip
+                            irn_epochs=args.irn_epochs, pad_size=args.pad_size, seed=seed, device="cpu",
+                            ir_thresholds_fixed=args.ir_thresholds, rw_exp_times=args.rw_exp_times)  # fmt: skip
         row["cobra"].update(masks_s=round(time.perf_counter() - tic, 1), train_masks=miou(masks, synth, "train", names))
         save()
         ckpt, row["deeplab_on_cobra"] = timed_train("deeplab-tiny-synth", args.deeplab_set, synth, work / "dl_cobra",
@@ -121,7 +125,12 @@ def main() -> None:
     parser.add_argument("--cobra", action="store_true", help="Also CoBra masks (tiny IRN) and a DeepLab on them.")
     parser.add_argument("--only-cobra", action="store_true", help="The CoBra rows only, added to the --json file.")
     parser.add_argument("--cobra-set", nargs="*", default=["train.iters=60", *small])
-    parser.add_argument("--irn-epochs", type=int, default=1)
+    parser.add_argument("--irn-epochs", type=int, default=3)
+    parser.add_argument("--pad-size", type=int, default=128, help="IRN inference canvas (images must fit).")
+    parser.add_argument("--ir-thresholds", type=lambda s: tuple(map(float, s.split(","))), default=(0.30, 0.05),
+                        help="Fixed IR label thresholds fg,bg (IRN's constants; 'none' is not offered: (4.21)'s "
+                             "dynamic rule leaves no foreground at this scale, docs/cobra.md).")  # fmt: skip
+    parser.add_argument("--rw-exp-times", type=int, default=2, help="Random walk T^(2^N); the paper's 8 = T^256.")
     add_json_option(parser)
     args = parser.parse_args()
 
