@@ -17,6 +17,7 @@ from wsss.data.datasets import DatasetError, VOCDataset
 from wsss.data.masks import MaskedDataset
 from wsss.data.palette import read_label_png, save_label_png
 from wsss.data.transforms import normalize_images
+from wsss.export.onnx import FP32_TOLERANCE, verify_onnx
 from wsss.models import build_model, load_model
 from wsss.runtime.backends import OnnxBackend, TorchBackend
 from wsss.runtime.labeler import LabelConfig, label_dataset
@@ -28,12 +29,22 @@ TINY_DEEPLAB = ["model.backbone.channels=[8,16,16,32]", "pretrained=null", "data
 TINY_SECO = ['model.backbone.overrides={"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 2}',
              "model.backbone.img_size=48", "cam.input_size=48"]  # fmt: skip
 
+TINY_SEGFORMER = ["model.backbone.name=mit_b0", "model.decoder_channels=32", "data.crop=48", "train.batch_size=2",
+                  "train.workers=0", "train.log_every=2", "train.ckpt_every=2", "cam.input_size=48"]  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def deeplab_ckpt(synth, tmp_path_factory):
     cfg = get_config("deeplab-tiny-synth", [*TINY_DEEPLAB, "train.iters=4"])
     return train_segmentation(cfg, VOCDataset(synth, "train"), synth / "SegmentationClass",
                               tmp_path_factory.mktemp("deeplab"), progress=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def segformer_ckpt(synth, tmp_path_factory):
+    cfg = get_config("segformer-b2-voc", [*TINY_SEGFORMER, "train.iters=2"])
+    return train_segmentation(cfg, VOCDataset(synth, "train"), synth / "SegmentationClass",
+                              tmp_path_factory.mktemp("segformer"), progress=False)  # fmt: skip
 
 
 def _images(sizes=((50, 60), (41, 47), (64, 33))):
@@ -86,13 +97,19 @@ def test_protocol_matches_the_per_image_transcription(config, overrides):
         assert np.array_equal(label, _transcribed_crf(image, want))
 
 
-def test_onnx_and_torch_seg_agree_through_the_labeler(synth, deeplab_ckpt, tmp_path):
-    """A tiny DeepLab trained on masks exports (parity checked by --verify) and labels alike on torch and ORT."""
+@pytest.mark.parametrize("net", ["deeplab", "segformer"])
+def test_onnx_and_torch_seg_agree_through_the_labeler(synth, net, request, tmp_path):
+    """A tiny DeepLab / SegFormer trained on masks exports with dynamic sizes (parity checked by --verify at three
+    sizes, two off the stride-4 grid) and labels alike on torch and ORT."""
+    ckpt = request.getfixturevalue(f"{net}_ckpt")
     onnx_path = tmp_path / "seg.onnx"
-    result = CliRunner().invoke(cli, ["export", "--ckpt", deeplab_ckpt, "--what", "seg", "--onnx", onnx_path,
-                                      "--verify"])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    loaded = load_model(deeplab_ckpt)
+    result = CliRunner().invoke(cli, ["export", "--ckpt", ckpt, "--what", "seg", "--onnx", onnx_path, "--verify"])
+    assert result.exit_code == 0 and "parity OK" in result.output, result.output
+    loaded = load_model(ckpt)
+    if net == "segformer":  # batch 1 and 3, sizes off the encoder's stride 32, one under it (one-cell last stage)
+        sizes = [(41, 70), (75, 50), (20, 27)]
+        rows = [r for b in (1, 3) for r in verify_onnx(loaded.model, onnx_path, sizes, batch=b)]
+        assert len(rows) == 12 and max(r["max_rel"] for r in rows) <= FP32_TOLERANCE
     backends = {"torch": TorchBackend(loaded.model, spec=loaded.spec, what="seg"), "onnx": OnnxBackend(onnx_path)}
     assert backends["onnx"].what == "seg"
     images = _images()
@@ -198,3 +215,23 @@ def test_imagenet_weights_load_through_the_one_loader(tmp_path):
     torch.save(state, tmp_path / "mit_b0.pth")
     report = load_pretrained(segformer, tmp_path / "mit_b0.pth").check()
     assert report.loaded == len(segformer.backbone.state_dict()) and len(report.skipped) == 2
+
+
+@torch.no_grad()
+def test_segformer_is_smps_network_at_any_size():
+    """Our SegFormer at sizes off the encoder's stride is smp's Segformer (same modules) on the input zero-padded to a
+    multiple of 32, its logits cropped to the cells covering the image (the exportable crop changed no output)."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    ours = build_model(model_spec(get_config("segformer-b2-voc", TINY_SEGFORMER), ("background", "a", "b"))).eval()
+    reference = smp.Segformer(encoder_name="mit_b0", encoder_weights=None, classes=3, upsampling=1,
+                              decoder_segmentation_channels=32)  # fmt: skip
+    reference.encoder, reference.decoder = ours.backbone, ours.head["decoder"]
+    reference.segmentation_head = ours.head["classifier"]
+    for h, w in ((41, 70), (75, 50), (20, 27), (64, 96)):
+        x = torch.randn(2, 3, h, w)
+        want = reference.eval()(F.pad(x, (0, 32 * -(-w // 32) - w, 0, 32 * -(-h // 32) - h)))
+        got = ours.segment(x)
+        assert got.shape[-2:] == (-(-h // 4), -(-w // 4))
+        torch.testing.assert_close(got, want[..., : got.shape[-2], : got.shape[-1]], rtol=0, atol=1e-5)

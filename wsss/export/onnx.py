@@ -119,8 +119,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | Path, what: str = 
     names = output_names(spec, what, normalize)
     shapes = None
     if dynamic:
-        dims = [torch.export.Dim(n, min=patch, max=8192) for n in ("height", "width")]
-        shapes = {"image": {0: torch.export.Dim("batch", min=1, max=1024), 2: dims[0], 3: dims[1]}}
+        shapes = {"image": _free_dims(model, patch)}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT], output_names=names,
@@ -138,6 +137,19 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | Path, what: str = 
     onnx.save(proto, str(tmp))
     tmp.replace(out)
     return ExportResult(out, proto.opset_import[0].version, names, metadata)
+
+
+def _free_dims(model: nn.Module, patch: int) -> dict[int, Any]:
+    """Batch, height and width free, H and W from ``patch`` to 8192. Named ``Dim`` s make torch.export prove every
+    shape guard over the whole range. A network whose ``size_guards_unprovable`` is true (SegFormer: guards on
+    the grids of an input padded to its stride, true for every size but not provable by torch.export's range
+    analysis) gets ``Dim.DYNAMIC`` hints with the same bounds instead, which record such guards without
+    specialising; ``_check_generalises`` and ``--verify`` then test the graph at other sizes."""
+    if getattr(model, "size_guards_unprovable", False):
+        hint = torch.export.Dim.DYNAMIC
+        return {0: hint(min=1, max=1024), 2: hint(min=patch, max=8192), 3: hint(min=patch, max=8192)}
+    height, width = (torch.export.Dim(n, min=patch, max=8192) for n in ("height", "width"))
+    return {0: torch.export.Dim("batch", min=1, max=1024), 2: height, 3: width}
 
 
 def on_cpu(model: nn.Module) -> nn.Module:

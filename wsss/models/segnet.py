@@ -58,6 +58,10 @@ class DeepLabV2(nn.Module):
 class SegFormer(nn.Module):
     """smp's SegFormer: ``backbone`` the MiT encoder, ``head`` the MLP decoder and its 1x1 classifier."""
 
+    # torch.export cannot prove the shape guards on the grids of the padded input for all sizes, though they hold
+    # (the crop's bounds, stride orders of one-cell grids): its ONNX export frees sizes with hints (wsss.export.onnx)
+    size_guards_unprovable = True
+
     def __init__(self, encoder: str, num_classes: int, decoder_channels: int = 256):
         super().__init__()
         import segmentation_models_pytorch as smp
@@ -75,7 +79,9 @@ class SegFormer(nn.Module):
         # cannot size symbolically; the decoder only reads the placeholder's (zero) channel count
         features = [x, x[:, :0], *self.backbone.forward_features(x)]
         logits = self.head["classifier"](self.head["decoder"](features))
-        return logits[..., : -(-h // 4), : -(-w // 4)]  # the stride-4 cells that cover the unpadded image
+        # the stride-4 cells that cover the unpadded image; (n + 3) // 4 for ceil(n / 4): an exported -(-n // 4)
+        # runs as truncating division in ONNX
+        return logits[..., : (h + 3) // 4, : (w + 3) // 4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.segment(x)
