@@ -450,7 +450,7 @@ def _class_names(classes_file: Path | None, gt: Path) -> tuple[str, ...]:
 @click.option("--config", "config_name", default="seco-tiny-synth", show_default=True,
               help="Tiny config to train (cam-tiny-synth for the plain-CAM baseline).")  # fmt: skip
 @click.option("--iters", type=int, default=None,
-              help="Iterations, the schedule scaled alike (default: a third; --full: the config's).")  # fmt: skip
+              help="Iterations, the schedule scaled alike (default: a fifth; --full: the config's).")  # fmt: skip
 @click.option("--full", is_flag=True, help="The config's whole schedule, and the training images labelled too.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config overrides, as for train.")
 @click.option("--train-images", default=1000, show_default=True)
@@ -458,8 +458,8 @@ def _class_names(classes_file: Path | None, gt: Path) -> tuple[str, ...]:
 def demo(out, config_name, iters, full, overrides, train_images, val_images) -> None:
     """The main job on the embedded benchmark, one command (about 5 minutes on 2 CPU cores).
 
-    Generates the synthetic set, trains SeCo's tiny student from the shipped pre-trained backbone (100
-    iterations, a third of its schedule), writes seeds and dense-CRF masks of the validation images through the
+    Generates the synthetic set, trains SeCo's tiny student from the shipped pre-trained backbone (60
+    iterations, a fifth of its schedule), writes seeds and dense-CRF masks of the validation images through the
     batch labeler, exports the network to ONNX and makes the seeds again through ONNX Runtime, then prints the
     mIoU tables, the context false-activation figure, the two backends' agreement and each step's time, and writes
     OUT/cam_val/report.html. --full also trains the final segmentation network on the training images' masks.
