@@ -56,14 +56,18 @@ def run(config: str, seed: int, data: Path, out: Path, overrides: list[str]) -> 
 
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
+    """Per config: the seeds, mean and spread of val seed mIoU, mean training seconds and mean per-class IoU."""
     out = {}
     for config, per_seed in runs.items():
-        miou = [r["miou"] for r in per_seed.values()]
-        classes = next(iter(per_seed.values()))["iou"]
-        out[config] = {"seeds": sorted(int(s) for s in per_seed), "miou_mean": float(np.mean(miou)),
-                       "miou_std": float(np.std(miou)),
-                       "train_s_mean": float(np.mean([r["train_s"] for r in per_seed.values()])),
-                       "iou_mean": {c: float(np.nanmean([r["iou"][c] for r in per_seed.values()])) for c in classes}}  # fmt: skip
+        rows = list(per_seed.values())
+        miou = [r["miou"] for r in rows]
+        out[config] = {
+            "seeds": sorted(int(s) for s in per_seed),
+            "miou_mean": float(np.mean(miou)),
+            "miou_std": float(np.std(miou)),
+            "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+            "iou_mean": {c: float(np.nanmean([r["iou"][c] for r in rows])) for c in rows[0]["iou"]},
+        }
     return out
 
 
