@@ -72,7 +72,7 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
 
 
 def sample_strip(root: Path, path: Path, n: int = 8, split: str = "val") -> Path:
-    """A PNG of the first ``n`` images of ``split``: image, class mask, context mask (VOC colours), 2x enlarged."""
+    """A PNG of the first ``n`` images of ``split``: image, class mask, context mask (VOC colours) at 112 px."""
     ids = VOCDataset(root, split).ids[:n]
     palette, columns = voc_palette(), []
     for image_id in ids:
@@ -81,7 +81,7 @@ def sample_strip(root: Path, path: Path, n: int = 8, split: str = "val") -> Path
         context = palette[read_label_png(root / "ContextMask" / f"{image_id}.png")]
         cells = [cv2.resize(x, (112, 112), interpolation=cv2.INTER_NEAREST) for x in (image, label, context)]
         columns.append(np.concatenate(cells, 0))
-    strip = cv2.resize(np.concatenate(columns, 1), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    strip = np.concatenate(columns, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.ascontiguousarray(strip[..., ::-1]))
     print(f"wrote {path}")
