@@ -1,4 +1,4 @@
-"""Shared helpers for benchmark scripts: device description and JSON results."""
+"""Shared helpers for benchmark scripts: device description, JSON results, charts and val seed scores."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import json
 import time
 from pathlib import Path
 
+from wsss.data.datasets import VOCDataset
+from wsss.eval.evaluate import evaluate_folders
+from wsss.runtime.backends import open_backend
 from wsss.runtime.bench import device_info
+from wsss.runtime.labeler import LabelConfig, label_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -19,6 +23,25 @@ def write_result(name: str, payload: dict, path: Path | None = None) -> Path:
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def val_seed_scores(ckpt: Path, data: Path, out: Path, split: str = "val") -> dict:
+    """Seeds of ``split`` by the batch labeler with the network's own CAM settings (CoBra: its fused CAM, the
+    config's seed source) in ``out/seeds``, scored against the set's masks and context regions.
+
+    Returns mIoU, per-class IoU and precision (lists, background first), the class names and the context false
+    activation overall and per class (by name)."""
+    backend, spec, meta = open_backend(ckpt)
+    val = VOCDataset(data, split)
+    label_dataset(backend, spec, meta, val, out, LabelConfig(spec.cam, seed_dir="seeds", label_dir=None, quiet=True,
+                                                             resume=True))  # fmt: skip
+    names = list(spec.class_names)
+    res = evaluate_folders(out / "seeds", data / "SegmentationClass", names, context_dir=data / "ContextMask",
+                           ids=val.ids)  # fmt: skip
+    fa = res["context_false_activation"]
+    return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
+            "precision": res["precision"], "class_names": names,
+            "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip
 
 
 def add_json_option(parser) -> None:

@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, method_chart, write_result
+from common import RESULTS, method_chart, val_seed_scores, write_result
 from wsss.data.datasets import VOCDataset
-from wsss.eval.evaluate import evaluate_folders
 from wsss.models import load_model
-from wsss.runtime.backends import open_backend
-from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config, with_iters
 from wsss.train.loop import CHECKPOINT, train
 
@@ -42,17 +39,9 @@ def run(config: str, seed: int, data: Path, work: Path, overrides: list[str] = (
     stale = _changed(json.loads(json.dumps(cfg)), load_model(out / CHECKPOINT).meta["config"])
     if stale:  # a config edited since the run: never report a stale run
         raise SystemExit(f"{out} was trained with another {config} config ({', '.join(stale)}); move it away")
-    backend, spec, meta = open_backend(out / CHECKPOINT)
-    val = VOCDataset(data, val_split)
-    label_dataset(backend, spec, meta, val, out / "val", LabelConfig(spec.cam, seed_dir="seeds", label_dir=None,
-                                                                     quiet=True, resume=True))  # fmt: skip
-    names = list(spec.class_names)
-    res = evaluate_folders(out / "val" / "seeds", data / "SegmentationClass", names,
-                           context_dir=data / "ContextMask", ids=val.ids)  # fmt: skip
-    fa = res["context_false_activation"]
-    return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
-            "precision": res["precision"],
-            "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip
+    scores = val_seed_scores(out / CHECKPOINT, data, out / "val", val_split)
+    return {key: scores[key] for key in ("miou", "context_false_activation", "iou", "precision",
+                                         "context_false_activation_per_class")}  # fmt: skip
 
 
 def _changed(wanted: dict, trained: dict, prefix: str = "") -> list[str]:

@@ -77,6 +77,10 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
 
     stats = generate_synth(out, SynthConfig(n_train, n_val, min_size, max_size, seed, corpus=corpus))
     click.echo(f"wrote {n_train} train + {n_val} val images to {out}")
+    _echo_cooccurrence(stats)
+
+
+def _echo_cooccurrence(stats: dict) -> None:
     for name, row in stats["per_class"].items():
         if "context" in row:
             click.echo(f"  {name:8s} P({row['context']}|{name}) = {row['p_context_given_class']:.2f}   "
@@ -84,6 +88,31 @@ def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int
     for pair, p in stats["p_b_given_a"].items():
         a, b = pair.split("|")
         click.echo(f"  P({a}|{b}) = {p:.2f}")
+
+
+@data.command("probe")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", default=1000, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=300, show_default=True, help="Validation images.")
+@click.option("--min-size", default=80, show_default=True, help="Smallest image side in pixels.")
+@click.option("--max-size", default=112, show_default=True, help="Largest image side in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Generator seed; the same seed gives the same files.")
+def data_probe(out: Path, n_train: int, n_val: int, min_size: int, max_size: int, seed: int) -> None:
+    """Generate the probe set: a second co-occurrence benchmark, made apart from `data synth`, to measure on.
+
+    \b
+    Seven classes told by outline (arrow, crescent, heart, nut, bolt) or by pattern alone (rings, zigzag on a
+    random blob), every instance in random colours, on noise, tiles, clutter or flat backgrounds. Unlabelled
+    context: sand under nuts, a brick wall behind bolts, foliage around zigzags; an arrow comes with most hearts.
+    Same VOC layout as `data synth` (ContextMask/ for `wsss eval --context`). The tiny backbones never saw it:
+    use it to check that a recipe's score on the demo set transfers (benchmarks/transfer.py, docs/transfer.md).
+    Example: wsss data probe data/probe --train 1000 --val 300
+    """
+    from .data.probe import ProbeConfig, generate_probe
+
+    stats = generate_probe(out, ProbeConfig(n_train, n_val, min_size, max_size, seed))
+    click.echo(f"wrote {n_train} train + {n_val} val probe images to {out}")
+    _echo_cooccurrence(stats)
 
 
 # ---------------------------------------------------------------------------------------------------- train

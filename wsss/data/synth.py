@@ -12,6 +12,7 @@ of the class it co-occurs with (0 elsewhere), so ``wsss eval --context`` can mea
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,26 +312,45 @@ def _ignore_band(label: np.ndarray, rng: Rng) -> np.ndarray:
 
 
 def generate_synth(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: bool = True) -> dict:
-    """Write the benchmark in VOC layout and return (and save) its statistics.
-
-    Layout: ``JPEGImages/ID.jpg``, ``SegmentationClass/ID.png`` (VOC palette, 255 ignore band),
-    ``ContextMask/ID.png``, ``ImageSets/Segmentation/{train,val}.txt``, ``classes.txt``, ``cls_labels.json``
-    (id -> class names) and ``synth_stats.json`` (co-occurrence rates).
-    """
+    """Write the benchmark in VOC layout (see ``write_voc_set``) and return (and save) its statistics
+    (``synth_stats.json``: co-occurrence rates and the config)."""
     out = Path(out)
     specs = DEMO_CLASSES if cfg.corpus == "demo" else broad_classes(cfg.seed)
+    names = ("background",) + tuple(s.name for s in specs)
+    splits = {"train": cfg.n_train, "val": cfg.n_val}
+    labels, contexts = write_voc_set(out, names, lambda rng: make_scene(specs, cfg, rng), splits, cfg.seed,
+                                     progress, "synth")  # fmt: skip
+    stats = cooccurrence_stats(labels, contexts, specs)
+    stats["config"] = cfg.__dict__
+    (out / "synth_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def write_voc_set(
+    out: Path,
+    names: tuple[str, ...],
+    draw: Callable[[Rng], Scene],
+    splits: dict[str, int],
+    seed: int,
+    progress: bool = True,
+    desc: str = "synth",
+) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
+    """Draw ``splits[split]`` scenes per split with ``draw`` and write them in PASCAL VOC layout.
+
+    Layout: ``JPEGImages/ID.jpg``, ``SegmentationClass/ID.png`` (VOC palette, 255 ignore band),
+    ``ContextMask/ID.png``, ``ImageSets/Segmentation/{split}.txt``, ``classes.txt`` (``names``, background first)
+    and ``cls_labels.json`` (id -> class names). Returns the tags and the context ids of every image.
+    """
     for sub in ("JPEGImages", "SegmentationClass", "ContextMask", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    names = ("background",) + tuple(s.name for s in specs)
     labels: dict[str, list[str]] = {}
     contexts: dict[str, list[int]] = {}
-    splits = {"train": cfg.n_train, "val": cfg.n_val}
     for split_idx, (split, n) in enumerate(splits.items()):
         ids = [f"{split}_{i:06d}" for i in range(n)]
         # One child stream per split: val does not change when n_train changes.
-        rng = np.random.default_rng([cfg.seed, split_idx])
-        for image_id in tqdm(ids, desc=f"synth {split}", disable=not progress, leave=False):
-            scene = make_scene(specs, cfg, rng)
+        rng = np.random.default_rng([seed, split_idx])
+        for image_id in tqdm(ids, desc=f"{desc} {split}", disable=not progress, leave=False):
+            scene = draw(rng)
             cv2.imwrite(
                 str(out / "JPEGImages" / f"{image_id}.jpg"), scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]
             )
@@ -341,16 +361,18 @@ def generate_synth(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: 
         (out / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (out / "classes.txt").write_text("\n".join(names) + "\n")
     (out / "cls_labels.json").write_text(json.dumps(labels, indent=0))
-    stats = cooccurrence_stats(labels, contexts, specs)
-    stats["config"] = cfg.__dict__
-    (out / "synth_stats.json").write_text(json.dumps(stats, indent=2))
-    return stats
+    return labels, contexts
 
 
 def cooccurrence_stats(
-    labels: dict[str, list[str]], contexts: dict[str, list[int]], specs: tuple[ClassSpec, ...]
+    labels: dict[str, list[str]],
+    contexts: dict[str, list[int]],
+    specs: tuple[ClassSpec, ...],
+    co_occurrence: dict[str, tuple[str, float]] = CO_OCCURRENCE,
 ) -> dict:
-    """Measured rates: class frequency, P(context | class), P(class | context) and foreground pair co-occurrence."""
+    """Measured rates: class frequency, P(context | class), P(class | context) and foreground pair co-occurrence.
+
+    ``specs`` need a ``name`` and a ``context`` (None or its kind); ``co_occurrence`` maps b -> (a, P(a | b))."""
     names = [s.name for s in specs]
     present = np.array([[n in labels[i] for n in names] for i in labels], dtype=bool)  # (N, K)
     ctx = np.array([[k + 1 in contexts[i] for k in range(len(names))] for i in labels], dtype=bool)
@@ -373,7 +395,7 @@ def cooccurrence_stats(
         "per_class": per_class,
         "p_b_given_a": {
             f"{a}|{b}": _ratio(pairs[names.index(a), names.index(b)], pairs[names.index(b), names.index(b)])
-            for b, (a, _) in CO_OCCURRENCE.items()
+            for b, (a, _) in co_occurrence.items()
             if a in names and b in names
         },
         "top_pairs": [{"pair": [a, b], "images": c} for c, a, b in top_pairs],

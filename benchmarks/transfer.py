@@ -1,0 +1,135 @@
+"""Do the tiny recipes transfer? Val seed mIoU of tiny configs on a generated set, demo (synth) or probe.
+
+For every config and training seed the config is trained on the set's train split (timed), its val seeds are
+made by the batch labeler with the network's own CAM settings (CoBra: the fused CAM) and scored: mIoU, per-class
+IoU and context false activation. The JSON is rewritten after every run; ``--resume`` keeps the finished
+(config, seed) pairs of that file and runs the rest. ``--set`` overrides apply to every run and need a ``--name``
+(the result file and run folders carry it). The set is generated once per (generator, sizes, data seed).
+
+    python benchmarks/transfer.py --generator probe                                   # cam-tiny-synth, seeds 0 1 2
+    python benchmarks/transfer.py --generator synth --configs cam-tiny-synth seco-tiny-synth cobra-tiny-synth
+    python benchmarks/transfer.py --generator probe --seeds 0 --set pretrained=null --name scratch
+    python benchmarks/transfer.py --generator probe --strip ../docs/images/probe_samples.png   # sample images only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from common import RESULTS, method_chart, val_seed_scores, write_result
+from wsss.data.datasets import VOCDataset
+from wsss.data.palette import read_label_png, voc_palette
+from wsss.data.probe import ProbeConfig, generate_probe
+from wsss.data.synth import SynthConfig, generate_synth
+from wsss.train.configs import get_config
+from wsss.train.loop import train
+
+GENERATORS = {"synth": (SynthConfig, generate_synth), "probe": (ProbeConfig, generate_probe)}
+
+
+def dataset(generator: str, n_train: int, n_val: int, seed: int, work: Path) -> Path:
+    """The generated set (made on first use; the stats file is written last, so it marks a finished set)."""
+    config_cls, generate = GENERATORS[generator]
+    root = work / f"{generator}-{n_train}-{n_val}-d{seed}"
+    if not (root / f"{generator}_stats.json").is_file():
+        generate(root, config_cls(n_train=n_train, n_val=n_val, seed=seed), progress=False)
+    return root
+
+
+def run(config: str, seed: int, data: Path, out: Path, overrides: list[str]) -> dict:
+    """Train from scratch in ``out`` (a leftover folder is removed: the time must be the whole run's) and score."""
+    shutil.rmtree(out, ignore_errors=True)
+    tic = time.perf_counter()
+    ckpt = train(get_config(config, overrides), VOCDataset(data, "train"), out, seed=seed, progress=False)
+    train_s = time.perf_counter() - tic
+    scores = val_seed_scores(ckpt, data, out / "val")
+    iou = dict(zip(scores.pop("class_names"), scores.pop("iou"), strict=True))
+    return {**scores, "iou": iou, "train_s": round(train_s, 1)}
+
+
+def summarize(runs: dict[str, dict[str, dict]]) -> dict:
+    """Per config: the seeds, mean and spread of val seed mIoU, mean training seconds and mean per-class IoU."""
+    out = {}
+    for config, per_seed in runs.items():
+        rows = list(per_seed.values())
+        miou = [r["miou"] for r in rows]
+        out[config] = {
+            "seeds": sorted(int(s) for s in per_seed),
+            "miou_mean": float(np.mean(miou)),
+            "miou_std": float(np.std(miou)),
+            "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+            "iou_mean": {c: float(np.nanmean([r["iou"][c] for r in rows])) for c in rows[0]["iou"]},
+        }
+    return out
+
+
+def sample_strip(root: Path, path: Path, n: int = 8, split: str = "val") -> Path:
+    """A PNG of the first ``n`` images of ``split``: image, class mask, context mask (VOC colours) at 112 px."""
+    ids = VOCDataset(root, split).ids[:n]
+    palette, columns = voc_palette(), []
+    for image_id in ids:
+        image = cv2.imread(str(root / "JPEGImages" / f"{image_id}.jpg"))[..., ::-1]
+        label = palette[read_label_png(root / "SegmentationClass" / f"{image_id}.png")]
+        context = palette[read_label_png(root / "ContextMask" / f"{image_id}.png")]
+        cells = [cv2.resize(x, (112, 112), interpolation=cv2.INTER_NEAREST) for x in (image, label, context)]
+        columns.append(np.concatenate(cells, 0))
+    strip = np.concatenate(columns, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(strip[..., ::-1]))
+    print(f"wrote {path}")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generator", choices=list(GENERATORS), default="probe")
+    parser.add_argument("--configs", nargs="+", default=["cam-tiny-synth"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--train", type=int, default=1000, help="training images (the demo's 1000)")
+    parser.add_argument("--val", type=int, default=300, help="validation images (the demo's 300)")
+    parser.add_argument("--data-seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--work", type=Path, default=Path("runs/transfer"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, every run")
+    parser.add_argument("--name", default="", help="variant name (required with --set)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished (config, seed) pairs of the JSON")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--strip", type=Path, default=None, help="only write a PNG of 8 val images and masks here")
+    args = parser.parse_args()
+    if args.overrides and not args.name:
+        parser.error("--set needs --name: a variant must not overwrite the default runs")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = dataset(args.generator, args.train, args.val, args.data_seed, args.work)
+    if args.strip:
+        sample_strip(data, args.strip)
+        return
+    name = f"transfer_{args.generator}" + (f"_{args.name}" if args.name else "")
+    previous = RESULTS / f"{name}.json"
+    runs: dict = json.loads(previous.read_text())["runs"] if args.resume and previous.is_file() else {}
+    for config in args.configs:
+        for seed in args.seeds:
+            if str(seed) in runs.get(config, {}):
+                continue
+            out = args.work / data.name / f"{config}{'-' + args.name if args.name else ''}-s{seed}"
+            runs.setdefault(config, {})[str(seed)] = result = run(config, seed, data, out, args.overrides)
+            print(f"{config} seed {seed}: val seed mIoU {100 * result['miou']:.1f}  train {result['train_s']:.0f} s  "
+                  + ", ".join(f"{c} {100 * v:.1f}" for c, v in result["iou"].items()))  # fmt: skip
+            payload = {"generator": args.generator, "data": str(data), "overrides": args.overrides, "runs": runs,
+                       "summary": summarize(runs)}  # fmt: skip
+            write_result(name, payload)
+    for config, row in summarize(runs).items():
+        print(f"{config:18s} val seed mIoU {100 * row['miou_mean']:5.1f} +- {100 * row['miou_std']:.1f} "
+              f"(seeds {row['seeds']}), train {row['train_s_mean']:.0f} s")  # fmt: skip
+    method_chart(RESULTS / f"{name}.png", f"{name}: {args.generator} set", runs)
+
+
+if __name__ == "__main__":
+    main()
