@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--out", type=Path, default=None, help="Default: WORK/vit-tiny-synth.safetensors.")
+    parser.add_argument("--resume", action="store_true", help="Continue WORK/run after an interruption (SIGTERM).")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="Stop (and export) at this step, the LR schedule still that of --iters.")  # fmt: skip
+    parser.add_argument("--val-images", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = args.work or Path(f"runs/pretrain_{args.corpus}")
@@ -53,14 +57,17 @@ def main() -> None:
     cfg = get_config("cam-tiny-synth", ["pretrained=null", f"train.iters={args.iters}", "optim.lr=5e-4",
                                         "optim.warmup=100", "train.log_every=50", "train.ckpt_every=250"])  # fmt: skip
     tic = time.perf_counter()
-    ckpt = train(cfg, VOCDataset(corpus, "train"), work / "run", progress=True)
-    seconds = time.perf_counter() - tic
+    ckpt = train(cfg, VOCDataset(corpus, "train"), work / "run", progress=True, resume=args.resume,
+                 max_steps=args.max_steps)  # fmt: skip
+    seconds = time.perf_counter() - tic  # this invocation's share only, when it resumed
     command = shlex.join(["python", *sys.argv])
-    provenance = {"corpus": synth.__dict__, "iters": args.iters, "train_seconds": seconds, "command": command}
+    provenance = {"corpus": synth.__dict__, "seed": args.seed, "iters": args.iters, "train_seconds": seconds,
+                  "command": command}  # fmt: skip
+    loaded = load_model(ckpt)
+    provenance["steps"] = loaded.meta["step"]  # fewer than iters when stopped by --max-steps
     export_backbone(ckpt, out, provenance)
 
-    loaded = load_model(ckpt)
-    val = validate(loaded.model, VOCDataset(corpus, "val"), loaded.spec, "cpu", 300)
+    val = validate(loaded.model, VOCDataset(corpus, "val"), loaded.spec, "cpu", args.val_images)
     name = "pretrain_backbone" if args.corpus == "broad" else f"pretrain_backbone_{args.corpus}"
     write_result(name, {**provenance, "corpus_val": val, "file": str(out), "bytes": out.stat().st_size})
 
