@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -13,11 +15,12 @@ from PIL import Image
 
 import wsss.data.synth as synth
 from wsss.data.datasets import VOCDataset
-from wsss.data.palette import PALETTE, read_label_png
+from wsss.data.palette import IGNORE_INDEX, PALETTE, read_label_png
 from wsss.data.synth import (
     CO_OCCURRENCE,
     DEMO_CLASSES,
     SynthConfig,
+    broad2_classes,
     broad_classes,
     cooccurrence_stats,
     generate_synth,
@@ -405,3 +408,125 @@ def test_reads_back_as_voc_dataset(small: tuple[Path, dict]) -> None:
         np.testing.assert_array_equal(sample.mask, read_label_png(root / "SegmentationClass" / f"{sample.id}.png"))
     val = VOCDataset(root, "val")
     assert len(val) == 20 and val.ids[0] == "val_000000"
+
+
+# ------------------------------------------------------------------------------------------------------- broad2
+
+BROAD2 = SynthConfig(n_train=16, n_val=4, min_size=48, max_size=80, seed=2, corpus="broad2", max_objects=4)
+
+
+def _scene_digest(specs: tuple, cfg: SynthConfig, n: int = 12) -> str:
+    rng, digest = np.random.default_rng([cfg.seed, 0]), hashlib.sha256()
+    for _ in range(n):
+        scene = make_scene(specs, cfg, rng)
+        for a in (scene.image, scene.label, scene.context):
+            digest.update(np.ascontiguousarray(a).tobytes())
+        digest.update(bytes(scene.classes))
+    return digest.hexdigest()
+
+
+def test_demo_and_broad_scenes_are_unchanged_by_broad2() -> None:
+    # Digests of 12 scenes each, computed on the commit before broad2 was added (2a0f7bb).
+    demo = "4fa34ed8bea118f2cecd89440ad00638409f81faf59f4a32079581301b8055d7"
+    broad = "4c930fd0dc463e2b00460b65b7bb32aeea80ba781d64ff2da66dfdc407a1f746"
+    assert _scene_digest(DEMO_CLASSES, SynthConfig()) == demo
+    assert _scene_digest(broad_classes(1), SynthConfig(corpus="broad", seed=1)) == broad
+
+
+def test_broad2_classes() -> None:
+    specs = broad2_classes(0)
+    assert broad2_classes(0) == specs and broad2_classes(1) != specs
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names) == 36 and not set(names) & set(DEMO_NAMES)
+    families = [s.family for s in specs]
+    assert (families.count("shape"), families.count("texture"), families.count("shape+texture")) == (18, 12, 6)
+    assert all(s.rgb is None for s in specs)
+    assert [s.context for s in specs if s.context] == list(synth.CONTEXTS)
+    for s in specs:  # the pools are disjoint, so no instance fits two classes
+        pool = {"shape": {"any"}, "texture": set(synth.PATTERNS), "shape+texture": set(synth.COMBO_TEXTURES)}
+        assert s.texture in pool[s.family]
+        assert (s.shape == "any") == (s.family == "texture")
+        assert (s.shape == "outline") == (s.outline is not None)
+    pools = (set(synth.PATTERNS), set(synth.COMBO_TEXTURES), set(synth.NUISANCE_TEXTURES))
+    assert sum(len(p) for p in pools) == len(set.union(*pools))
+    outlines = [s.outline for s in specs if s.family == "shape+texture"]
+    assert len(set(outlines)) == 2  # each combo outline carries every combo texture
+    assert synth.corpus_classes(SynthConfig(corpus="broad2", seed=0)) == specs
+    with pytest.raises(ValueError, match="unknown synthetic corpus 'nope'"):
+        synth.corpus_classes(SynthConfig(corpus="nope"))
+
+
+@pytest.mark.parametrize("kind", synth.OUTLINE_KINDS)
+def test_random_outlines_fill_the_unit_square(kind: str) -> None:
+    points, aspect = synth._random_outline(kind, np.random.default_rng(4))
+    np.testing.assert_allclose(points.min(0), 0, atol=1e-9)
+    np.testing.assert_allclose(points.max(0), 1, atol=1e-9)
+    assert 0.4 <= aspect <= 2.5 and len(points) >= 3
+    assert synth._poly(points, 40, 40).mean() > 0.2
+
+
+def test_broad2_is_deterministic() -> None:
+    specs = broad2_classes(BROAD2.seed)
+    assert _scene_digest(specs, BROAD2) == _scene_digest(broad2_classes(BROAD2.seed), BROAD2)
+    assert _scene_digest(specs, BROAD2) != _scene_digest(specs, replace(BROAD2, seed=3))
+
+
+def _instances(spec, n: int = 40) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` single instances of ``spec`` on a black canvas: (image, boolean mask) each."""
+    rng, out = np.random.default_rng(9), []
+    for _ in range(n):
+        img, label = np.zeros((96, 96, 3), np.float32), np.zeros((96, 96), np.uint8)
+        synth._draw_free_object(img, label, spec, 1, None, rng)
+        out.append((img, label == 1))
+    return out
+
+
+@pytest.mark.parametrize("family", ["shape", "texture", "shape+texture"])
+def test_broad2_colours_vary_per_instance(family: str) -> None:
+    spec = next(s for s in broad2_classes(0) if s.family == family)
+    means = np.array([img[m].mean(0) for img, m in _instances(spec) if m.sum() > 20])
+    assert len(means) >= 30
+    assert (means.std(0) > 30).all(), means.std(0)  # one fixed colour would give ~2 (the +-12 and noise jitter)
+    assert np.ptp(means.mean(1)) > 100  # bright and dark instances both occur
+
+
+def test_broad2_texture_classes_change_shape_and_shape_classes_do_not() -> None:
+    specs = broad2_classes(0)
+
+    def fill_ratios(spec) -> np.ndarray:  # object area over its bounding-box area: rotation changes it a little
+        ratios = []
+        for _, m in _instances(spec):
+            ys, xs = np.nonzero(m)
+            if len(ys) > 40 and ys.min() > 0 and xs.min() > 0 and ys.max() < 95 and xs.max() < 95:
+                ratios.append(m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+        return np.array(ratios)
+
+    texture = fill_ratios(next(s for s in specs if s.family == "texture"))
+    star = fill_ratios(next(s for s in specs if s.name.startswith("shape-star")))
+    assert len(texture) > 10 and len(star) > 10
+    assert texture.std() > 1.5 * star.std()
+
+
+@pytest.mark.parametrize("kind", synth.BACKGROUNDS)
+def test_broad2_backgrounds(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "BACKGROUNDS", (kind,))
+    specs, rng = broad2_classes(0), np.random.default_rng(1)
+    for _ in range(3):
+        scene = make_scene(specs, BROAD2, rng)
+        assert scene.image.dtype == np.uint8 and scene.image.shape[:2] == scene.label.shape
+        assert min(scene.label.shape) >= 48 and max(scene.label.shape) <= 80
+        assert set(np.unique(scene.label).tolist()) <= set(range(len(specs) + 1)) | {IGNORE_INDEX}
+        assert scene.image.std() > 3  # a textured or noisy ground, never one flat value
+
+
+def test_broad2_corpus_dataset(tmp_path: Path) -> None:
+    generate_synth(tmp_path / "a", BROAD2, progress=False)
+    generate_synth(tmp_path / "b", BROAD2, progress=False)
+    assert _all_files(tmp_path / "a") == _all_files(tmp_path / "b")
+    classes = (tmp_path / "a" / "classes.txt").read_text().splitlines()
+    assert classes == ["background"] + [s.name for s in broad2_classes(BROAD2.seed)]
+    labels = json.loads((tmp_path / "a" / "cls_labels.json").read_text())
+    for i, names in labels.items():
+        mask = read_label_png(tmp_path / "a" / "SegmentationClass" / f"{i}.png")
+        assert sorted(classes[k] for k in set(np.unique(mask).tolist()) - {0, IGNORE_INDEX}) == sorted(names)
+    assert VOCDataset(tmp_path / "a", "train").num_fg == 36

@@ -63,8 +63,9 @@ def data() -> None:
 @click.option("--min-size", default=96, show_default=True, help="Smallest image side in pixels.")
 @click.option("--max-size", default=128, show_default=True, help="Largest image side in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Generator seed; the same seed gives the same files.")
-@click.option("--corpus", type=click.Choice(["demo", "broad"]), default="demo", show_default=True,
-              help="demo: the 8 benchmark classes; broad: 24 random classes for backbone pre-training.")  # fmt: skip
+@click.option("--corpus", type=click.Choice(["demo", "broad", "broad2"]), default="demo", show_default=True,
+              help="demo: the 8 benchmark classes; broad: 24 random classes for backbone pre-training; broad2: 36 "
+                   "shape / texture classes in random colours (pre-training candidate).")  # fmt: skip
 def data_synth(out: Path, n_train: int, n_val: int, min_size: int, max_size: int, seed: int, corpus: str) -> None:
     """Generate the synthetic co-occurrence benchmark in PASCAL VOC layout.
 

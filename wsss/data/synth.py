@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -27,14 +27,22 @@ Rng = np.random.Generator
 
 @dataclass(frozen=True)
 class ClassSpec:
-    """A synthetic foreground class: a shape, a texture, a colour and an optional context region."""
+    """A synthetic foreground class: a shape, a texture, a colour and an optional context region.
+
+    ``family`` "fixed" (demo, broad) draws every instance with ``shape``, ``texture`` and ``rgb``. The broad2 families
+    draw fresh colours per instance (``rgb`` None): "shape" (fixed ``shape``, texture "any": a nuisance texture per
+    instance), "texture" (fixed ``texture``, shape "any": a fresh random outline per instance) and "shape+texture".
+    ``shape`` "outline" means the polygon ``outline`` (points in the unit square).
+    """
 
     name: str
     shape: str
     texture: str
-    rgb: tuple[int, int, int]
+    rgb: tuple[int, int, int] | None
     context: str | None = None  # context region drawn with this class most of the time
     aspect: float = 1.0  # width / height of the bounding box
+    family: str = "fixed"
+    outline: tuple[tuple[float, float], ...] | None = None
 
 
 # The demo classes. Contexts: boat-water, train-rails, cow-grass. Co-occurring foreground: person rides horse.
@@ -67,7 +75,7 @@ class SynthConfig:
     p_context: float = 0.85  # P(context | its class)
     p_context_alone: float = 0.08  # P(a context region without its class), per image
     max_objects: int = 3
-    corpus: str = "demo"  # "demo": DEMO_CLASSES; "broad": 24 random classes (backbone pre-training)
+    corpus: str = "demo"  # "demo": DEMO_CLASSES; "broad": 24 random classes; "broad2": broad2_classes (pre-training)
 
 
 def broad_classes(seed: int, n: int = 24) -> tuple[ClassSpec, ...]:
@@ -80,6 +88,242 @@ def broad_classes(seed: int, n: int = 24) -> tuple[ClassSpec, ...]:
         context = CONTEXTS[i] if i < len(CONTEXTS) else None
         specs.append(ClassSpec(f"{shape}-{texture}-{i}", shape, texture, rgb, context, float(rng.uniform(0.5, 2.0))))
     return tuple(specs)
+
+
+def corpus_classes(cfg: SynthConfig) -> tuple[ClassSpec, ...]:
+    """The classes of ``cfg.corpus``."""
+    if cfg.corpus == "demo":
+        return DEMO_CLASSES
+    if cfg.corpus == "broad":
+        return broad_classes(cfg.seed)
+    if cfg.corpus == "broad2":
+        return broad2_classes(cfg.seed)
+    raise ValueError(f"unknown synthetic corpus {cfg.corpus!r}; choose from {CORPORA}")
+
+
+# ---------------------------------------------------------------------------------------------------- broad2
+# A pre-training corpus that rewards shape and texture, not colour (issue 20): every instance draws its own colours.
+# The three texture pools are disjoint and texture-class outlines are fresh per instance, so no instance fits two
+# classes: a shape class wears a NUISANCE texture, a texture class a PATTERN, a shape+texture class a COMBO texture
+# on one of two outlines that each carry every COMBO texture (neither cue alone names it).
+
+CORPORA = ("demo", "broad", "broad2")
+PATTERNS = ("stripes_fine", "stripes_coarse", "checker_fine", "checker_coarse", "dots_fine", "dots_coarse", "rings",
+            "hatch", "zigzag", "waves", "speckle", "bricks")  # fmt: skip
+COMBO_TEXTURES = ("windows", "blotches", "gradient")  # the demo's textures (base colour and its dark shade)
+NUISANCE_TEXTURES = ("plain", "ramp", "soft", "split")
+OUTLINE_KINDS = ("star", "blob", "concave", "convex")
+BACKGROUNDS = ("clutter", "value_noise", "tiles", "flat", "fragments")
+
+
+def broad2_classes(seed: int, n_shape: int = 18, n_combo_outlines: int = 2) -> tuple[ClassSpec, ...]:
+    """Shape classes (6 of SHAPES, the rest random outlines), one texture class per PATTERN, shape+texture classes.
+
+    Water, rails and grass go with the first class of each family."""
+    rng = np.random.default_rng([seed, 2])
+    named = [str(v) for v in rng.permutation([s for s in SHAPES if s not in ("ellipse", "rect")])[:6]]
+    specs = [ClassSpec(f"shape-{n}-{i}", n, "any", None, aspect=float(rng.uniform(0.5, 2.0)), family="shape")
+             for i, n in enumerate(named)]  # fmt: skip
+    for i in range(len(named), n_shape):
+        kind = OUTLINE_KINDS[i % len(OUTLINE_KINDS)]
+        points, aspect = _random_outline(kind, rng)
+        specs.append(ClassSpec(f"shape-{kind}-{i}", "outline", "any", None, aspect=aspect, family="shape",
+                               outline=_as_tuple(points)))  # fmt: skip
+    specs += [ClassSpec(f"texture-{p}", "any", p, None, family="texture") for p in PATTERNS]
+    for j in range(n_combo_outlines):
+        kind = OUTLINE_KINDS[int(rng.integers(len(OUTLINE_KINDS)))]
+        points, aspect = _random_outline(kind, rng)
+        specs += [ClassSpec(f"combo-{kind}{j}-{t}", "outline", t, None, aspect=aspect, family="shape+texture",
+                            outline=_as_tuple(points)) for t in COMBO_TEXTURES]  # fmt: skip
+    firsts = {f: next(k for k, s in enumerate(specs) if s.family == f) for f in ("shape", "texture", "shape+texture")}
+    for kind, k in zip(CONTEXTS, firsts.values(), strict=True):
+        specs[k] = replace(specs[k], context=kind)
+    return tuple(specs)
+
+
+def _as_tuple(points: np.ndarray) -> tuple[tuple[float, float], ...]:
+    return tuple((round(float(x), 4), round(float(y), 4)) for x, y in points)
+
+
+def _random_outline(kind: str, rng: Rng) -> tuple[np.ndarray, float]:
+    """A random closed polygon of ``kind`` scaled to fill the unit square, and its natural width / height."""
+    if kind == "star":
+        n = int(rng.integers(4, 10))
+        t = np.arange(2 * n) * np.pi / n + rng.normal(0, 0.08, 2 * n)
+        r = np.where(np.arange(2 * n) % 2 == 0, 1.0, rng.uniform(0.3, 0.65)) * rng.uniform(0.85, 1.15, 2 * n)
+    elif kind == "blob":  # a Fourier radius: r(t) = 1 + sum_k a_k cos(k t + phi_k)
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        k = np.arange(2, 6)[:, None]
+        amp = rng.uniform(0, 0.35, (4, 1)) / np.sqrt(k - 1)
+        r = np.maximum(1 + (amp * np.cos(k * t + rng.uniform(0, 2 * np.pi, (4, 1)))).sum(0), 0.25)
+    elif kind == "concave":
+        n = int(rng.integers(5, 11))
+        t, r = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(0.35, 1.0, n)
+    elif kind == "convex":
+        cloud = rng.uniform(-1, 1, (int(rng.integers(5, 12)), 2)).astype(np.float32)
+        hull = cv2.convexHull(cloud)[:, 0].astype(np.float64)
+        t, r = np.arctan2(hull[:, 1], hull[:, 0]), np.hypot(hull[:, 0], hull[:, 1])
+    else:
+        raise ValueError(f"unknown outline kind {kind!r}; choose from {OUTLINE_KINDS}")
+    points = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    lo, extent = points.min(0), np.maximum(np.ptp(points, 0), 1e-6)
+    return (points - lo) / extent, float(np.clip(extent[0] / extent[1], 0.4, 2.5))
+
+
+def _instance_colours(rng: Rng) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours at least 90 apart per channel when drawn too close; grey pairs one time in seven."""
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    if rng.random() < 1 / 7:
+        c0, c1 = np.full(3, c0.mean()), np.full(3, c1.mean())
+    if np.abs(c0 - c1).max() < 90:
+        c1 = np.where(c0 < 128, c0 + 110, c0 - 110)
+    return c0.astype(np.float32), c1.astype(np.float32)
+
+
+def _pattern(name: str, h: int, w: int, c0: np.ndarray, c1: np.ndarray, rng: Rng) -> np.ndarray:
+    """An (h, w, 3) float32 two-colour PATTERN or NUISANCE texture, at a random angle and phase."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = rng.uniform(0, np.pi)
+    u, v = xx * np.cos(a) + yy * np.sin(a), yy * np.cos(a) - xx * np.sin(a)
+    fine, coarse, phase = rng.uniform(3, 5), rng.uniform(8, 12), rng.uniform(0, 12)
+    if name in ("stripes_fine", "stripes_coarse"):
+        p = fine if name == "stripes_fine" else coarse
+        t = (u + phase) % p < p / 2
+    elif name in ("checker_fine", "checker_coarse"):
+        p = fine if name == "checker_fine" else coarse
+        t = ((u + phase) // p + (v + phase) // p) % 2
+    elif name in ("dots_fine", "dots_coarse"):
+        p = fine + 1.5 if name == "dots_fine" else coarse + 1.5
+        t = ((u + phase) % p - p / 2) ** 2 + ((v + phase) % p - p / 2) ** 2 < (p / 3.2) ** 2
+    elif name == "rings":
+        p = rng.uniform(4, 7)
+        t = (np.hypot(xx - rng.uniform(0, w), yy - rng.uniform(0, h)) + phase) % p < p / 2
+    elif name == "hatch":
+        p = rng.uniform(5, 8)
+        t = ((u + phase) % p < 1.4) | ((v + phase) % p < 1.4)
+    elif name in ("zigzag", "waves"):
+        p, q = rng.uniform(5, 8), rng.uniform(6, 10)
+        tri = np.abs((v / q) % 2 - 1) if name == "zigzag" else 0.5 + 0.5 * np.sin(v * np.pi / q)
+        t = (u + phase + p * tri) % p < p / 2
+    elif name == "speckle":
+        cell = int(rng.integers(1, 3))
+        t = cv2.resize(rng.random((h // cell + 1, w // cell + 1)), (w, h), interpolation=cv2.INTER_NEAREST) < 0.5
+    elif name == "bricks":
+        p = rng.uniform(4, 7)
+        row = (yy + phase) // p
+        t = ~(((yy + phase) % p < 1.2) | ((xx + phase + (row % 2) * p) % (2 * p) < 1.2))
+    elif name == "plain":
+        t = np.ones((h, w), np.float32)
+    elif name == "ramp":
+        t = (u - u.min()) / max(float(np.ptp(u)), 1.0)
+    elif name == "soft":
+        noise = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), rng.uniform(3, 8))
+        t = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-6)
+    elif name == "split":
+        t = u > rng.uniform(u.min(), u.max())
+    else:
+        raise ValueError(f"unknown texture {name!r}; choose from {PATTERNS + NUISANCE_TEXTURES}")
+    t = t.astype(np.float32)[..., None]
+    return t * c0 + (1 - t) * c1 + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+
+
+def _instance_texture(texture: str, h: int, w: int, rng: Rng) -> np.ndarray:
+    """``texture`` ("any": a random NUISANCE texture) in fresh random colours."""
+    c0, c1 = _instance_colours(rng)
+    if texture == "any":
+        texture = NUISANCE_TEXTURES[int(rng.integers(len(NUISANCE_TEXTURES)))]
+    if texture in TEXTURES:
+        return _texture(texture, h, w, (int(c0[0]), int(c0[1]), int(c0[2])), rng)
+    return _pattern(texture, h, w, c0, c1, rng)
+
+
+def _instance_mask(spec: ClassSpec, size: float, rng: Rng) -> np.ndarray:
+    """A flipped and rotated boolean mask of one instance of ``spec``, in a square box of side ~ size * sqrt(2)."""
+    if spec.shape == "any":  # a fresh outline; one time in five a plain ellipse or rectangle
+        shape = ("ellipse", "rect")[int(rng.integers(2))] if rng.random() < 0.2 else "outline"
+        points, aspect = _random_outline(OUTLINE_KINDS[int(rng.integers(len(OUTLINE_KINDS)))], rng)
+    else:
+        shape, points, aspect = spec.shape, np.array(spec.outline or [], np.float64), spec.aspect
+    aspect *= rng.uniform(0.8, 1.25)
+    bh, bw = max(int(size / np.sqrt(aspect)), 5), max(int(size * np.sqrt(aspect)), 5)
+    side = int(np.ceil(np.hypot(bh, bw))) + 2
+    mask = np.zeros((side, side), np.uint8)
+    y0, x0 = (side - bh) // 2, (side - bw) // 2
+    mask[y0 : y0 + bh, x0 : x0 + bw] = _poly(points, bh, bw) if shape == "outline" else _shape_mask(shape, bh, bw)
+    if rng.random() < 0.5:
+        mask = np.ascontiguousarray(mask[:, ::-1])
+    angle = rng.uniform(-180, 180) if rng.random() < 0.5 else rng.uniform(-25, 25)
+    rot = cv2.getRotationMatrix2D((side / 2 - 0.5, side / 2 - 0.5), float(angle), 1.0)
+    return cv2.warpAffine(mask, rot, (side, side), flags=cv2.INTER_NEAREST).astype(bool)
+
+
+def _draw_free_object(img: np.ndarray, label: np.ndarray, spec: ClassSpec, class_id: int, rest_row: int | None,
+                      rng: Rng) -> None:  # fmt: skip
+    """Paste one broad2 instance: its scale log-uniform in 0.28..0.7 of the short side, any angle, fresh colours."""
+    h, w = label.shape
+    mask = _instance_mask(spec, float(np.exp(rng.uniform(np.log(0.28), np.log(0.7)))) * min(h, w), rng)
+    rows = np.flatnonzero(mask.any(1))
+    side = mask.shape[0]
+    x0 = int(rng.integers(-side // 3, max(w - side + side // 3, -side // 3) + 1))
+    if rest_row is None:
+        y0 = int(rng.integers(-side // 3, max(h - side + side // 3, -side // 3) + 1))
+    else:  # the lowest mask row sinks a little into the context band
+        y0 = int(rest_row - rows[-1] + rng.uniform(0.1, 0.35) * (rows[-1] - rows[0] + 1))
+    _paste(img, label, mask, _instance_texture(spec.texture, side, side, rng), y0, x0, class_id)
+
+
+def _background2(h: int, w: int, specs: tuple[ClassSpec, ...], rng: Rng) -> np.ndarray:
+    """One of BACKGROUNDS: the demo's gradient and clutter, value noise, broad stripes or tiles, a flat colour, or
+    a flat / noisy ground strewn with fragments of the classes' outlines (half an outline is not the class)."""
+    kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    if kind == "clutter":
+        return _background(h, w, rng)
+    img = np.zeros((h, w, 3), np.float32) + rng.uniform(20, 235, 3).astype(np.float32)
+    if kind in ("value_noise", "fragments"):
+        for cell, amp in ((32, 40), (16, 25), (8, 15), (4, 8)):
+            grid = rng.uniform(-amp, amp, (h // cell + 2, w // cell + 2, 3)).astype(np.float32)
+            img += cv2.resize(grid, (w + cell, h + cell), interpolation=cv2.INTER_CUBIC)[:h, :w]
+    if kind == "tiles":
+        c1 = np.clip(img[0, 0] + rng.choice([-1, 1], 3) * rng.uniform(20, 50, 3), 0, 255).astype(np.float32)
+        name = ("stripes_coarse", "checker_coarse")[int(rng.integers(2))]
+        img = _pattern(name, h // 3 + 1, w // 3 + 1, img[0, 0], c1, rng)  # drawn at 1/3 scale: periods 24-36 px
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+    if kind == "fragments":
+        outlined = [s for s in specs if s.shape != "any"]
+        for _ in range(int(rng.integers(2, 6))):
+            _draw_fragment(img, outlined[int(rng.integers(len(outlined)))], rng)
+    return img + rng.normal(0, 4, (h, w, 3)).astype(np.float32)
+
+
+def _draw_fragment(img: np.ndarray, spec: ClassSpec, rng: Rng) -> None:
+    """About half of an instance of ``spec``, cut along a random line through it, in a nuisance texture."""
+    h, w = img.shape[:2]
+    mask = _instance_mask(spec, rng.uniform(0.2, 0.5) * min(h, w), rng)
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return
+    a = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+    mask &= (xx - xs.mean()) * np.cos(a) + (yy - ys.mean()) * np.sin(a) > 0
+    side = mask.shape[0]
+    y0, x0 = int(rng.integers(-side // 3, h - side // 3)), int(rng.integers(-side // 3, w - side // 3))
+    _paste(img, np.zeros((h, w), np.uint8), mask, _instance_texture("any", side, side, rng), y0, x0, 0)
+
+
+def _occlude(img: np.ndarray, label: np.ndarray, context: np.ndarray, rng: Rng) -> None:
+    """With probability 0.3, one or two small random nuisance shapes in front of everything (background)."""
+    if rng.random() >= 0.3:
+        return
+    h, w = label.shape
+    occluder = ClassSpec("occluder", "any", "any", None, family="occluder")
+    for _ in range(int(rng.integers(1, 3))):
+        covered = np.zeros((h, w), np.uint8)
+        mask = _instance_mask(occluder, rng.uniform(0.12, 0.3) * min(h, w), rng)
+        side = mask.shape[0]
+        y0, x0 = int(rng.integers(-side // 3, h - side // 3)), int(rng.integers(-side // 3, w - side // 3))
+        _paste(img, covered, mask, _instance_texture("any", side, side, rng), y0, x0, 1)
+        label[covered > 0] = 0
+        context[covered > 0] = 0
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -239,7 +483,7 @@ def _object_count_probs(n: int) -> np.ndarray:
 def make_scene(specs: tuple[ClassSpec, ...], cfg: SynthConfig, rng: Rng) -> Scene:
     """Draw one scene: background, context bands, then objects back to front (later ones occlude earlier)."""
     h, w = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))
-    img = _background(h, w, rng)
+    img = _background2(h, w, specs, rng) if cfg.corpus == "broad2" else _background(h, w, rng)
     label = np.zeros((h, w), np.uint8)
     context = np.zeros((h, w), np.uint8)
     chosen = _pick_classes(specs, cfg, rng)
@@ -259,6 +503,8 @@ def make_scene(specs: tuple[ClassSpec, ...], cfg: SynthConfig, rng: Rng) -> Scen
 
     for i, k in enumerate(chosen):
         _draw_object(img, label, specs[k], k + 1, anchors.get(i), rng)
+    if cfg.corpus == "broad2":
+        _occlude(img, label, context, rng)
     context[label > 0] = 0
     label = _ignore_band(label, rng)
     present = sorted(set(np.unique(label[(label > 0) & (label != IGNORE_INDEX)]).tolist()))  # slivers drop out
@@ -278,6 +524,8 @@ def _draw_object(
     img: np.ndarray, label: np.ndarray, spec: ClassSpec, class_id: int, rest_row: int | None, rng: Rng
 ) -> None:
     """Paste one textured object (clipped at the image border)."""
+    if spec.family != "fixed":
+        return _draw_free_object(img, label, spec, class_id, rest_row, rng)
     h, w = label.shape
     size = rng.uniform(0.28, 0.5) * min(h, w)
     aspect = spec.aspect * rng.uniform(0.85, 1.15)
@@ -291,8 +539,16 @@ def _draw_object(
     mask = _shape_mask(spec.shape, bh, bw).astype(bool)
     if rng.random() < 0.5:
         mask = mask[:, ::-1]
-    tex = _texture(spec.texture, bh, bw, spec.rgb, rng)
-    ys, xs = slice(max(y0, 0), min(y0 + bh, h)), slice(max(x0, 0), min(x0 + bw, w))
+    _paste(img, label, mask, _texture(spec.texture, bh, bw, spec.rgb, rng), y0, x0, class_id)
+
+
+def _paste(img: np.ndarray, label: np.ndarray, mask: np.ndarray, tex: np.ndarray, y0: int, x0: int,
+           class_id: int) -> None:  # fmt: skip
+    """Copy ``tex`` under the boolean ``mask`` into ``img`` at (y0, x0), clipped at the border; label it."""
+    h, w = label.shape
+    ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], h)), slice(max(x0, 0), min(x0 + mask.shape[1], w))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        return
     sub = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
     m = mask[sub]
     img[ys, xs][m] = tex[sub][m]
@@ -315,7 +571,7 @@ def generate_synth(out: str | Path, cfg: SynthConfig = SynthConfig(), progress: 
     """Write the benchmark in VOC layout (see ``write_voc_set``) and return (and save) its statistics
     (``synth_stats.json``: co-occurrence rates and the config)."""
     out = Path(out)
-    specs = DEMO_CLASSES if cfg.corpus == "demo" else broad_classes(cfg.seed)
+    specs = corpus_classes(cfg)
     names = ("background",) + tuple(s.name for s in specs)
     splits = {"train": cfg.n_train, "val": cfg.n_val}
     labels, contexts = write_voc_set(out, names, lambda rng: make_scene(specs, cfg, rng), splits, cfg.seed,
