@@ -25,15 +25,17 @@ def write_result(name: str, payload: dict, path: Path | None = None) -> Path:
     return path
 
 
-def val_seed_scores(ckpt: Path, data: Path, out: Path, split: str = "val") -> dict:
+def val_seed_scores(ckpt: Path, data: Path, out: Path, split: str = "val", background: float | None = None) -> dict:
     """Seeds of ``split`` by the batch labeler with the network's own CAM settings (CoBra: its fused CAM, the
-    config's seed source) in ``out/seeds``, scored against the set's masks and context regions.
+    config's seed source; ``background`` replaces the background threshold) in ``out/seeds``, scored against the
+    set's masks and context regions.
 
     Returns mIoU, per-class IoU and precision (lists, background first), the class names and the context false
     activation overall and per class (by name)."""
     backend, spec, meta = open_backend(ckpt)
     val = VOCDataset(data, split)
-    label_dataset(backend, spec, meta, val, out, LabelConfig(spec.cam, seed_dir="seeds", label_dir=None, quiet=True,
+    cam = spec.cam if background is None else spec.cam.with_background(background)
+    label_dataset(backend, spec, meta, val, out, LabelConfig(cam, seed_dir="seeds", label_dir=None, quiet=True,
                                                              resume=True))  # fmt: skip
     names = list(spec.class_names)
     res = evaluate_folders(out / "seeds", data / "SegmentationClass", names, context_dir=data / "ContextMask",

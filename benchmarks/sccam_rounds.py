@@ -19,12 +19,9 @@ from pathlib import Path
 import numpy as np
 from seco_vs_cam import _changed
 
-from common import write_result
+from common import val_seed_scores, write_result
 from wsss.data.datasets import VOCDataset
-from wsss.eval.evaluate import evaluate_folders
 from wsss.models import load_model
-from wsss.runtime.backends import open_backend
-from wsss.runtime.labeler import LabelConfig, label_dataset
 from wsss.train.configs import get_config
 from wsss.train.loop import CHECKPOINT
 from wsss.train.sccam_rounds import LABELS, round_config, round_finished, train_rounds
@@ -35,17 +32,9 @@ CONFIG = "sccam-tiny-synth"
 def evaluate_round(ckpt: Path, data: Path, out: Path, background: float | None = None) -> dict:
     """Val seeds of one round's checkpoint (at the config's background threshold, or ``background``): mIoU and the
     context false activation (overall and per class)."""
-    backend, spec, meta = open_backend(ckpt)
-    val = VOCDataset(data, "val")
-    cam = spec.cam if background is None else spec.cam.with_background(background)
-    label_dataset(backend, spec, meta, val, out, LabelConfig(cam, seed_dir="seeds", label_dir=None, quiet=True,
-                                                             resume=True))  # fmt: skip
-    names = list(spec.class_names)
-    res = evaluate_folders(out / "seeds", data / "SegmentationClass", names, context_dir=data / "ContextMask",
-                           ids=val.ids)  # fmt: skip
-    fa = res["context_false_activation"]
-    return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
-            "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip
+    scores = val_seed_scores(ckpt, data, out, background=background)
+    keep = ("miou", "context_false_activation", "iou", "context_false_activation_per_class")
+    return {k: scores[k] for k in keep}
 
 
 def cluster_sizes(folder: Path, k: int) -> list[list[int]]:
