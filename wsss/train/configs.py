@@ -66,6 +66,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
         },
     },  # fmt: skip
 }
+# Pre-training the shipped tiny ViT (benchmarks/pretrain_backbone.py): cam-tiny-synth's network taught by the masks
+# of a synthetic corpus (wsss.train.cam.MaskedCAMObjective), from scratch. Not a WSSS method: the CPU stand-in for
+# ImageNet weights.
+CONFIGS["cam-tiny-pretrain"] = {
+    **copy.deepcopy(CONFIGS["cam-tiny-synth"]),
+    "supervision": "masks",
+    "pretrained": None,
+    "pretrain": {"dense_weight": 1.0},
+}
+CONFIGS["cam-tiny-pretrain"]["optim"].update(lr=5e-4, warmup=100)
+CONFIGS["cam-tiny-pretrain"]["train"].update(iters=2000, ckpt_every=250, log_every=50)
 # SeCo (§3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
 _SECO_VOC = {
     "schedule": "voc", "bkg": 0.5, "high": 0.7, "low": 0.25, "cam2mask": 10000, "n_crops": 10, "local_crop": 64,

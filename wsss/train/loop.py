@@ -37,7 +37,7 @@ from ..data.datasets import WSSSDataset
 from ..data.transforms import AugmentConfig, augment, seco_views, to_tensor
 from ..eval.metrics import ConfusionMatrix
 from ..models import ModelSpec, build_model, load_pretrained, load_state_into, save_model
-from .cam import CAMObjective
+from .cam import CAMObjective, MaskedCAMObjective
 from .cobra import CoBraObjective
 from .configs import model_spec
 from .optim import make_optimizer, param_groups
@@ -92,6 +92,15 @@ OBJECTIVES = {
     "sccam": SCCAMObjective,
     "segnet": SegObjective,
 }
+
+
+def objective_class(cfg: dict[str, Any]) -> type[nn.Module]:
+    """The method's objective; a CAM config with ``"supervision": "masks"`` pre-trains on masks instead."""
+    return MaskedCAMObjective if mask_supervised(cfg) else OBJECTIVES[cfg["method"]]
+
+
+def mask_supervised(cfg: dict[str, Any]) -> bool:
+    return cfg["method"] == "cam" and cfg.get("supervision", "tags") == "masks"
 
 
 def resolve_device(requested: str | None, local_rank: int | None, cuda_devices: int, current: int = 0) -> torch.device:
@@ -152,7 +161,7 @@ def build_training(cfg: dict[str, Any], classes: tuple[str, ...], device: torch.
             if verbose:
                 tqdm.write(f"pretrained {part}: {report}")
     model.to(device)
-    objective = OBJECTIVES[cfg["method"]](model, cfg).to(device)  # training-only parts (teachers, banks)
+    objective = objective_class(cfg)(model, cfg).to(device)  # training-only parts (teachers, banks)
     backbone, heads = model.param_groups()
     ocfg = cfg["optim"]
     groups = param_groups(backbone, heads + objective.trainable(), ocfg["lr"], ocfg["head_lr"])
@@ -273,7 +282,7 @@ def _average_gradients(params: list[nn.Parameter], world: int) -> None:
 
 def training_set(cfg: dict[str, Any], data: WSSSDataset, seed: int, progress: bool = False) -> TrainSet:
     """The config's augmented training views of ``data``."""
-    if cfg["method"] == "segnet":  # images with their (pseudo-)masks
+    if cfg["method"] == "segnet" or mask_supervised(cfg):  # images with their (pseudo-)masks
         return seg_training_set(cfg, data, seed, progress)
     d = cfg["data"]
     aug = AugmentConfig(d["crop"], tuple(d["scale_range"]), d["flip"], d["jitter"])
