@@ -48,7 +48,7 @@ def main() -> None:
                         help="Stop (and export) at this step, the LR schedule still that of --iters.")  # fmt: skip
     parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--supervision", choices=("masks", "tags"), default="masks",
-                        help="masks: cam-tiny-pretrain (the corpus's masks teach every token); tags: image tags only.")  # fmt: skip
+                        help="masks: cam-tiny-pretrain (taught by the masks); tags: image tags only.")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
