@@ -32,8 +32,9 @@ class MaskedCAMObjective(nn.Module):
     CPU budget (issue 20). Two terms on the crop's mask (0 background, k = class k, 255 ignored):
 
     * ``cls``: (1.2) with the tags of the classes left in the crop (a crop that cuts an object off drops its tag);
-    * ``dense``: every patch token's raw CAM ``A_k`` against the fraction ``m_k`` of its valid pixels that are
-      class k, by binary cross-entropy, weighted by the token's valid fraction: ``mean(v * BCE(A_k, m_k / v))``.
+    * ``dense``: every patch token's raw CAM ``A_k`` against ``m_k / v``, the share of its valid pixels that are
+      class k (``m_k``: the token's fraction of class-k pixels, ``v``: of valid ones), by binary cross-entropy,
+      averaged over tokens and classes with weight ``v``: ``sum(v * BCE(A_k, m_k / v)) / (K * sum(v))``.
     """
 
     def __init__(self, model: nn.Module, cfg: dict):
