@@ -126,3 +126,16 @@ def test_cli_writes_a_probe_set(tmp_path: Path) -> None:
     assert "P(arrow|heart)" in result.output and "P(sand|nut)" in result.output
     assert len(VOCDataset(tmp_path / "p", "train")) == 4 and len(VOCDataset(tmp_path / "p", "val")) == 2
     assert json.loads((tmp_path / "p/probe_stats.json").read_text())["config"]["seed"] == 1
+
+
+def test_backgrounds_restrict_the_background_models() -> None:
+    flat = ProbeConfig(backgrounds=["flat"], p_occluder=0.0, p_context=0.0, p_context_alone=0.0)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        scene = make_probe_scene(flat, rng)
+        open_ground = cv2.erode((scene.label == 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        assert scene.image[open_ground].std(0).max() < 12  # one colour plus the sensor noise (sigma 5)
+    busy = make_probe_scene(ProbeConfig(backgrounds=("clutter", "tiles")), np.random.default_rng(3))
+    assert busy.image[busy.label == 0].std(0).max() > 12
+    with pytest.raises(ValueError, match="backgrounds"):
+        ProbeConfig(backgrounds=("sky",))

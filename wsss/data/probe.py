@@ -71,6 +71,13 @@ class ProbeConfig:
     p_context_alone: float = 0.1  # P(a context region without its class), per image
     p_occluder: float = 0.25  # P(a background distractor drawn over an object), per object
     max_objects: int = 3
+    backgrounds: tuple[str, ...] = BACKGROUNDS  # the background models drawn from, uniformly
+
+    def __post_init__(self):
+        object.__setattr__(self, "backgrounds", tuple(self.backgrounds))
+        unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
+        if not self.backgrounds or unknown:
+            raise ValueError(f"probe backgrounds must be a non-empty subset of {BACKGROUNDS}, got {self.backgrounds}")
 
 
 # ---------------------------------------------------------------------------------------------------- outlines
@@ -312,7 +319,7 @@ def _place(cls: ProbeClass, h: int, w: int, rng: Rng) -> tuple[int, int, int, in
 def make_probe_scene(cfg: ProbeConfig, rng: Rng) -> Scene:
     """One scene: background, context regions, objects back to front, occluders; then the ignore band."""
     h, w = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))
-    img = background(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))], h, w, rng)
+    img = background(cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))], h, w, rng)
     label = np.zeros((h, w), np.uint8)
     context = np.zeros((h, w), np.uint8)
     chosen = _pick(cfg, rng)
@@ -380,7 +387,7 @@ def generate_probe(out: str | Path, cfg: ProbeConfig = ProbeConfig(), progress: 
     labels, contexts = write_voc_set(out, names, lambda rng: make_probe_scene(cfg, rng), splits, cfg.seed,
                                      progress, "probe")  # fmt: skip
     stats = cooccurrence_stats(labels, contexts, PROBE_CLASSES, PROBE_CO_OCCURRENCE)
-    stats["config"] = cfg.__dict__
+    stats["config"] = {**cfg.__dict__, "backgrounds": list(cfg.backgrounds)}
     stats["generator"] = "probe"
     (out / "probe_stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -1,0 +1,239 @@
+"""Can a trunk learn a set's classes from scratch? Tag classifiers on a VOC-layout set, per-class AP on its val split.
+
+Issue 20's calibration, kept in the repository: before blaming a WSSS recipe for low seeds, check that the trunk
+it trains can tell the classes apart at all in the same budget. Each trunk gets a bias-free 1x1 classifier on its
+feature map, pooled by GMP (``--pool``), trained from scratch on the train split with multi-label soft-margin loss
+(the CAM objective (1.2)), AdamW with a one-cycle schedule, flips and +-16 px shifts, images padded to
+``--size`` (larger ones shrunk to fit). Every ``--every`` epochs it prints and records val per-class average
+precision, their mean (mAP) and per-label accuracy (against the all-absent answer), then writes
+``results/learnability_NAME.{json,png}``.
+
+Trunks (``--trunks``):
+
+* ``resnet-tiny``: the package's tiny ResNet (``layers [1,1,1,1]``, channels 32-256, CoBra/IRN strides, BatchNorm
+  trainable), the ``cobra-tiny-synth`` CNN branch;
+* ``vit-tiny``, ``vit-tiny-conv``: ``cam-tiny-synth``'s ViT (4 blocks, patch 8) with its patch stem or the
+  stride-2 conv stem (``stem=conv``);
+* ``vit-tiny-vgg``: the same ViT with the ``vgg`` reference's first three stages as its stem;
+* ``vgg``: a reference with 3x3 convolutions at full resolution before every 2x pooling (widths 16-128, output
+  stride 8, the ViT's token grid). It is not a package network: it says whether the set is learnable in the budget.
+
+    python benchmarks/learnability.py --data data/probe --name probe             # all four trunks, 10 epochs
+    python benchmarks/learnability.py --data data/probe --trunks vgg --epochs 25 --name probe-vgg25
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import RESULTS, write_result
+from wsss.data.datasets import VOCDataset
+from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.models.backbone import BackboneConfig, create_vit, forward_tokens, token_grid, token_map
+from wsss.models.resnet import ResNetConfig, create_resnet
+from wsss.train.configs import get_config
+
+TRUNKS = ("resnet-tiny", "vit-tiny", "vit-tiny-conv", "vit-tiny-vgg", "vgg")
+
+
+def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(N, 3, size, size) uint8 images (top-left, zero padded; larger ones shrunk to fit), (N, K) tags, names."""
+    ds = VOCDataset(root, split)
+    images = np.zeros((len(ds), size, size, 3), np.uint8)
+    tags = np.zeros((len(ds), ds.num_fg), np.float32)
+    for i in range(len(ds)):
+        sample = ds[i]
+        img = sample.image
+        if max(img.shape[:2]) > size:
+            r = size / max(img.shape[:2])
+            shape = (min(size, round(img.shape[1] * r)), min(size, round(img.shape[0] * r)))
+            img = cv2.resize(img, shape, interpolation=cv2.INTER_AREA)
+        images[i, : img.shape[0], : img.shape[1]] = img
+        tags[i] = sample.labels
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tags), tuple(ds.classes[1:])
+
+
+class VGGTrunk(nn.Module):
+    """Two 3x3 conv-BN-ReLU at each of 4 resolutions, 2x max pooling between them (output stride 8)."""
+
+    def __init__(self, width: int = 16, stages: int = 4):
+        super().__init__()
+        layers, c_in = [], 3
+        for i in range(stages):
+            c_out = width * 2**i
+            for c in (c_in, c_out):
+                layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [nn.MaxPool2d(2)] if i < 3 else []  # 3 poolings: output stride 8
+            c_in = c_out
+        self.body, self.out_channels = nn.Sequential(*layers), c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class ViTTrunk(nn.Module):
+    """A ViT as a feature map; ``vgg_stem`` replaces its patch embedding by the reference's first three stages."""
+
+    def __init__(self, cfg: BackboneConfig, vgg_stem: bool = False):
+        super().__init__()
+        self.vit, self.patch = create_vit(cfg), cfg.overrides["patch_size"]
+        self.out_channels = self.vit.embed_dim
+        if vgg_stem:
+            stem = VGGTrunk(stages=3)
+            self.vit.patch_embed.proj = nn.Sequential(stem, nn.Conv2d(stem.out_channels, self.out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = forward_tokens(self.vit, x)
+        return token_map(tokens, self.vit.num_prefix_tokens, token_grid(x, self.patch))
+
+
+class ResNetTrunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = create_resnet(ResNetConfig(name="custom", fixed_bn=False, frozen_stages=0))
+        self.out_channels = self.net.layer4[-1].conv2.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
+def build_trunk(name: str) -> nn.Module:
+    if name == "resnet-tiny":
+        return ResNetTrunk()
+    if name == "vgg":
+        return VGGTrunk()
+    backbone = dict(get_config("cam-tiny-synth")["model"]["backbone"])
+    stem = "conv" if name == "vit-tiny-conv" else "patch"
+    return ViTTrunk(BackboneConfig(**{**backbone, "stem": stem}), vgg_stem=name == "vit-tiny-vgg")
+
+
+class TagClassifier(nn.Module):
+    def __init__(self, trunk: nn.Module, num_fg: int, pool: str):
+        super().__init__()
+        self.trunk, self.pool = trunk, pool
+        self.classifier = nn.Conv2d(trunk.out_channels, num_fg, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        f = f.amax((2, 3), keepdim=True) if self.pool == "gmp" else f.mean((2, 3), keepdim=True)
+        return self.classifier(f).flatten(1)
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """AP of one class: mean precision at each positive, ranked by score (ties broken by order)."""
+    order = scores.argsort(descending=True)
+    hits = positives[order].float()
+    if hits.sum() == 0:
+        return float("nan")
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, tags: torch.Tensor) -> dict:
+    model.eval()
+    logits = torch.cat([model(normalise(images[i : i + 100])) for i in range(0, len(images), 100)])
+    model.train()
+    ap = [average_precision(logits[:, k], tags[:, k] > 0) for k in range(tags.shape[1])]
+    return {"ap": ap, "map": float(np.nanmean(ap)), "acc": float(((logits > 0).float() == tags).float().mean())}
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    dy, dx = (int(v) for v in torch.randint(-16, 17, (2,), generator=gen))
+    return torch.roll(x, (dy, dx), (2, 3))
+
+
+def train_trunk(name: str, data: tuple, args: argparse.Namespace) -> dict:
+    (x_tr, y_tr, names), (x_va, y_va, _) = data
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = TagClassifier(build_trunk(name), y_tr.shape[1], args.pool)
+    per_epoch = len(x_tr) // args.batch
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * per_epoch)
+    log, tic, step = [], time.perf_counter(), 0
+    for epoch in range(1, args.epochs + 1):
+        perm, total = torch.randperm(len(x_tr), generator=gen), torch.zeros(())
+        for i in range(per_epoch):
+            idx = perm[i * args.batch : (i + 1) * args.batch]
+            loss = F.multilabel_soft_margin_loss(model(normalise(augment(x_tr[idx], gen))), y_tr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach()
+            step += 1
+        if epoch % args.every == 0 or epoch == args.epochs:
+            row = {"epoch": epoch, "step": step, "loss": float(total) / per_epoch, "seconds": time.perf_counter() - tic,
+                   **evaluate(model, x_va, y_va)}  # fmt: skip
+            log.append(row)
+            aps = " ".join(f"{n} {v:.2f}" for n, v in zip(names, row["ap"], strict=True))
+            print(f"{name:14s} epoch {epoch:3d} step {step:5d} loss {row['loss']:.3f} mAP {row['map']:.3f} "
+                  f"acc {row['acc']:.3f} ({row['seconds']:.0f} s) | {aps}", flush=True)  # fmt: skip
+    params = sum(p.numel() for p in model.trunk.parameters())
+    return {"trunk": name, "params": params, "log": log}
+
+
+def draw(path: Path, runs: list[dict], chance: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        ax.plot([r["step"] for r in run["log"]], [r["map"] for r in run["log"]], marker="o", label=run["trunk"])
+    ax.axhline(chance, color="grey", ls="--", label="chance (positive rate)")
+    ax.set(xlabel="training step (batch 32)", ylabel="val mAP", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="VOC-layout root with train and val splits.")
+    parser.add_argument("--trunks", nargs="+", choices=TRUNKS, default=list(TRUNKS))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--every", type=int, default=2, help="Evaluate every N epochs.")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--pool", choices=("gmp", "gap"), default="gmp")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--name", default="probe", help="Results go to OUT/learnability_NAME.{json,png}.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Default: benchmarks/results.")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_split(args.data, "train", args.size), load_split(args.data, "val", args.size)
+    chance = float(data[1][1].mean())  # the AP of a random ranking
+    runs = []
+    for name in args.trunks:
+        runs.append(train_trunk(name, data, args))
+        payload = {"data": str(args.data), "settings": {k: v for k, v in vars(args).items() if k != "data"},
+                   "classes": list(data[0][2]), "val_positive_rate": chance, "runs": runs}  # fmt: skip
+        payload["settings"].update(trunks=list(args.trunks), out=str(args.out))
+        write_result(f"learnability_{args.name}", payload, args.out / f"learnability_{args.name}.json")
+    draw(args.out / f"learnability_{args.name}.png", runs, chance, f"From-scratch tag classifiers on {args.data.name}")
+
+
+if __name__ == "__main__":
+    main()
