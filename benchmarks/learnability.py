@@ -3,9 +3,9 @@
 Issue 20's calibration, kept in the repository: before blaming a WSSS recipe for low seeds, check that the trunk
 it trains can tell the classes apart at all in the same budget. Each trunk gets a bias-free 1x1 classifier on its
 feature map, pooled by GMP (``--pool``), trained from scratch on the train split with multi-label soft-margin loss
-(the CAM objective (1.2)), AdamW with a one-cycle schedule, flips and +-16 px shifts, images padded to
-``--size`` (larger ones shrunk to fit). Every ``--every`` epochs it prints and records val per-class average
-precision, their mean (mAP) and per-label accuracy (against the all-absent answer), then writes
+(the CAM objective (1.2)), AdamW with a one-cycle schedule, flips and a +-16 px circular shift per batch, images
+padded to ``--size`` (larger ones shrunk to fit). Every ``--every`` epochs it prints and records val per-class
+average precision, their mean (mAP) and per-label accuracy (against the all-absent answer), then writes
 ``results/learnability_NAME.{json,png}``.
 
 Trunks (``--trunks``):
