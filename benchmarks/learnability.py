@@ -36,7 +36,7 @@ from torch import nn
 
 from common import RESULTS, write_result
 from wsss.data.datasets import VOCDataset
-from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.data.transforms import normalize_images
 from wsss.models.backbone import BackboneConfig, create_vit, forward_tokens, token_grid, token_map
 from wsss.models.resnet import ResNetConfig, create_resnet
 from wsss.train.configs import get_config
@@ -45,9 +45,9 @@ TRUNKS = ("resnet-tiny", "vit-tiny", "vit-tiny-conv", "vit-tiny-vgg", "vgg")
 
 
 def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """(N, 3, size, size) uint8 images (top-left, zero padded; larger ones shrunk to fit), (N, K) tags, names."""
+    """(N, 3, size, size) normalised images (top-left on black, larger ones shrunk to fit), (N, K) tags, names."""
     ds = VOCDataset(root, split)
-    images = np.zeros((len(ds), size, size, 3), np.uint8)
+    images = torch.zeros((len(ds), 3, size, size))
     tags = np.zeros((len(ds), ds.num_fg), np.float32)
     for i in range(len(ds)):
         sample = ds[i]
@@ -56,9 +56,11 @@ def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.T
             r = size / max(img.shape[:2])
             shape = (min(size, round(img.shape[1] * r)), min(size, round(img.shape[0] * r)))
             img = cv2.resize(img, shape, interpolation=cv2.INTER_AREA)
-        images[i, : img.shape[0], : img.shape[1]] = img
+        canvas = np.zeros((size, size, 3), np.uint8)
+        canvas[: img.shape[0], : img.shape[1]] = img
+        images[i] = normalize_images(canvas)
         tags[i] = sample.labels
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tags), tuple(ds.classes[1:])
+    return images, torch.from_numpy(tags), tuple(ds.classes[1:])
 
 
 class VGGTrunk(nn.Module):
@@ -137,16 +139,10 @@ def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, tags: torch.Tensor) -> dict:
     model.eval()
-    logits = torch.cat([model(normalise(images[i : i + 100])) for i in range(0, len(images), 100)])
+    logits = torch.cat([model(images[i : i + 100]) for i in range(0, len(images), 100)])
     model.train()
     ap = [average_precision(logits[:, k], tags[:, k] > 0) for k in range(tags.shape[1])]
     return {"ap": ap, "map": float(np.nanmean(ap)), "acc": float(((logits > 0).float() == tags).float().mean())}
@@ -172,7 +168,7 @@ def train_trunk(name: str, data: tuple, args: argparse.Namespace) -> dict:
         perm, total = torch.randperm(len(x_tr), generator=gen), torch.zeros(())
         for i in range(per_epoch):
             idx = perm[i * args.batch : (i + 1) * args.batch]
-            loss = F.multilabel_soft_margin_loss(model(normalise(augment(x_tr[idx], gen))), y_tr[idx])
+            loss = F.multilabel_soft_margin_loss(model(augment(x_tr[idx], gen)), y_tr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
