@@ -15,8 +15,11 @@ Trunks (``--trunks``):
 * ``vit-tiny``, ``vit-tiny-conv``: ``cam-tiny-synth``'s ViT (4 blocks, patch 8) with its patch stem or the
   stride-2 conv stem (``stem=conv``);
 * ``vit-tiny-vgg``: the same ViT with the ``vgg`` reference's first three stages as its stem;
-* ``vgg``: a reference with 3x3 convolutions at full resolution before every 2x pooling (widths 16-128, output
-  stride 8, the ViT's token grid). It is not a package network: it says whether the set is learnable in the budget.
+* ``vgg``: 3x3 convolutions at full resolution before every 2x pooling (widths 16-128, output stride 8, the ViT's
+  token grid): ``wsss.models.vgg``, the trunk of ``cam-vgg-synth``.
+
+``--init FILE`` starts the ``vgg`` trunk from pre-trained weights (through ``wsss.models.vgg.load_vgg_weights``)
+instead of from scratch, to check that a pre-training transfers before any CAM run.
 
     python benchmarks/learnability.py --data data/probe --name probe             # all four trunks, 10 epochs
     python benchmarks/learnability.py --data data/probe --trunks vgg --epochs 25 --name probe-vgg25
@@ -39,46 +42,37 @@ from wsss.data.datasets import VOCDataset
 from wsss.data.transforms import normalize_images
 from wsss.models.backbone import BackboneConfig, create_vit, forward_tokens, token_grid, token_map
 from wsss.models.resnet import ResNetConfig, create_resnet
+from wsss.models.vgg import VGGConfig, VGGTrunk, load_vgg_weights
 from wsss.train.configs import get_config
 
 TRUNKS = ("resnet-tiny", "vit-tiny", "vit-tiny-conv", "vit-tiny-vgg", "vgg")
 
 
-def load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """(N, 3, size, size) normalised images (top-left on black, larger ones shrunk to fit), (N, K) tags, names."""
+def load_split(root: Path, split: str, size: int, masks: bool = False):
+    """(N, 3, size, size) normalised images (top-left on black, larger ones shrunk to fit), (N, K) tags, class names,
+    and with ``masks`` the (N, size, size) int64 class masks fitted the same way (255 outside the image)."""
     ds = VOCDataset(root, split)
     images = torch.zeros((len(ds), 3, size, size))
     tags = np.zeros((len(ds), ds.num_fg), np.float32)
+    targets = torch.full((len(ds), size, size), 255, dtype=torch.int64) if masks else None
     for i in range(len(ds)):
         sample = ds[i]
-        img = sample.image
+        img, mask = sample.image, sample.mask
         if max(img.shape[:2]) > size:
             r = size / max(img.shape[:2])
             shape = (min(size, round(img.shape[1] * r)), min(size, round(img.shape[0] * r)))
             img = cv2.resize(img, shape, interpolation=cv2.INTER_AREA)
+            mask = None if mask is None else cv2.resize(mask, shape, interpolation=cv2.INTER_NEAREST)
         canvas = np.zeros((size, size, 3), np.uint8)
         canvas[: img.shape[0], : img.shape[1]] = img
         images[i] = normalize_images(canvas)
         tags[i] = sample.labels
-    return images, torch.from_numpy(tags), tuple(ds.classes[1:])
-
-
-class VGGTrunk(nn.Module):
-    """Two 3x3 conv-BN-ReLU at each of 4 resolutions, 2x max pooling between them (output stride 8)."""
-
-    def __init__(self, width: int = 16, stages: int = 4):
-        super().__init__()
-        layers, c_in = [], 3
-        for i in range(stages):
-            c_out = width * 2**i
-            for c in (c_in, c_out):
-                layers += [nn.Conv2d(c, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            layers += [nn.MaxPool2d(2)] if i < 3 else []  # 3 poolings: output stride 8
-            c_in = c_out
-        self.body, self.out_channels = nn.Sequential(*layers), c_in
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if masks:
+            if mask is None:
+                raise SystemExit(f"{root}: {sample.id} has no class mask (SegmentationClass/{sample.id}.png)")
+            targets[i, : mask.shape[0], : mask.shape[1]] = torch.from_numpy(mask.astype(np.int64))
+    out = (images, torch.from_numpy(tags), tuple(ds.classes[1:]))
+    return (*out, targets) if masks else out
 
 
 class ViTTrunk(nn.Module):
@@ -89,7 +83,7 @@ class ViTTrunk(nn.Module):
         self.vit, self.patch = create_vit(cfg), cfg.overrides["patch_size"]
         self.out_channels = self.vit.embed_dim
         if vgg_stem:
-            stem = VGGTrunk(stages=3)
+            stem = VGGTrunk(VGGConfig(stages=3))
             self.vit.patch_embed.proj = nn.Sequential(stem, nn.Conv2d(stem.out_channels, self.out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +105,7 @@ def build_trunk(name: str) -> nn.Module:
     if name == "resnet-tiny":
         return ResNetTrunk()
     if name == "vgg":
-        return VGGTrunk()
+        return VGGTrunk(VGGConfig())
     backbone = dict(get_config("cam-tiny-synth")["model"]["backbone"])
     stem = "conv" if name == "vit-tiny-conv" else "patch"
     return ViTTrunk(BackboneConfig(**{**backbone, "stem": stem}), vgg_stem=name == "vit-tiny-vgg")
@@ -159,7 +153,12 @@ def train_trunk(name: str, data: tuple, args: argparse.Namespace) -> dict:
     (x_tr, y_tr, names), (x_va, y_va, _) = data
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = TagClassifier(build_trunk(name), y_tr.shape[1], args.pool)
+    trunk = build_trunk(name)
+    if args.init is not None:
+        if name != "vgg":
+            raise SystemExit(f"--init starts the vgg trunk only, not {name}")
+        print(load_vgg_weights(trunk, args.init).check(), flush=True)
+    model = TagClassifier(trunk, y_tr.shape[1], args.pool)
     per_epoch = len(x_tr) // args.batch
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.epochs * per_epoch)
@@ -215,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", choices=("gmp", "gap"), default="gmp")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--init", type=Path, default=None, help="Pre-trained weights of the vgg trunk.")
     parser.add_argument("--name", default="probe", help="Results go to OUT/learnability_NAME.{json,png}.")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Default: benchmarks/results.")
     args = parser.parse_args(argv)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(train_trunk(name, data, args))
         payload = {"data": str(args.data), "settings": {k: v for k, v in vars(args).items() if k != "data"},
                    "classes": list(data[0][2]), "val_positive_rate": chance, "runs": runs}  # fmt: skip
-        payload["settings"].update(trunks=list(args.trunks), out=str(args.out))
+        payload["settings"].update(trunks=list(args.trunks), out=str(args.out), init=args.init and str(args.init))
         write_result(f"learnability_{args.name}", payload, args.out / f"learnability_{args.name}.json")
     draw(args.out / f"learnability_{args.name}.png", runs, chance, f"From-scratch tag classifiers on {args.data.name}")
 

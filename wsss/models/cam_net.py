@@ -1,4 +1,4 @@
-"""Plain CAM network (Zhou et al. 2016) on a ViT: patch tokens -> 1x1 classifier -> CAMs, pooled for logits."""
+"""Plain CAM network (Zhou et al. 2016) on a ViT or a CNN: features -> 1x1 classifier -> CAMs, pooled for logits."""
 
 from __future__ import annotations
 
@@ -7,26 +7,35 @@ from torch import nn
 
 from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
 from .spec import register_family
+from .vgg import VGGConfig, VGGTrunk
 
 
 class CAMNet(nn.Module):
-    """ViT features ``F`` (B, D, h, w) with a bias-free 1x1 classifier ``W`` (K x D).
+    """Features ``F`` (B, D, h, w) with a bias-free 1x1 classifier ``W`` (K x D).
 
     Logits (1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``.
-    ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM.
+    ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM. ``F`` is a
+    ViT's patch tokens (``BackboneConfig``) or a VGG trunk's last map (``VGGConfig``, output stride ``2**pools``).
     """
 
-    def __init__(self, backbone: BackboneConfig, num_fg: int, pooling: str = "gmp"):
+    def __init__(self, backbone: BackboneConfig | VGGConfig, num_fg: int, pooling: str = "gmp"):
         super().__init__()
         if pooling not in ("gmp", "gap"):
             raise ValueError(f"pooling must be 'gmp' or 'gap', got {pooling!r}")
-        self.backbone = create_vit(backbone)
-        self.patch_size = patch_size(self.backbone)
+        if isinstance(backbone, VGGConfig):
+            self.backbone = VGGTrunk(backbone)
+            self.patch_size, dim = backbone.output_stride, self.backbone.out_channels
+        else:
+            self.backbone = create_vit(backbone)
+            self.patch_size, dim = patch_size(self.backbone), self.backbone.embed_dim
         self.pooling = pooling
-        self.classifier = nn.Conv2d(self.backbone.embed_dim, num_fg, 1, bias=False)
+        self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm-ed patch tokens as a (B, D, h, w) map (prefix tokens dropped; the grid floors)."""
+        """A (B, D, h, w) map: the CNN's last stage, or the final LayerNorm-ed patch tokens (prefix tokens dropped;
+        the grid floors)."""
+        if isinstance(self.backbone, VGGTrunk):
+            return self.backbone(x)
         tokens, _ = forward_tokens(self.backbone, x)
         return token_map(tokens, self.backbone.num_prefix_tokens, token_grid(x, self.patch_size))
 
@@ -46,4 +55,10 @@ class CAMNet(nn.Module):
 
 @register_family("cam")
 def build_cam_net(arch: dict, num_fg: int) -> CAMNet:
-    return CAMNet(BackboneConfig(**arch["backbone"]), num_fg, pooling=arch.get("pooling", "gmp"))
+    backbone = arch["backbone"]
+    if backbone.get("kind") == "vgg":
+        cfg = VGGConfig.from_dict(backbone)
+        if int(arch.get("output_stride", cfg.output_stride)) != cfg.output_stride:
+            raise ValueError(f"CAM arch output_stride {arch['output_stride']} != the VGG trunk's {cfg.output_stride}")
+        return CAMNet(cfg, num_fg, pooling=arch.get("pooling", "gmp"))
+    return CAMNet(BackboneConfig(**backbone), num_fg, pooling=arch.get("pooling", "gmp"))

@@ -26,6 +26,7 @@ from .report import LoadReport, fit_state
 from .resnet import ResNetTrunk, load_resnet_weights
 from .segnet import SegNet, load_segnet_backbone
 from .spec import CAMSettings, ModelSpec, build_model
+from .vgg import VGGTrunk, load_vgg_weights
 
 SPEC_KEY = "spec"
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "weights"  # the shipped tiny backbones, "builtin:NAME"
@@ -100,7 +101,8 @@ def load_state_into(model: nn.Module, path: str | Path) -> tuple[dict, LoadRepor
 
 
 def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") -> LoadReport:
-    """Local timm / torchvision weights into ``model.backbone`` (a ViT) or ``model.cnn`` (CoBra's ResNet).
+    """Local timm / torchvision weights into ``model.backbone`` (a ViT, ResNet or VGG trunk) or ``model.cnn``
+    (CoBra's ResNet).
 
     ``builtin:NAME`` names a file shipped in ``wsss/models/weights`` (the CPU stand-ins for ImageNet weights).
     """
@@ -112,6 +114,8 @@ def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") 
                          "--set pretrained_cnn=PATH")  # fmt: skip
     if part == "backbone" and isinstance(model.backbone, ResNetTrunk):  # a CNN family (SC-CAM)
         return load_resnet_weights(model.backbone, path)
+    if part == "backbone" and isinstance(model.backbone, VGGTrunk):  # the plain CAM on a VGG trunk
+        return load_vgg_weights(model.backbone, path)
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":

@@ -77,6 +77,16 @@ CONFIGS["cam-tiny-pretrain"] = {
 }
 CONFIGS["cam-tiny-pretrain"]["optim"].update(lr=5e-4, warmup=100)
 CONFIGS["cam-tiny-pretrain"]["train"].update(iters=2000, ckpt_every=250, log_every=50)
+# The plain CAM on the tiny VGG trunk (wsss.models.vgg): full-resolution 3x3 convolutions learn classes told by
+# their outline where the 8 x 8 patches of the tiny ViT do not (issue 20, docs/transfer.md). Output stride 8, as
+# the ViT's patch 8; AdamW with the head at the trunk's rate (a CNN trunk at 10x diverges under AdamW).
+_TINY_VGG = {"kind": "vgg", "width": 16, "stages": 4, "convs": 2, "pools": 3}
+CONFIGS["cam-vgg-synth"] = {
+    **copy.deepcopy(CONFIGS["cam-tiny-synth"]),
+    "model": {"backbone": _TINY_VGG, "output_stride": 8, "pooling": "gmp", "img_size": 112},
+    "pretrained": None,
+}
+CONFIGS["cam-vgg-synth"]["optim"].update(lr=1e-3, head_lr=1)
 # SeCo (§3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
 _SECO_VOC = {
     "schedule": "voc", "bkg": 0.5, "high": 0.7, "low": 0.25, "cam2mask": 10000, "n_crops": 10, "local_crop": 64,
@@ -190,8 +200,15 @@ CONFIGS["deeplab-tiny-synth"] = {
 
 def config_summaries() -> dict[str, str]:
     """Every named config with its one-line summary, sorted by name (``wsss train --list-configs``)."""
-    return {name: f"{cfg['model']['backbone']['name']}, crop {cfg['data']['crop']}, {cfg['train']['iters']} iters "
-                  f"x batch {cfg['train']['batch_size']}" for name, cfg in sorted(CONFIGS.items())}  # fmt: skip
+    return {name: f"{_backbone_name(cfg['model']['backbone'])}, crop {cfg['data']['crop']}, "
+                  f"{cfg['train']['iters']} iters x batch {cfg['train']['batch_size']}"
+            for name, cfg in sorted(CONFIGS.items())}  # fmt: skip
+
+
+def _backbone_name(backbone: dict[str, Any]) -> str:
+    if backbone.get("kind") == "vgg":
+        return f"vgg w{backbone['width']} x{backbone['stages']} stages, stride {2 ** backbone['pools']}"
+    return backbone["name"]
 
 
 def model_spec(cfg: dict[str, Any], class_names: tuple[str, ...]) -> ModelSpec:

@@ -1,0 +1,72 @@
+"""The tiny VGG trunk of ``cam-vgg-synth``: its grid, its weights through the one loader, its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsss.models import CheckpointError, build_model, load_pretrained
+from wsss.models.vgg import VGGConfig, VGGTrunk, load_vgg_weights
+from wsss.train.configs import get_config, model_spec
+
+CLASSES = ("background", "a", "b", "c")
+
+
+def vgg_cam(**arch):
+    cfg = get_config("cam-vgg-synth")
+    cfg["model"]["backbone"].update(arch)
+    return build_model(model_spec(cfg, CLASSES))
+
+
+@pytest.mark.parametrize("size", [(112, 112), (117, 100), (63, 70)])
+def test_cam_grid_floors_like_a_stride_8_patch_grid(size):
+    model = vgg_cam().eval()
+    logits, cams = model(torch.randn(1, 3, *size))
+    assert logits.shape == (1, 3) and cams.shape == (1, 3, size[0] // 8, size[1] // 8)
+    assert model.spec.patch_size == 8
+
+
+def test_gmp_logits_are_the_max_of_the_feature_map():
+    model = vgg_cam().eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.features(x)
+    logits, cams = model(x)
+    assert torch.allclose(logits, model.classifier(feats.amax((2, 3), keepdim=True)).flatten(1), atol=1e-6)
+    assert torch.allclose(cams, model.classifier(feats), atol=1e-6)
+
+
+def test_output_stride_follows_the_pools():
+    assert VGGConfig(pools=2).output_stride == 4
+    with pytest.raises(ValueError, match="output_stride"):  # the arch's stride disagrees with the trunk's
+        build_model(model_spec(get_config("cam-vgg-synth", ["model.output_stride=4"]), CLASSES))
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"pools": 5}, {"convs": 0}])
+def test_bad_trunk_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="VGG trunk"):
+        VGGConfig(**bad)
+    with pytest.raises(ValueError, match="unknown VGG trunk settings"):
+        VGGConfig.from_dict({"kind": "vgg", "depth": 3})
+
+
+@pytest.mark.parametrize("prefix", ["", "backbone.", "module.backbone."])
+def test_trunk_weights_load_under_any_wrapper(tmp_path, prefix):
+    source = VGGTrunk(VGGConfig())
+    path = tmp_path / "trunk.pth"
+    torch.save({f"{prefix}{k}": v for k, v in source.state_dict().items()}, path)
+    model = vgg_cam()
+    report = load_pretrained(model, path).check()
+    assert report.loaded == len(source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value)
+
+
+def test_wrong_files_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(CheckpointError, match="no tensor matches a VGG trunk"):
+        load_vgg_weights(VGGTrunk(VGGConfig()), path)
+    wide = tmp_path / "wide.pth"
+    torch.save(VGGTrunk(VGGConfig(width=8)).state_dict(), wide)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_pretrained(vgg_cam(), wide).check()

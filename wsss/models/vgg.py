@@ -1,0 +1,89 @@
+"""A tiny VGG-style trunk (Simonyan & Zisserman 2015): 3x3 convolutions at full resolution before each pooling.
+
+The CPU trunk of the plain CAM on shape-defined classes (issue 20, docs/transfer.md): the tiny ViT's 8 x 8 patch
+embedding and the tiny ResNet's stride-4 stem shrink the image before any layer sees an outline, and on a lone shape
+in a random colour they barely learn it where two full-resolution 3 x 3 convolutions per stage learn every class in
+the same steps (``benchmarks/learnability.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, read_state_dict
+from .report import LoadReport, fit_state
+
+
+@dataclass(frozen=True)
+class VGGConfig:
+    """``stages`` resolutions of ``convs`` 3x3 conv-BN-ReLU each, widths ``width * 2**i``, a 2x max pool after each
+    of the first ``pools`` stages (output stride ``2**pools``)."""
+
+    width: int = 16
+    stages: int = 4
+    convs: int = 2
+    pools: int = 3
+
+    def __post_init__(self):
+        if self.width < 1 or self.stages < 1 or self.convs < 1 or not 0 <= self.pools <= self.stages:
+            raise ValueError(f"a VGG trunk needs width, stages, convs >= 1 and 0 <= pools <= stages, got {self}")
+
+    @property
+    def output_stride(self) -> int:
+        return 2**self.pools
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VGGConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known - {"kind"})
+        if unknown:
+            raise ValueError(f"unknown VGG trunk settings {unknown}; known: {sorted(known)}")
+        return cls(**{k: int(v) for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return {"kind": "vgg", **asdict(self)}
+
+
+class VGGTrunk(nn.Module):
+    """(B, 3, H, W) -> (B, width * 2**(stages-1), floor(H / s), floor(W / s)) with ``s = output_stride``."""
+
+    def __init__(self, cfg: VGGConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers, c_in = [], 3
+        for i in range(cfg.stages):
+            c_out = cfg.width * 2**i
+            for _ in range(cfg.convs):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+                c_in = c_out
+            if i < cfg.pools:
+                layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.out_channels = c_in
+
+    @property
+    def output_stride(self) -> int:
+        return self.cfg.output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def load_vgg_weights(trunk: VGGTrunk, path: str | Path) -> LoadReport:
+    """A VGG trunk's weights (ours: ``body.*``, bare or under ``backbone.`` / ``trunk.`` / ``module.``)."""
+    prefixes = ("module.", "backbone.", "trunk.")
+    state = {}
+    for key, value in read_state_dict(path).items():
+        for p in prefixes:
+            key = key.removeprefix(p)
+        state[key] = value
+    report = LoadReport(str(path), "vgg")
+    fitting = fit_state(trunk, state, report)
+    if not fitting:
+        raise CheckpointError(f"{path}: no tensor matches a VGG trunk (body.N.weight); is this the right file?")
+    trunk.load_state_dict(fitting, strict=False)
+    return report
