@@ -7,8 +7,8 @@ classes), a 1x1 class head plus a 1x1 class-agnostic objectness head (figure aga
 meant to transfer to classes the corpus does not hold), both upsampled to the input and trained by cross-entropy.
 Only the trunk is kept, in fp16, with its provenance (corpus, seed, steps, command) in the metadata.
 
-    python benchmarks/pretrain_vgg.py --iters 3000              # about 45 min on 2 idle CPU cores
-    python benchmarks/pretrain_vgg.py --iters 3000 --resume     # continue after an interruption
+    python benchmarks/pretrain_vgg.py --out wsss/models/weights/vgg-tiny-synth.safetensors   # ~40 min, 2 idle cores
+    python benchmarks/pretrain_vgg.py --resume                 # continue after an interruption
 
 Every ``--every`` steps it prints the corpus's val mIoU (35 classes) and objectness IoU, and saves the trunk and
 the training state (``WORK/state.pt``: tensors only, read back with ``weights_only=True``).
@@ -28,7 +28,7 @@ from learnability import load_split
 from pretrain_backbone import corpus_is_generated
 from torch import nn
 
-from common import write_result
+from common import add_json_option, write_result
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import save_checkpoint
 from wsss.models.vgg import VGGConfig, VGGTrunk
@@ -90,9 +90,10 @@ def evaluate(model: DenseHeads, x: torch.Tensor, mask: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1, help="Generator seed of the broad2 corpus.")
-    parser.add_argument("--images", type=int, default=8000)
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--max-objects", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=3000)
+    parser.add_argument("--iters", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3, help="Peak of the one-cycle AdamW schedule.")
     parser.add_argument("--objectness-weight", type=float, default=1.0)
@@ -102,13 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_vgg"))
     parser.add_argument("--out", type=Path, default=None, help="Default: WORK/vgg-tiny-synth.safetensors.")
     parser.add_argument("--resume", action="store_true", help="Continue from WORK/state.pt.")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="Stop (and save) at this step, the schedule still that of --iters.")  # fmt: skip
+    add_json_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or args.work / "vgg-tiny-synth.safetensors"
 
     corpus = args.work / "broad2"
-    synth = SynthConfig(n_train=args.images, n_val=300, seed=args.seed, corpus="broad2", min_size=80, max_size=112,
-                        max_objects=args.max_objects)  # fmt: skip  (the probe set's image sizes)
+    synth = SynthConfig(n_train=args.images, n_val=args.val_images, seed=args.seed, corpus="broad2", min_size=80,
+                        max_size=112, max_objects=args.max_objects)  # fmt: skip  (the probe set's image sizes)
     if not corpus_is_generated(corpus, synth):
         generate_synth(corpus, synth)
     x_tr, _, names, m_tr = load_split(corpus, "train", 112, masks=True)
@@ -131,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         gen.set_state(state["gen"])
         step, log, seconds = int(state["step"]), state["log"], float(state["seconds"])
         print(f"resumed {state_path} at step {step}", flush=True)
-    command = shlex.join(["python", *sys.argv])
+    command = shlex.join(["python", "benchmarks/pretrain_vgg.py", *(sys.argv[1:] if argv is None else argv)])
     tic, total = time.perf_counter() - seconds, torch.zeros(())
-    while step < args.iters:
+    while step < min(args.iters, args.max_steps or args.iters):
         idx = torch.randint(0, len(x_tr), (args.batch,), generator=gen)
         loss = dense_loss(model, *augment(x_tr[idx], m_tr[idx], gen), args.objectness_weight)
         opt.zero_grad()
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         total += loss.detach()
         step += 1
-        if step % args.every == 0 or step == args.iters:
+        if step % args.every == 0 or step in (args.iters, args.max_steps):
             row = {"step": step, "loss": float(total) / args.every, "seconds": time.perf_counter() - tic,
                    **evaluate(model, x_va, m_va)}  # fmt: skip
             total = torch.zeros(())
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                         "seconds": row["seconds"]},
                        state_path)  # fmt: skip
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    write_result("pretrain_vgg", {**provenance, "log": log, "file": str(out), "bytes": out.stat().st_size})
+    write_result("pretrain_vgg", {**provenance, "log": log, "file": str(out), "bytes": out.stat().st_size}, args.json)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,21 @@ def sccam_round(cfg, folder, data):
     path = folder / f"sub_labels_k{k}.npz"
     np.savez(path, sub_labels=(picks * labels[..., None]).flatten(1).to(torch.uint8).numpy())
     return round_config(cfg, 1, path)
+
+
+SHIPPED = [(n, part, key) for n, c in sorted(CONFIGS.items()) for part, key in (("backbone", "pretrained"),
+           ("cnn", "pretrained_cnn")) if str(c.get(key)).startswith("builtin:")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "part", "key"), SHIPPED)
+def test_shipped_weights_fit_the_configs_that_name_them(name, part, key):
+    """Every ``builtin:`` file a config starts from exists and fills its part of the network, shape for shape."""
+    from wsss.models import build_model, load_pretrained
+    from wsss.train.configs import model_spec
+
+    cfg = get_config(name)
+    model = build_model(model_spec(cfg, ("background", "a", "b")))
+    report = load_pretrained(model, cfg[key], part).check(allow_missing=True, allow_unexpected=True)
+    target = getattr(model, part)
+    assert report.loaded > 0 and not report.mismatched
+    assert report.loaded >= 0.9 * len(target.state_dict()), report

@@ -47,3 +47,31 @@ def test_a_short_run_of_each_trunk_kind_writes_its_log(tmp_path: Path) -> None:
         assert [row["step"] for row in run["log"]] == [2, 4]
         assert len(run["log"][-1]["ap"]) == 7 and 0 <= run["log"][-1]["map"] <= 1
     assert (tmp_path / "learnability_t.png").stat().st_size > 0
+
+
+def test_vgg_pretraining_resumes_where_it_stopped_and_its_trunk_starts_cam_vgg_synth(tmp_path: Path) -> None:
+    """benchmarks/pretrain_vgg.py: stopped at step 2 and resumed, a run ends with the weights of a straight one."""
+    import pretrain_vgg
+
+    from wsss.models import build_model, load_checkpoint, load_pretrained
+    from wsss.train.configs import get_config, model_spec
+
+    small = ["--images", "12", "--val-images", "6", "--max-objects", "2", "--batch", "4", "--every", "2",
+             "--threads", "1"]  # fmt: skip
+    common = [*small, "--iters", "4"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    pretrain_vgg.main([*common, "--work", str(straight), "--json", str(tmp_path / "a.json")])
+    pretrain_vgg.main([*common, "--work", str(stopped), "--max-steps", "2", "--json", str(tmp_path / "b.json")])
+    pretrain_vgg.main([*common, "--work", str(stopped), "--resume", "--json", str(tmp_path / "b.json")])
+    assert [row["step"] for row in json.loads((tmp_path / "a.json").read_text())["log"]] == [2, 4]
+    assert [row["step"] for row in json.loads((tmp_path / "b.json").read_text())["log"]] == [2, 4]
+    a, meta = load_checkpoint(straight / "vgg-tiny-synth.safetensors")
+    b, _ = load_checkpoint(stopped / "vgg-tiny-synth.safetensors")
+    assert meta["steps"] == 4 and meta["kind"] == "vgg_trunk" and "pretrain_vgg.py" in meta["command"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3), key
+    with pytest.raises(SystemExit, match="same --iters"):
+        pretrain_vgg.main([*small, "--iters", "6", "--work", str(straight), "--resume"])
+    model = build_model(model_spec(get_config("cam-vgg-synth"), ("background", "a")))
+    report = load_pretrained(model, straight / "vgg-tiny-synth.safetensors").check()
+    assert report.loaded == len(model.backbone.state_dict())
