@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = args.out or args.work / "vgg-tiny-synth.safetensors"
 
-    corpus = args.work / "broad2"
+    corpus = args.work / "broad2"  # at the probe set's image sizes
     synth = SynthConfig(n_train=args.images, n_val=args.val_images, seed=args.seed, corpus="broad2", min_size=80,
-                        max_size=112, max_objects=args.max_objects)  # fmt: skip  (the probe set's image sizes)
+                        max_size=112, max_objects=args.max_objects)  # fmt: skip
     if not corpus_is_generated(corpus, synth):
         generate_synth(corpus, synth)
     x_tr, _, names, m_tr = load_split(corpus, "train", 112, masks=True)
