@@ -70,3 +70,31 @@ def test_wrong_files_are_refused_in_one_line(tmp_path):
     torch.save(VGGTrunk(VGGConfig(width=8)).state_dict(), wide)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_pretrained(vgg_cam(), wide).check()
+
+
+def test_export_and_labeling_take_the_vgg_network(tmp_path):
+    """The ONNX export of a cam-vgg-synth checkpoint matches torch off the stride-8 grid, and both backends give the
+    same CAMs through the one CAM path."""
+    import numpy as np
+
+    from wsss.cam.pipeline import predict_cams
+    from wsss.export.run import run_export
+    from wsss.models import save_model
+    from wsss.runtime.backends import open_backend
+
+    torch.manual_seed(0)
+    model = vgg_cam().eval()
+    ckpt = save_model(tmp_path / "vgg.safetensors", model, model.spec, step=1)
+    lines: list[str] = []
+    onnx_path = tmp_path / "vgg.onnx"
+    assert run_export(ckpt, onnx_path=onnx_path, normalize=True, verify=True, echo=lines.append) == [onnx_path]
+    assert "parity OK" in lines[-1]
+    onnx_backend, spec, _ = open_backend(engine=onnx_path)
+    torch_backend, _, _ = open_backend(ckpt)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (61, 93, 3), dtype=np.uint8), rng.integers(0, 255, (117, 100, 3), dtype=np.uint8)]
+    tags = [np.array([1, 0, 1], np.float32), None]
+    for a, b in zip(predict_cams(onnx_backend, images, tags, spec.cam),
+                    predict_cams(torch_backend, images, tags, spec.cam), strict=True):  # fmt: skip
+        assert torch.equal(a.tags, b.tags) and a.cam.shape == (3, *a.seed.shape)
+        torch.testing.assert_close(a.cam, b.cam, atol=1e-4, rtol=0)
