@@ -142,11 +142,25 @@ def evaluate(model: nn.Module, images: torch.Tensor, tags: torch.Tensor) -> dict
     return {"ap": ap, "map": float(np.nanmean(ap)), "acc": float(((logits > 0).float() == tags).float().mean())}
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, mask: torch.Tensor | None = None):
+    """Flips per image and one circular shift of up to 16 px per batch; with ``mask`` (N, H, W), the same for it and
+    ``(x, mask)`` is returned."""
     flip = torch.rand(len(x), generator=gen) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     dy, dx = (int(v) for v in torch.randint(-16, 17, (2,), generator=gen))
-    return torch.roll(x, (dy, dx), (2, 3))
+    x = torch.roll(x, (dy, dx), (2, 3))
+    if mask is None:
+        return x
+    return x, torch.where(flip.view(-1, 1, 1), mask.flip(-1), mask).roll((dy, dx), (1, 2))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> torch.Tensor:
+    """One AdamW step and one schedule step; the detached loss (no host sync)."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach()
 
 
 def train_trunk(name: str, data: tuple, args: argparse.Namespace) -> dict:
@@ -168,11 +182,7 @@ def train_trunk(name: str, data: tuple, args: argparse.Namespace) -> dict:
         for i in range(per_epoch):
             idx = perm[i * args.batch : (i + 1) * args.batch]
             loss = F.multilabel_soft_margin_loss(model(augment(x_tr[idx], gen)), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach()
+            total += optimizer_step(opt, sched, loss)
             step += 1
         if epoch % args.every == 0 or epoch == args.epochs:
             row = {"epoch": epoch, "step": step, "loss": float(total) / per_epoch, "seconds": time.perf_counter() - tic,

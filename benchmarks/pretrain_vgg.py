@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from learnability import load_split
+from learnability import augment, load_split, optimizer_step
 from pretrain_backbone import corpus_is_generated
 from torch import nn
 
@@ -32,8 +32,6 @@ from common import add_json_option, write_result
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import save_checkpoint
 from wsss.models.vgg import VGGConfig, VGGTrunk
-
-WEIGHTS = Path(__file__).resolve().parents[1] / "wsss/models/weights/vgg-tiny-synth.safetensors"
 
 
 class DenseHeads(nn.Module):
@@ -58,15 +56,6 @@ def dense_loss(model: DenseHeads, x: torch.Tensor, mask: torch.Tensor, objectnes
     return F.cross_entropy(classes, mask, ignore_index=255) + objectness_weight * F.cross_entropy(
         objectness, figure, ignore_index=255
     )
-
-
-def augment(x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flips per image and one circular shift of up to 16 px per batch, the same for images and masks."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    mask = torch.where(flip.view(-1, 1, 1), mask.flip(-1), mask)
-    dy, dx = (int(v) for v in torch.randint(-16, 17, (2,), generator=gen))
-    return x.roll((dy, dx), (2, 3)), mask.roll((dy, dx), (1, 2))
 
 
 @torch.no_grad()
@@ -136,20 +125,16 @@ def main(argv: list[str] | None = None) -> None:
         step, log, seconds = int(state["step"]), state["log"], float(state["seconds"])
         print(f"resumed {state_path} at step {step}", flush=True)
     command = shlex.join(["python", "benchmarks/pretrain_vgg.py", *(sys.argv[1:] if argv is None else argv)])
-    tic, total = time.perf_counter() - seconds, torch.zeros(())
+    tic, total, logged = time.perf_counter() - seconds, torch.zeros(()), step
     while step < min(args.iters, args.max_steps or args.iters):
         idx = torch.randint(0, len(x_tr), (args.batch,), generator=gen)
-        loss = dense_loss(model, *augment(x_tr[idx], m_tr[idx], gen), args.objectness_weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        total += loss.detach()
+        loss = dense_loss(model, *augment(x_tr[idx], gen, m_tr[idx]), args.objectness_weight)
+        total += optimizer_step(opt, sched, loss)
         step += 1
         if step % args.every == 0 or step in (args.iters, args.max_steps):
-            row = {"step": step, "loss": float(total) / args.every, "seconds": time.perf_counter() - tic,
+            row = {"step": step, "loss": float(total) / (step - logged), "seconds": time.perf_counter() - tic,
                    **evaluate(model, x_va, m_va)}  # fmt: skip
-            total = torch.zeros(())
+            total, logged = torch.zeros(()), step
             log.append(row)
             print(f"step {step:5d} loss {row['loss']:.3f} val mIoU {100 * row['miou']:.1f} (classes "
                   f"{100 * row['fg_miou']:.1f}) objectness IoU {100 * row['objectness_iou']:.1f} "
