@@ -10,6 +10,12 @@ IoU and context false activation. The JSON is rewritten after every run; ``--res
     python benchmarks/transfer.py --generator synth --configs cam-tiny-synth seco-tiny-synth cobra-tiny-synth
     python benchmarks/transfer.py --generator probe --seeds 0 --set pretrained=null --name scratch
     python benchmarks/transfer.py --generator probe --strip ../docs/images/probe_samples.png   # sample images only
+    python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow crescent \
+        --strip ../docs/images/probe_cams_vgg.png                                  # a network's CAMs per class
+
+``--sweep`` also scores each run's seeds over a range of background thresholds (threshold rule only), on the
+first 400 train images and on val, with one CAM pass per split: the threshold the field would pick on train, and
+what it gives on val.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import cv2
 import numpy as np
 import torch
 
+from baseline_options import THRESHOLDS, seed_miou_curve
 from common import RESULTS, method_chart, val_seed_scores, write_result
+from wsss.cam.pipeline import predict_cams
 from wsss.data.datasets import VOCDataset
 from wsss.data.palette import read_label_png, voc_palette
 from wsss.data.probe import ProbeConfig, generate_probe
 from wsss.data.synth import SynthConfig, generate_synth
+from wsss.models import load_model
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
@@ -44,7 +53,7 @@ def dataset(generator: str, n_train: int, n_val: int, seed: int, work: Path) -> 
     return root
 
 
-def run(config: str, seed: int, data: Path, out: Path, overrides: list[str]) -> dict:
+def run(config: str, seed: int, data: Path, out: Path, overrides: list[str], sweep: bool = False) -> dict:
     """Train from scratch in ``out`` (a leftover folder is removed: the time must be the whole run's) and score."""
     shutil.rmtree(out, ignore_errors=True)
     tic = time.perf_counter()
@@ -52,7 +61,25 @@ def run(config: str, seed: int, data: Path, out: Path, overrides: list[str]) -> 
     train_s = time.perf_counter() - tic
     scores = val_seed_scores(ckpt, data, out / "val")
     iou = dict(zip(scores.pop("class_names"), scores.pop("iou"), strict=True))
-    return {**scores, "iou": iou, "train_s": round(train_s, 1)}
+    return {
+        **scores,
+        "iou": iou,
+        "train_s": round(train_s, 1),
+        **({"sweep": threshold_sweep(ckpt, data)} if sweep else {}),
+    }
+
+
+def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400) -> dict | None:
+    """Seed mIoU at each of THRESHOLDS on the first ``train_images`` train images and on val; ``picked`` is the
+    best threshold on train (the field's convention for seed tuning). None for the attention rule (CoBra)."""
+    loaded = load_model(ckpt)
+    if loaded.spec.cam.background != "threshold":
+        return None
+    train_curve = seed_miou_curve(loaded, VOCDataset(data, "train"), train_images)
+    val_curve = seed_miou_curve(loaded, VOCDataset(data, "val"), 10**9)
+    best = int(np.argmax(train_curve))
+    return {"thresholds": THRESHOLDS, "train": train_curve, "val": val_curve, "picked": THRESHOLDS[best],
+            "val_at_picked": val_curve[best]}  # fmt: skip
 
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
@@ -88,6 +115,42 @@ def sample_strip(root: Path, path: Path, n: int = 8, split: str = "val") -> Path
     return path
 
 
+def cam_strip(ckpt: Path, root: Path, path: Path, classes: list[str], n: int = 4, split: str = "val") -> Path:
+    """A PNG with a band per class: ``n`` images of ``split`` that hold it (top), its mask in red with the context
+    regions in green (middle), and the network's normalised CAM of that class (bottom, jet), each at 112 px."""
+    loaded = load_model(ckpt)
+    spec, ds = loaded.spec, VOCDataset(root, split)
+    names, bands = list(spec.class_names), []
+    unknown = [name for name in classes if name not in names[1:]]
+    if unknown:
+        raise SystemExit(f"{ckpt}: no class {unknown[0]!r} in its network (classes: {', '.join(names[1:])})")
+    for name in classes:
+        c = names.index(name)  # background is 0, so CAM channel c - 1
+        picks = [i for i in range(len(ds)) if ds.labels(i)[c - 1] > 0][:n]
+        if not picks:
+            print(f"{root}: no {split} image holds {name}; no band for it")
+            continue
+        samples = [ds[i] for i in picks]
+        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
+                               mean=spec.mean, std=spec.std)  # fmt: skip
+        cells = []
+        for sample, result in zip(samples, results, strict=True):
+            context = read_label_png(root / "ContextMask" / f"{sample.id}.png") > 0
+            masks = np.stack([sample.mask == c, context & (sample.mask == 0), np.zeros_like(context)], -1)
+            heat = cv2.applyColorMap((255 * result.cam[c - 1].numpy()).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+            cells.append(np.concatenate([cv2.resize(x, (112, 112), interpolation=cv2.INTER_NEAREST)
+                                         for x in (sample.image, 255 * masks.astype(np.uint8), heat)]))  # fmt: skip
+        bands.append(np.concatenate(cells, 1))
+    if not bands:
+        raise SystemExit(f"{root}: no {split} image holds any of {classes}")
+    width = max(b.shape[1] for b in bands)  # a class held by fewer than n images gets a shorter band
+    bands = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0))) for b in bands]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(np.concatenate(bands)[..., ::-1]))
+    print(f"wrote {path}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", choices=list(GENERATORS), default="probe")
@@ -102,6 +165,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the finished (config, seed) pairs of the JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strip", type=Path, default=None, help="only write a PNG of 8 val images and masks here")
+    parser.add_argument("--cams", type=Path, default=None, help="with --strip: a checkpoint whose CAMs to draw")
+    parser.add_argument("--classes", nargs="+", default=None, help="with --cams: the classes, one band each")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the background threshold (train / val)")
     args = parser.parse_args()
     if args.overrides and not args.name:
         parser.error("--set needs --name: a variant must not overwrite the default runs")
@@ -109,7 +175,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     data = dataset(args.generator, args.train, args.val, args.data_seed, args.work)
     if args.strip:
-        sample_strip(data, args.strip)
+        if args.cams:
+            cam_strip(args.cams, data, args.strip, args.classes or list(VOCDataset(data, "val").classes[1:]))
+        else:
+            sample_strip(data, args.strip)
         return
     name = f"transfer_{args.generator}" + (f"_{args.name}" if args.name else "")
     previous = RESULTS / f"{name}.json"
@@ -119,7 +188,7 @@ def main() -> None:
             if str(seed) in runs.get(config, {}):
                 continue
             out = args.work / data.name / f"{config}{'-' + args.name if args.name else ''}-s{seed}"
-            runs.setdefault(config, {})[str(seed)] = result = run(config, seed, data, out, args.overrides)
+            runs.setdefault(config, {})[str(seed)] = result = run(config, seed, data, out, args.overrides, args.sweep)
             print(f"{config} seed {seed}: val seed mIoU {100 * result['miou']:.1f}  train {result['train_s']:.0f} s  "
                   + ", ".join(f"{c} {100 * v:.1f}" for c, v in result["iou"].items()))  # fmt: skip
             payload = {"generator": args.generator, "data": str(data), "overrides": args.overrides, "runs": runs,

@@ -11,7 +11,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import learnability  # noqa: E402
-
 from wsss.data.probe import ProbeConfig, generate_probe  # noqa: E402
 
 

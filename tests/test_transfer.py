@@ -1,0 +1,39 @@
+"""benchmarks/transfer.py: the threshold sweep and the CAM strip on a tiny trained network."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import transfer  # noqa: E402
+from common import val_seed_scores  # noqa: E402
+
+
+def test_threshold_sweep_picks_on_train_and_matches_the_labeler(tiny_ckpt, synth, tmp_path: Path) -> None:
+    sweep = transfer.threshold_sweep(tiny_ckpt, synth, train_images=8)
+    n = len(sweep["thresholds"])
+    assert len(sweep["train"]) == len(sweep["val"]) == n
+    best = int(np.argmax(sweep["train"]))
+    assert sweep["picked"] == sweep["thresholds"][best] and sweep["val_at_picked"] == sweep["val"][best]
+    # one point of the val curve is what the batch labeler's seeds score at that threshold
+    t = sweep["thresholds"][n // 2]
+    labeled = val_seed_scores(tiny_ckpt, synth, tmp_path / "val", background=t)
+    assert sweep["val"][n // 2] == pytest.approx(labeled["miou"], abs=1e-6)
+
+
+def test_cam_strip_draws_a_band_per_class(tiny_ckpt, synth, tmp_path: Path) -> None:
+    val = transfer.VOCDataset(synth, "val")
+    held = [name for k, name in enumerate(val.classes[1:]) if any(val.labels(i)[k] for i in range(len(val)))]
+    path = transfer.cam_strip(tiny_ckpt, synth, tmp_path / "cams.png", held[:2], n=2)
+    assert cv2.imread(str(path)).shape == (2 * 3 * 112, 2 * 112, 3)
+    absent = [name for name in val.classes[1:] if name not in held]
+    assert absent, "the fixture's val split should miss a class"
+    with pytest.raises(SystemExit, match="no val image holds"):
+        transfer.cam_strip(tiny_ckpt, synth, tmp_path / "none.png", absent)
+    with pytest.raises(SystemExit, match="no class 'unicorn'"):
+        transfer.cam_strip(tiny_ckpt, synth, tmp_path / "none.png", ["unicorn"])
