@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain_backbone import CORPUS_SIZES, corpus_is_generated
-
 from common import write_result
+from pretrain_backbone import CORPUS_SIZES, corpus_is_generated
 from wsss.data.datasets import VOCDataset
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import load_checkpoint, save_checkpoint, spec_from_meta

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pretrain_backbone import corpus_is_generated
 from torch import nn
 
 from common import add_json_option, write_result
 from learnability import augment, load_split, optimizer_step
+from pretrain_backbone import corpus_is_generated
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import save_checkpoint
 from wsss.models.vgg import VGGConfig, VGGTrunk
