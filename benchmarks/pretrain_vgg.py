@@ -9,6 +9,8 @@ Only the trunk is kept, in fp16, with its provenance (corpus, seed, steps, comma
 
     python benchmarks/pretrain_vgg.py --out wsss/models/weights/vgg-tiny-synth.safetensors   # ~40 min, 2 idle cores
     python benchmarks/pretrain_vgg.py --resume                 # continue after an interruption
+    python benchmarks/pretrain_vgg.py --init wsss/models/weights/vgg-tiny-synth.safetensors --images 12000 \\
+        --iters 2000 --lr 1e-3 --work runs/pretrain_vgg2   # a second stage from the shipped trunk (fresh heads)
 
 Every ``--every`` steps it prints the corpus's val mIoU (35 classes) and objectness IoU, and saves the trunk and
 the training state (``WORK/state.pt``: tensors only, read back with ``weights_only=True``).
@@ -31,7 +33,7 @@ from learnability import augment, load_split, optimizer_step
 from pretrain_backbone import corpus_is_generated
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.models import save_checkpoint
-from wsss.models.vgg import VGGConfig, VGGTrunk
+from wsss.models.vgg import VGGConfig, VGGTrunk, load_vgg_weights
 
 
 class DenseHeads(nn.Module):
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="Peak of the one-cycle AdamW schedule.")
     parser.add_argument("--objectness-weight", type=float, default=1.0)
     parser.add_argument("--width", type=int, default=16, help="VGG width (cam-vgg-synth: 16).")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="Start the trunk from this file (an earlier stage); the heads start fresh.")  # fmt: skip
     parser.add_argument("--every", type=int, default=250, help="Evaluate and save every N steps.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_vgg"))
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cfg = VGGConfig(width=args.width)
     model = DenseHeads(VGGTrunk(cfg), len(names) + 1)
+    if args.init is not None:
+        print(load_vgg_weights(model.trunk, args.init).check(), flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.iters)
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
             provenance = {"corpus": synth.__dict__, "steps": step, "iters": args.iters, "lr": args.lr,
                           "objectness_weight": args.objectness_weight, "train_seconds": row["seconds"],
-                          "command": command}  # fmt: skip
+                          "init": None if args.init is None else str(args.init), "command": command}  # fmt: skip
             trunk = {k: v.half() if v.is_floating_point() else v for k, v in model.trunk.state_dict().items()}
             save_checkpoint(out, trunk, {"kind": "vgg_trunk", "model": cfg.to_dict(), **provenance})
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),

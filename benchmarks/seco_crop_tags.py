@@ -7,9 +7,9 @@ truth: the shares of its window that are object k and that are k's context (``Co
 holds more context than object teaches LIL/LIG that context looks like k. "lent" crops hold no confident pixel of
 k: their tag comes from the single-class rule that counts uncertain pixels as the image's class (§3.4 step 3).
 
-    python benchmarks/seco_crop_tags.py --data demo_out/synth --name seco-s3 \
+    python benchmarks/seco_crop_tags.py --data demo_out/synth --name seco-s3 \\
         runs/seco_trajectory/seco-tiny-synth-s3/step00{060,120}
-    python benchmarks/seco_crop_tags.py --data demo_out/synth --name seco-final-s0-4 \
+    python benchmarks/seco_crop_tags.py --data demo_out/synth --name seco-final-s0-4 \\
         runs/seco_vs_cam/seco-tiny-synth-s{0..4}
 """
 

@@ -6,9 +6,9 @@ the run is the same as an uninterrupted one), keeps each stage's checkpoint and 
 starts a variant from a stage of another run.
 
     python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30
-    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30 --name seco-s0-switch150 \
+    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 30 --name seco-s0-switch150 \\
         --set seco.cam2mask=150
-    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 60 --name seco-s0-no-roi-switch \
+    python benchmarks/seco_trajectory.py --data demo_out/synth --seed 0 --every 60 --name seco-s0-no-roi-switch \\
         --set seco.cam2mask=100000 --init runs/seco_trajectory/seco-s0-switch150/step00120
 """
 

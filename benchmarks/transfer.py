@@ -10,7 +10,7 @@ IoU and context false activation. The JSON is rewritten after every run; ``--res
     python benchmarks/transfer.py --generator synth --configs cam-tiny-synth seco-tiny-synth cobra-tiny-synth
     python benchmarks/transfer.py --generator probe --seeds 0 --set pretrained=null --name scratch
     python benchmarks/transfer.py --generator probe --strip ../docs/images/probe_samples.png   # sample images only
-    python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow crescent \
+    python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow heart \\
         --strip ../docs/images/probe_cams_vgg.png                                  # a network's CAMs per class
 
 ``--sweep`` also scores each run's seeds over a range of background thresholds (threshold rule only), on the
