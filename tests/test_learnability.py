@@ -49,7 +49,8 @@ def test_a_short_run_of_each_trunk_kind_writes_its_log(tmp_path: Path) -> None:
 
 
 def test_vgg_pretraining_resumes_where_it_stopped_and_its_trunk_starts_cam_vgg_synth(tmp_path: Path) -> None:
-    """benchmarks/pretrain_vgg.py: stopped at step 2 and resumed, a run ends with the weights of a straight one."""
+    """benchmarks/pretrain_vgg.py: stopped at step 2 and resumed, a run ends with the weights of a straight one;
+    ``--init`` starts a later stage from its file."""
     import pretrain_vgg
 
     from wsss.models import build_model, load_checkpoint, load_pretrained
@@ -74,3 +75,11 @@ def test_vgg_pretraining_resumes_where_it_stopped_and_its_trunk_starts_cam_vgg_s
     model = build_model(model_spec(get_config("cam-vgg-synth"), ("background", "a")))
     report = load_pretrained(model, straight / "vgg-tiny-synth.safetensors").check()
     assert report.loaded == len(model.backbone.state_dict())
+    # --init: a second stage starts its trunk from the first's file (lr ~0 keeps it there) and records it
+    first = straight / "vgg-tiny-synth.safetensors"
+    pretrain_vgg.main([*small, "--iters", "2", "--lr", "1e-12", "--init", str(first), "--work", str(tmp_path / "s2")])
+    c, meta2 = load_checkpoint(tmp_path / "s2" / "vgg-tiny-synth.safetensors")
+    assert meta["init"] is None and meta2["init"] == str(first)
+    for key in a:
+        if "running" not in key and "num_batches" not in key:  # BN statistics move at any lr
+            assert torch.allclose(a[key].float(), c[key].float(), atol=1e-3), key
