@@ -10,7 +10,8 @@ Only the trunk is kept, in fp16, with its provenance (corpus, seed, steps, comma
     python benchmarks/pretrain_vgg.py --out wsss/models/weights/vgg-tiny-synth.safetensors   # ~40 min, 2 idle cores
     python benchmarks/pretrain_vgg.py --resume                 # continue after an interruption
     python benchmarks/pretrain_vgg.py --init wsss/models/weights/vgg-tiny-synth.safetensors --images 12000 \\
-        --iters 2000 --lr 1e-3 --work runs/pretrain_vgg2   # a second stage from the shipped trunk (fresh heads)
+        --iters 2000 --lr 1e-3 --work runs/pretrain_vgg2 --json benchmarks/results/pretrain_vgg_stage2.json
+        # a second stage from the shipped trunk (fresh heads); --json keeps results/pretrain_vgg.json the shipped run's
 
 Every ``--every`` steps it prints the corpus's val mIoU (35 classes) and objectness IoU, and saves the trunk and
 the training state (``WORK/state.pt``: tensors only, read back with ``weights_only=True``).
