@@ -77,7 +77,8 @@ def test_vgg_pretraining_resumes_where_it_stopped_and_its_trunk_starts_cam_vgg_s
     assert report.loaded == len(model.backbone.state_dict())
     # --init: a second stage starts its trunk from the first's file (lr ~0 keeps it there) and records it
     first = straight / "vgg-tiny-synth.safetensors"
-    pretrain_vgg.main([*small, "--iters", "2", "--lr", "1e-12", "--init", str(first), "--work", str(tmp_path / "s2")])
+    pretrain_vgg.main([*small, "--iters", "2", "--lr", "1e-12", "--init", str(first), "--work", str(tmp_path / "s2"),
+                      "--json", str(tmp_path / "c.json")])  # fmt: skip
     c, meta2 = load_checkpoint(tmp_path / "s2" / "vgg-tiny-synth.safetensors")
     assert meta["init"] is None and meta2["init"] == str(first)
     for key in a:
