@@ -4,11 +4,14 @@ For every config and training seed the config is trained on the set's train spli
 made by the batch labeler with the network's own CAM settings (CoBra: the fused CAM) and scored: mIoU, per-class
 IoU and context false activation. The JSON is rewritten after every run; ``--resume`` keeps the finished
 (config, seed) pairs of that file and runs the rest. ``--set`` overrides apply to every run and need a ``--name``
-(the result file and run folders carry it). The set is generated once per (generator, sizes, data seed).
+(the result file and run folders carry it), as do ``--gen`` settings of the generator's config (``ProbeConfig``,
+``SynthConfig``). The set is generated once per (generator, sizes, data seed, settings).
 
     python benchmarks/transfer.py --generator probe                                   # cam-tiny-synth, seeds 0 1 2
     python benchmarks/transfer.py --generator synth --configs cam-tiny-synth seco-tiny-synth cobra-tiny-synth
     python benchmarks/transfer.py --generator probe --seeds 0 --set pretrained=null --name scratch
+    python benchmarks/transfer.py --generator probe --configs cam-vgg-synth --gen p_context=0 --gen p_context_alone=0 \\
+        --gen p_pair=0 --name no-cooccurrence                          # the same set without its co-occurrences
     python benchmarks/transfer.py --generator probe --strip ../docs/images/probe_samples.png   # sample images only
     python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow heart \\
         --strip ../docs/images/probe_cams_vgg.png                                  # a network's CAMs per class
@@ -21,7 +24,9 @@ what it gives on val.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -44,12 +49,30 @@ from wsss.train.loop import train
 GENERATORS = {"synth": (SynthConfig, generate_synth), "probe": (ProbeConfig, generate_probe)}
 
 
-def dataset(generator: str, n_train: int, n_val: int, seed: int, work: Path) -> Path:
-    """The generated set (made on first use; the stats file is written last, so it marks a finished set)."""
+def generator_settings(generator: str, items: list[str]) -> dict:
+    """``KEY=VALUE`` settings of the generator's config class; a value is read as JSON, else kept as a string."""
+    fields = {f.name for f in dataclasses.fields(GENERATORS[generator][0])}
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--gen {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def dataset(generator: str, n_train: int, n_val: int, seed: int, work: Path, settings: dict | None = None) -> Path:
+    """The generated set (made on first use; the stats file is written last, so it marks a finished set).
+
+    ``settings`` (more config fields) give the folder a suffix of their own, so a variant never reuses the default."""
     config_cls, generate = GENERATORS[generator]
-    root = work / f"{generator}-{n_train}-{n_val}-d{seed}"
+    suffix = re.sub(r"[^\w=.,-]", "", "".join(f"-{k}={v}" for k, v in sorted((settings or {}).items())))
+    root = work / f"{generator}-{n_train}-{n_val}-d{seed}{suffix}"
     if not (root / f"{generator}_stats.json").is_file():
-        generate(root, config_cls(n_train=n_train, n_val=n_val, seed=seed), progress=False)
+        generate(root, config_cls(n_train=n_train, n_val=n_val, seed=seed, **(settings or {})), progress=False)
     return root
 
 
@@ -160,6 +183,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=300, help="validation images (the demo's 300)")
     parser.add_argument("--data-seed", type=int, default=0, help="generator seed")
     parser.add_argument("--work", type=Path, default=Path("runs/transfer"))
+    parser.add_argument("--gen", dest="gen_settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="generator setting for the set, e.g. p_context=0 (JSON values; needs --name)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, every run")
     parser.add_argument("--name", default="", help="variant name (required with --set)")
     parser.add_argument("--resume", action="store_true", help="keep the finished (config, seed) pairs of the JSON")
@@ -169,11 +194,15 @@ def main() -> None:
     parser.add_argument("--classes", nargs="+", default=None, help="with --cams: the classes, one band each")
     parser.add_argument("--sweep", action="store_true", help="also sweep the background threshold (train / val)")
     args = parser.parse_args()
-    if args.overrides and not args.name:
-        parser.error("--set needs --name: a variant must not overwrite the default runs")
+    if (args.overrides or args.gen_settings) and not args.name:
+        parser.error("--set and --gen need --name: a variant must not overwrite the default runs")
+    try:
+        settings = generator_settings(args.generator, args.gen_settings)
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = dataset(args.generator, args.train, args.val, args.data_seed, args.work)
+    data = dataset(args.generator, args.train, args.val, args.data_seed, args.work, settings)
     if args.strip:
         if args.cams:
             cam_strip(args.cams, data, args.strip, args.classes or list(VOCDataset(data, "val").classes[1:]))
@@ -191,8 +220,8 @@ def main() -> None:
             runs.setdefault(config, {})[str(seed)] = result = run(config, seed, data, out, args.overrides, args.sweep)
             print(f"{config} seed {seed}: val seed mIoU {100 * result['miou']:.1f}  train {result['train_s']:.0f} s  "
                   + ", ".join(f"{c} {100 * v:.1f}" for c, v in result["iou"].items()))  # fmt: skip
-            payload = {"generator": args.generator, "data": str(data), "overrides": args.overrides, "runs": runs,
-                       "summary": summarize(runs)}  # fmt: skip
+            payload = {"generator": args.generator, "generator_settings": settings, "data": str(data),
+                       "overrides": args.overrides, "runs": runs, "summary": summarize(runs)}  # fmt: skip
             write_result(name, payload)
     for config, row in summarize(runs).items():
         print(f"{config:18s} val seed mIoU {100 * row['miou_mean']:5.1f} +- {100 * row['miou_std']:.1f} "

@@ -90,6 +90,25 @@ def test_contexts_and_the_pair_co_occur_at_the_configured_rates(tmp_path: Path) 
     assert stats["p_b_given_a"]["arrow|heart"] > 0.6
 
 
+def test_the_co_occurrences_can_be_switched_off(tmp_path: Path) -> None:
+    kw = {"n_train": 300, "n_val": 0, "min_size": 64, "max_size": 72}
+    stats = generate_probe(tmp_path / "off", ProbeConfig(**kw, p_context=0, p_context_alone=0, p_pair=0),
+                           progress=False)  # fmt: skip
+    assert stats["config"]["p_pair"] == 0
+    assert stats["p_b_given_a"]["arrow|heart"] < 0.45  # the arrow's base rate only (about a third)
+    for cls in PROBE_CLASSES:
+        if cls.context:
+            assert stats["per_class"][cls.name]["p_context_given_class"] == 0, cls.name
+    # the pair's draw is made at any p_pair, so scenes up to the first heart without an arrow are the same
+    same, changed = np.random.default_rng(1), np.random.default_rng(1)
+    for _ in range(5):
+        a = make_probe_scene(ProbeConfig(**kw), same)
+        b = make_probe_scene(ProbeConfig(**kw, p_pair=0), changed)
+        if sorted(a.classes) != sorted(b.classes):
+            break
+        assert np.array_equal(a.image, b.image)
+
+
 def _instance_hues(draw, n: int) -> dict[int, list[float]]:
     """Per class, the circular mean hue (radians) of its pixels in each of ``n`` scenes holding it."""
     hues: dict[int, list[float]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,17 @@ def test_cam_strip_draws_a_band_per_class(tiny_ckpt, synth, tmp_path: Path) -> N
         transfer.cam_strip(tiny_ckpt, synth, tmp_path / "none.png", absent)
     with pytest.raises(SystemExit, match="no class 'unicorn'"):
         transfer.cam_strip(tiny_ckpt, synth, tmp_path / "none.png", ["unicorn"])
+
+
+def test_generator_settings_reach_the_set_and_its_folder(tmp_path: Path) -> None:
+    settings = transfer.generator_settings("probe", ["p_pair=0", 'backgrounds=["flat"]', "max_objects=1"])
+    assert settings == {"p_pair": 0, "backgrounds": ["flat"], "max_objects": 1}
+    root = transfer.dataset("probe", 4, 2, 0, tmp_path, settings)
+    assert root.name == "probe-4-2-d0-backgrounds=flat-max_objects=1-p_pair=0"
+    stats = json.loads((root / "probe_stats.json").read_text())
+    assert stats["config"]["backgrounds"] == ["flat"] and stats["config"]["max_objects"] == 1
+    assert transfer.dataset("probe", 4, 2, 0, tmp_path).name == "probe-4-2-d0"
+    with pytest.raises(ValueError, match="KEY one of"):
+        transfer.generator_settings("probe", ["p_unicorn=1"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        transfer.generator_settings("synth", ["p_context"])

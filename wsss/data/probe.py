@@ -70,6 +70,7 @@ class ProbeConfig:
     p_context: float = 0.8  # P(context | its class)
     p_context_alone: float = 0.1  # P(a context region without its class), per image
     p_occluder: float = 0.25  # P(a background distractor drawn over an object), per object
+    p_pair: float = PROBE_CO_OCCURRENCE["heart"][1]  # P(an arrow joins a heart drawn without one); 0: no pair
     max_objects: int = 3
     backgrounds: tuple[str, ...] = BACKGROUNDS  # the background models drawn from, uniformly
 
@@ -298,8 +299,8 @@ def _pick(cfg: ProbeConfig, rng: Rng) -> list[int]:
     names = [c.name for c in PROBE_CLASSES]
     n = int(rng.integers(1, cfg.max_objects + 1)) if rng.random() < 0.6 else 1
     chosen = [int(v) for v in rng.integers(len(names), size=n)]
-    for b, (a, p) in PROBE_CO_OCCURRENCE.items():
-        if names.index(b) in chosen and names.index(a) not in chosen and rng.random() < p:
+    for b, (a, _) in PROBE_CO_OCCURRENCE.items():  # the draw happens at any p_pair: the stream stays the same
+        if names.index(b) in chosen and names.index(a) not in chosen and rng.random() < cfg.p_pair:
             chosen.append(names.index(a))
     return chosen
 
