@@ -41,7 +41,30 @@ def test_output_stride_follows_the_pools():
         build_model(model_spec(get_config("cam-vgg-synth", ["model.output_stride=4"]), CLASSES))
 
 
-@pytest.mark.parametrize("bad", [{"width": 0}, {"pools": 5}, {"convs": 0}])
+class _EveryOther(torch.nn.Module):
+    def forward(self, x):
+        return x[..., ::2, ::2]
+
+
+def test_dilating_a_pool_keeps_the_weights_and_what_each_layer_sees():
+    pooled, dilated = VGGTrunk(VGGConfig()).eval(), VGGTrunk(VGGConfig(dilate=1)).eval()
+    assert dilated.output_stride == 4 and sorted(dilated.state_dict()) == sorted(pooled.state_dict())
+    for m in pooled.modules():  # non-trivial BN statistics, so the check covers every layer
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    dilated.load_state_dict(pooled.state_dict())
+    x = torch.randn(2, 3, 64, 72)
+    assert dilated(x).shape[-2:] == (16, 18) and pooled(x).shape[-2:] == (8, 9)
+    # a trous: with the last pool read as "every other pixel", the dilated map at even positions is the pooled one
+    last_pool = max(i for i, m in enumerate(pooled.body) if isinstance(m, torch.nn.MaxPool2d))
+    pooled.body[last_pool] = _EveryOther()
+    assert torch.allclose(dilated(x)[..., ::2, ::2], pooled(x), atol=1e-5)
+    cfg = get_config("cam-vgg-synth", ["model.backbone.dilate=1", "model.output_stride=4"])
+    model = build_model(model_spec(cfg, CLASSES)).eval()
+    assert model.spec.patch_size == 4 and model(x)[1].shape[-2:] == (16, 18)
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"pools": 5}, {"convs": 0}, {"dilate": 4}])
 def test_bad_trunk_settings_are_refused(bad):
     with pytest.raises(ValueError, match="VGG trunk"):
         VGGConfig(**bad)

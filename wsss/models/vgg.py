@@ -21,20 +21,25 @@ from .report import LoadReport, fit_state
 @dataclass(frozen=True)
 class VGGConfig:
     """``stages`` resolutions of ``convs`` 3x3 conv-BN-ReLU each, widths ``width * 2**i``, a 2x max pool after each
-    of the first ``pools`` stages (output stride ``2**pools``)."""
+    of the first ``pools`` stages. The last ``dilate`` of those pools are dropped and the convolutions after each
+    dropped pool dilated by 2 more (DeepLab-LargeFOV on VGG-16): the same weights at output stride
+    ``2**(pools - dilate)``, each layer seeing what it saw at the pooled stride."""
 
     width: int = 16
     stages: int = 4
     convs: int = 2
     pools: int = 3
+    dilate: int = 0
 
     def __post_init__(self):
         if self.width < 1 or self.stages < 1 or self.convs < 1 or not 0 <= self.pools <= self.stages:
             raise ValueError(f"a VGG trunk needs width, stages, convs >= 1 and 0 <= pools <= stages, got {self}")
+        if not 0 <= self.dilate <= self.pools:
+            raise ValueError(f"a VGG trunk can dilate 0 to pools ({self.pools}) of its pools, got {self.dilate}")
 
     @property
     def output_stride(self) -> int:
-        return 2**self.pools
+        return 2 ** (self.pools - self.dilate)
 
     @classmethod
     def from_dict(cls, d: dict) -> VGGConfig:
@@ -54,14 +59,18 @@ class VGGTrunk(nn.Module):
     def __init__(self, cfg: VGGConfig):
         super().__init__()
         self.cfg = cfg
-        layers, c_in = [], 3
+        layers, c_in, dilation = [], 3, 1
         for i in range(cfg.stages):
             c_out = cfg.width * 2**i
             for _ in range(cfg.convs):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+                conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
+                layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(True)]
                 c_in = c_out
-            if i < cfg.pools:
+            if i < cfg.pools - cfg.dilate:
                 layers.append(nn.MaxPool2d(2))
+            elif i < cfg.pools:  # a dropped pool keeps its place, so the weights' names do not depend on dilate
+                layers.append(nn.Identity())
+                dilation *= 2
         self.body = nn.Sequential(*layers)
         self.out_channels = c_in
 
