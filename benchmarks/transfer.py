@@ -87,6 +87,7 @@ def run(config: str, seed: int, data: Path, out: Path, overrides: list[str], swe
     return {
         **scores,
         "iou": iou,
+        "false_positives": false_positive_places(out / "val" / "seeds", data),
         "train_s": round(train_s, 1),
         **({"sweep": threshold_sweep(ckpt, data)} if sweep else {}),
     }
@@ -103,6 +104,40 @@ def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400) -> dict | N
     best = int(np.argmax(train_curve))
     return {"thresholds": THRESHOLDS, "train": train_curve, "val": val_curve, "picked": THRESHOLDS[best],
             "val_at_picked": val_curve[best]}  # fmt: skip
+
+
+def false_positive_places(seeds: Path, data: Path, near_px: int = 8, split: str = "val") -> dict[str, dict]:
+    """Per foreground class, over the images that hold it: recall, and where its false positives lie.
+
+    ``hull``: inside the convex hull of one of its instances (a nut's hole, a crescent's inside), ``near``: within
+    ``near_px`` of such a hull, ``far``: anywhere else (its context, other objects, the background). Fractions of
+    that class's false-positive pixels; ``fp_per_tp`` compares the two counts. Ignore pixels are left out."""
+    val = VOCDataset(data, split)
+    counts = {name: np.zeros(5, np.int64) for name in val.classes[1:]}  # tp, fn, fp in hull, near, far
+    ring = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * near_px + 1, 2 * near_px + 1))
+    for image_id in val.ids:
+        truth = read_label_png(data / "SegmentationClass" / f"{image_id}.png")
+        pred = read_label_png(seeds / f"{image_id}.png")
+        valid = truth != 255
+        for k in np.unique(truth[valid]):
+            if k == 0:
+                continue
+            obj = (truth == k).astype(np.uint8)
+            hull = np.zeros_like(obj)
+            n, parts = cv2.connectedComponents(obj)
+            for c in range(1, n):
+                cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero((parts == c).astype(np.uint8))), 1)
+            near = cv2.dilate(hull, ring).astype(bool)
+            hit, obj, hull = (pred == k) & valid, obj.astype(bool), hull.astype(bool)
+            fp = hit & ~obj
+            counts[val.classes[k]] += [(hit & obj).sum(), (obj & ~hit).sum(), (fp & hull).sum(),
+                                       (fp & near & ~hull).sum(), (fp & ~near).sum()]  # fmt: skip
+    out = {}
+    for name, (tp, fn, *places) in counts.items():
+        fp = sum(places)
+        out[name] = {"recall": float(tp / max(tp + fn, 1)), "fp_per_tp": float(fp / max(tp, 1)),
+                     **{where: float(v / max(fp, 1)) for where, v in zip(("hull", "near", "far"), places)}}  # fmt: skip
+    return out
 
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:

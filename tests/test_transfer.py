@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import transfer  # noqa: E402
+from wsss.data.palette import save_label_png  # noqa: E402
 from common import val_seed_scores  # noqa: E402
 
 
@@ -52,3 +53,23 @@ def test_generator_settings_reach_the_set_and_its_folder(tmp_path: Path) -> None
         transfer.generator_settings("probe", ["p_unicorn=1"])
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         transfer.generator_settings("synth", ["p_context"])
+
+
+def test_false_positive_places_split_a_class_s_errors_by_where_they_lie(tmp_path: Path) -> None:
+    root = transfer.dataset("probe", 2, 1, 0, tmp_path)  # a VOC layout whose val mask is replaced by a known one
+    truth = np.zeros((40, 40), np.uint8)
+    truth[10:30, 10:30] = 4  # a nut: a square ring around a 10 x 10 hole
+    truth[15:25, 15:25] = 0
+    truth[0, :] = 255
+    pred = np.zeros_like(truth)
+    pred[12:28, 12:28] = 4  # 240 px of the ring, the 100 px hole
+    pred[5:8, 15:18] = 4  # 9 px 3-5 px above the hull
+    pred[36:40, 36:40] = 4  # 16 px more than 8 px from it
+    pred[0, 30:35] = 4  # on the ignore row: not counted
+    (image_id,) = transfer.VOCDataset(root, "val").ids
+    save_label_png(root / "SegmentationClass" / f"{image_id}.png", truth)
+    save_label_png(tmp_path / "seeds" / f"{image_id}.png", pred)
+    places = transfer.false_positive_places(tmp_path / "seeds", root)["nut"]
+    assert places["recall"] == pytest.approx(156 / 300)
+    assert places["fp_per_tp"] == pytest.approx(125 / 156)
+    assert (places["hull"], places["near"], places["far"]) == pytest.approx((100 / 125, 9 / 125, 16 / 125))
