@@ -135,8 +135,8 @@ def false_positive_places(seeds: Path, data: Path, near_px: int = 8, split: str 
     out = {}
     for name, (tp, fn, *places) in counts.items():
         fp = sum(places)
-        out[name] = {"recall": float(tp / max(tp + fn, 1)), "fp_per_tp": float(fp / max(tp, 1)),
-                     **{where: float(v / max(fp, 1)) for where, v in zip(("hull", "near", "far"), places)}}  # fmt: skip
+        shares = {where: float(v / max(fp, 1)) for where, v in zip(("hull", "near", "far"), places, strict=True)}
+        out[name] = {"recall": float(tp / max(tp + fn, 1)), "fp_per_tp": float(fp / max(tp, 1)), **shares}
     return out
 
 

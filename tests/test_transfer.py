@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import transfer  # noqa: E402
-from wsss.data.palette import save_label_png  # noqa: E402
 from common import val_seed_scores  # noqa: E402
+from wsss.data.palette import save_label_png  # noqa: E402
 
 
 def test_threshold_sweep_picks_on_train_and_matches_the_labeler(tiny_ckpt, synth, tmp_path: Path) -> None:
