@@ -213,7 +213,7 @@ def _cam(pooling: str, num_fg: int = 3) -> CAMNet:
     return CAMNet(TINY, num_fg, pooling=pooling).eval()
 
 
-@pytest.mark.parametrize("pooling", ["gmp", "gap"])
+@pytest.mark.parametrize("pooling", ["gmp", "gap", "lse"])
 @pytest.mark.parametrize(("h", "w"), [(32, 32), (24, 48)])
 def test_cam_net_shapes(pooling: str, h: int, w: int) -> None:
     net = _cam(pooling, num_fg=5)
@@ -258,9 +258,26 @@ def test_features_follow_the_token_order() -> None:
     torch.testing.assert_close(feats[0, :, 0, 1], tokens[0, 1])
 
 
+def test_lse_logits_pool_the_cam_between_its_mean_and_its_max() -> None:
+    """z_k = (1/r) log mean_p exp(r A[k, p]), written out per class; r -> 0 gives the mean, large r the max."""
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = _cam("lse").double()
+    with torch.no_grad():
+        logits, cams = net(x)
+        a = cams.flatten(2)
+        torch.testing.assert_close(logits, torch.log(torch.exp(5.0 * a).mean(2)) / 5.0, rtol=0, atol=1e-12)
+        assert (logits <= a.amax(2) + 1e-12).all() and (logits >= a.mean(2) - 1e-12).all()
+        net.lse_r = 1e-6
+        torch.testing.assert_close(net(x)[0], a.mean(2), rtol=0, atol=1e-5)
+        net.lse_r = 1e4
+        torch.testing.assert_close(net(x)[0], a.amax(2), rtol=0, atol=1e-3)
+
+
 def test_invalid_pooling_raises() -> None:
-    with pytest.raises(ValueError, match="pooling must be 'gmp' or 'gap'"):
+    with pytest.raises(ValueError, match="pooling must be one of"):
         CAMNet(TINY, 3, pooling="max")
+    with pytest.raises(ValueError, match="lse_r must be > 0"):
+        CAMNet(TINY, 3, pooling="lse", lse_r=0)
 
 
 def test_param_groups_split_backbone_and_head() -> None:

@@ -64,7 +64,23 @@ def test_dilating_a_pool_keeps_the_weights_and_what_each_layer_sees():
     assert model.spec.patch_size == 4 and model(x)[1].shape[-2:] == (16, 18)
 
 
-@pytest.mark.parametrize("bad", [{"width": 0}, {"pools": 5}, {"convs": 0}, {"dilate": 4}])
+def test_a_hypercolumn_stacks_the_tapped_stages_on_the_first_tapped_grid():
+    plain, hyper = VGGTrunk(VGGConfig()).eval(), VGGTrunk(VGGConfig(taps=2)).eval()
+    assert sorted(hyper.state_dict()) == sorted(plain.state_dict()) and hyper.output_stride == 4
+    hyper.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 61, 74)
+    out = hyper(x)
+    assert out.shape == (2, 64 + 128, 61 // 4, 74 // 4) and hyper.out_channels == 192
+    stage3 = plain.body[: hyper.tap_layers[0] + 1](x)  # the third stage's map, before its pool
+    last = torch.nn.functional.interpolate(plain(x), size=stage3.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, torch.cat([stage3, last], 1))
+    assert VGGConfig(taps=3).output_stride == 2 and VGGConfig(taps=2, dilate=1).output_stride == 4
+    cfg = get_config("cam-vgg-synth", ["model.backbone.taps=2", "model.output_stride=4"])
+    model = build_model(model_spec(cfg, CLASSES)).eval()
+    assert model.spec.patch_size == 4 and model(x)[1].shape == (2, 3, 15, 18)
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"pools": 5}, {"convs": 0}, {"dilate": 4}, {"taps": 0}, {"taps": 5}])
 def test_bad_trunk_settings_are_refused(bad):
     with pytest.raises(ValueError, match="VGG trunk"):
         VGGConfig(**bad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,26 +11,33 @@ from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, to
 from .spec import register_family
 from .vgg import VGGConfig, VGGTrunk
 
+POOLINGS = ("gmp", "gap", "lse")
+
 
 class CAMNet(nn.Module):
     """Features ``F`` (B, D, h, w) with a bias-free 1x1 classifier ``W`` (K x D).
 
-    Logits (1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``.
+    Logits (1.1): ``z = W . GMP(F)`` (``pooling="gmp"``) or ``W . GAP(F)``; CAMs (1.3): ``A = W . F``. With GMP of
+    the features ``z_k != max_p A[k, p]`` (§1.1): a logit can sum channel maxima found at different places.
+    ``pooling="lse"`` pools the CAM itself, ``z_k = (1/r) log mean_p exp(r A[k, p])`` (log-sum-exp, Pinheiro and
+    Collobert 2015): the mean of the CAM at ``r -> 0``, its maximum at ``r -> inf``.
     ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM. ``F`` is a
     ViT's patch tokens (``BackboneConfig``) or a VGG trunk's last map (``VGGConfig``, output stride ``2**pools``).
     """
 
-    def __init__(self, backbone: BackboneConfig | VGGConfig, num_fg: int, pooling: str = "gmp"):
+    def __init__(self, backbone: BackboneConfig | VGGConfig, num_fg: int, pooling: str = "gmp", lse_r: float = 5.0):
         super().__init__()
-        if pooling not in ("gmp", "gap"):
-            raise ValueError(f"pooling must be 'gmp' or 'gap', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not lse_r > 0:
+            raise ValueError(f"lse_r must be > 0, got {lse_r!r}")
         if isinstance(backbone, VGGConfig):
             self.backbone = VGGTrunk(backbone)
             self.patch_size, dim = backbone.output_stride, self.backbone.out_channels
         else:
             self.backbone = create_vit(backbone)
             self.patch_size, dim = patch_size(self.backbone), self.backbone.embed_dim
-        self.pooling = pooling
+        self.pooling, self.lse_r = pooling, float(lse_r)
         self.classifier = nn.Conv2d(dim, num_fg, 1, bias=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,14 +48,19 @@ class CAMNet(nn.Module):
         tokens, _ = forward_tokens(self.backbone, x)
         return token_map(tokens, self.backbone.num_prefix_tokens, token_grid(x, self.patch_size))
 
-    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+    def pool(self, feats: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+        """Image logits (B, K) from the features and their CAMs."""
+        if self.pooling == "lse":
+            r, n = self.lse_r, cams.shape[2] * cams.shape[3]
+            return (torch.logsumexp(r * cams.flatten(2), dim=2) - math.log(n)) / r
         pooled = feats.amax(dim=(2, 3), keepdim=True) if self.pooling == "gmp" else feats.mean((2, 3), keepdim=True)
         return self.classifier(pooled).flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image logits (B, K) and raw CAMs (B, K, h, w)."""
         feats = self.features(x)
-        return self.pool(feats), self.classifier(feats)
+        cams = self.classifier(feats)
+        return self.pool(feats, cams), cams
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, head parameters): heads train at 10x the base learning rate (§3.14)."""
@@ -60,5 +74,6 @@ def build_cam_net(arch: dict, num_fg: int) -> CAMNet:
         cfg = VGGConfig.from_dict(backbone)
         if int(arch.get("output_stride", cfg.output_stride)) != cfg.output_stride:
             raise ValueError(f"CAM arch output_stride {arch['output_stride']} != the VGG trunk's {cfg.output_stride}")
-        return CAMNet(cfg, num_fg, pooling=arch.get("pooling", "gmp"))
-    return CAMNet(BackboneConfig(**backbone), num_fg, pooling=arch.get("pooling", "gmp"))
+    else:
+        cfg = BackboneConfig(**backbone)
+    return CAMNet(cfg, num_fg, pooling=arch.get("pooling", "gmp"), lse_r=arch.get("lse_r", 5.0))

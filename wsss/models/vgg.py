@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
@@ -23,23 +24,34 @@ class VGGConfig:
     """``stages`` resolutions of ``convs`` 3x3 conv-BN-ReLU each, widths ``width * 2**i``, a 2x max pool after each
     of the first ``pools`` stages. The last ``dilate`` of those pools are dropped and the convolutions after each
     dropped pool dilated by 2 more (DeepLab-LargeFOV on VGG-16): the same weights at output stride
-    ``2**(pools - dilate)``, each layer seeing what it saw at the pooled stride."""
+    ``2**(pools - dilate)``, each layer seeing what it saw at the pooled stride.
+
+    ``taps`` > 1 makes a hypercolumn (Hariharan et al. 2015): the last ``taps`` stages' maps (each after its
+    convolutions, before its pool), resized bilinearly to the first tapped stage's grid and concatenated, so the
+    features keep the finer stage's outline detail at that stage's stride."""
 
     width: int = 16
     stages: int = 4
     convs: int = 2
     pools: int = 3
     dilate: int = 0
+    taps: int = 1
 
     def __post_init__(self):
         if self.width < 1 or self.stages < 1 or self.convs < 1 or not 0 <= self.pools <= self.stages:
             raise ValueError(f"a VGG trunk needs width, stages, convs >= 1 and 0 <= pools <= stages, got {self}")
         if not 0 <= self.dilate <= self.pools:
             raise ValueError(f"a VGG trunk can dilate 0 to pools ({self.pools}) of its pools, got {self.dilate}")
+        if not 1 <= self.taps <= self.stages:
+            raise ValueError(f"a VGG trunk taps 1 to stages ({self.stages}) of its stages, got {self.taps}")
 
     @property
     def output_stride(self) -> int:
-        return 2 ** (self.pools - self.dilate)
+        return 2 ** min(self.stages - self.taps, self.pools - self.dilate)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.width * 2**i for i in range(self.stages - self.taps, self.stages))
 
     @classmethod
     def from_dict(cls, d: dict) -> VGGConfig:
@@ -54,32 +66,43 @@ class VGGConfig:
 
 
 class VGGTrunk(nn.Module):
-    """(B, 3, H, W) -> (B, width * 2**(stages-1), floor(H / s), floor(W / s)) with ``s = output_stride``."""
+    """(B, 3, H, W) -> (B, out_channels, floor(H / s), floor(W / s)) with ``s = output_stride``."""
 
     def __init__(self, cfg: VGGConfig):
         super().__init__()
         self.cfg = cfg
-        layers, c_in, dilation = [], 3, 1
+        layers, c_in, dilation, self.tap_layers = [], 3, 1, []
         for i in range(cfg.stages):
             c_out = cfg.width * 2**i
             for _ in range(cfg.convs):
                 conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
                 layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(True)]
                 c_in = c_out
+            if i >= cfg.stages - cfg.taps:
+                self.tap_layers.append(len(layers) - 1)
             if i < cfg.pools - cfg.dilate:
                 layers.append(nn.MaxPool2d(2))
             elif i < cfg.pools:  # a dropped pool keeps its place, so the weights' names do not depend on dilate
                 layers.append(nn.Identity())
                 dilation *= 2
         self.body = nn.Sequential(*layers)
-        self.out_channels = c_in
+        self.out_channels = cfg.out_channels
 
     @property
     def output_stride(self) -> int:
         return self.cfg.output_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if self.cfg.taps == 1:
+            return self.body(x)
+        maps = []
+        for i, layer in enumerate(self.body):
+            x = layer(x)
+            if i in self.tap_layers:
+                maps.append(x)
+        size = maps[0].shape[-2:]
+        resized = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        return torch.cat([maps[0], *resized], dim=1)
 
 
 def load_vgg_weights(trunk: VGGTrunk, path: str | Path) -> LoadReport:

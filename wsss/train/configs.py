@@ -80,10 +80,10 @@ CONFIGS["cam-tiny-pretrain"]["train"].update(iters=2000, ckpt_every=250, log_eve
 # The plain CAM on the tiny VGG trunk (wsss.models.vgg): full-resolution 3x3 convolutions learn classes told by
 # their outline where the 8 x 8 patches of the tiny ViT do not (issue 20, docs/transfer.md). Output stride 8, as
 # the ViT's patch 8; AdamW with the head at the trunk's rate (probe: 26.9%, against 26.6% for lr 3e-4, head 10x).
-_TINY_VGG = {"kind": "vgg", "width": 16, "stages": 4, "convs": 2, "pools": 3, "dilate": 0}
+_TINY_VGG = {"kind": "vgg", "width": 16, "stages": 4, "convs": 2, "pools": 3, "dilate": 0, "taps": 1}
 CONFIGS["cam-vgg-synth"] = {
     **copy.deepcopy(CONFIGS["cam-tiny-synth"]),
-    "model": {"backbone": _TINY_VGG, "output_stride": 8, "pooling": "gmp", "img_size": 112},
+    "model": {"backbone": _TINY_VGG, "output_stride": 8, "pooling": "gmp", "lse_r": 5.0, "img_size": 112},  # r of "lse"
     "pretrained": "builtin:vgg-tiny-synth",  # broad2's masks, per pixel (benchmarks/pretrain_vgg.py)
 }
 CONFIGS["cam-vgg-synth"]["optim"].update(lr=1e-3, head_lr=1)
