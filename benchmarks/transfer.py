@@ -16,9 +16,12 @@ IoU and context false activation. The JSON is rewritten after every run; ``--res
     python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow heart \\
         --strip ../docs/images/probe_cams_vgg.png                                  # a network's CAMs per class
 
-``--sweep`` also scores each run's seeds over a range of background thresholds (threshold rule only), on the
-first 400 train images and on val, with one CAM pass per split: the threshold the field would pick on train, and
-what it gives on val.
+``--sweep`` also scores each run's seeds over a range of background thresholds (threshold rule only), and its
+seeds refined by the label CRF (§5.3, the form of row C) over a grid of kernel settings, on the first 400 train
+images and on val: the setting the field would pick on train, and what it gives on val. With ``--cams CKPT`` it
+sweeps that checkpoint instead of training (``--name`` names the result).
+
+    python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --sweep --name crf-sweep
 """
 
 from __future__ import annotations
@@ -37,15 +40,21 @@ import torch
 
 from baseline_options import THRESHOLDS, seed_miou_curve
 from common import RESULTS, method_chart, val_seed_scores, write_result
+from wsss.cam.crf import CRF_PRESETS, CRFParams, crf_from_labels
 from wsss.cam.pipeline import predict_cams
 from wsss.data.datasets import VOCDataset
 from wsss.data.palette import read_label_png, voc_palette
 from wsss.data.probe import ProbeConfig, generate_probe
 from wsss.data.synth import SynthConfig, generate_synth
+from wsss.eval.metrics import ConfusionMatrix
 from wsss.models import load_model
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
+# Label-CRF kernels swept by --sweep: row C's Gaussian term with bilateral ranges from a tenth of a small image to
+# row C's 50 px, colour ranges from row C's 5 to a loose 30, and two weights; row C itself is one of them.
+CRF_GRID = [dataclasses.replace(CRF_PRESETS["seed"], bi_sxy=sxy, bi_srgb=srgb, bi_compat=compat)
+            for sxy in (10, 25, 50) for srgb in (5, 13, 30) for compat in (4, 10)]  # fmt: skip
 GENERATORS = {"synth": (SynthConfig, generate_synth), "probe": (ProbeConfig, generate_probe)}
 
 
@@ -89,8 +98,12 @@ def run(config: str, seed: int, data: Path, out: Path, overrides: list[str], swe
         "iou": iou,
         "false_positives": false_positive_places(out / "val" / "seeds", data),
         "train_s": round(train_s, 1),
-        **({"sweep": threshold_sweep(ckpt, data)} if sweep else {}),
+        **(sweeps(ckpt, data) if sweep else {}),
     }
+
+
+def sweeps(ckpt: Path, data: Path) -> dict:
+    return {"sweep": threshold_sweep(ckpt, data), "crf": crf_sweep(ckpt, data)}
 
 
 def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400) -> dict | None:
@@ -104,6 +117,37 @@ def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400) -> dict | N
     best = int(np.argmax(train_curve))
     return {"thresholds": THRESHOLDS, "train": train_curve, "val": val_curve, "picked": THRESHOLDS[best],
             "val_at_picked": val_curve[best]}  # fmt: skip
+
+
+def crf_sweep(ckpt: Path, data: Path, train_images: int = 400, grid: list[CRFParams] = CRF_GRID) -> dict:
+    """Seed mIoU unrefined and after the label CRF at each setting of ``grid`` (which holds row C), on the first
+    ``train_images`` train images and on val (one CAM pass per split); ``picked`` is the best setting on train."""
+    loaded = load_model(ckpt)
+    train_curve = crf_curve(loaded, VOCDataset(data, "train"), train_images, grid)
+    val_curve = crf_curve(loaded, VOCDataset(data, "val"), 10**9, grid)
+    best = int(np.argmax(train_curve[1:]))
+    settings, row_c = [dataclasses.asdict(p) for p in grid], grid.index(CRF_PRESETS["seed"])
+    return {"settings": settings, "train_unrefined": train_curve[0], "val_unrefined": val_curve[0],
+            "train": train_curve[1:], "val": val_curve[1:], "picked": settings[best],
+            "val_at_picked": val_curve[1 + best], "val_row_c": val_curve[1 + row_c]}  # fmt: skip
+
+
+def crf_curve(loaded, data: VOCDataset, limit: int, grid: list[CRFParams]) -> list[float]:
+    """[unrefined seed mIoU, then one per setting of ``grid``] over the first ``limit`` images of ``data``."""
+    spec = loaded.spec
+    matrices = [ConfusionMatrix(data.num_classes) for _ in range(len(grid) + 1)]
+    n = min(len(data), limit)
+    for start in range(0, n, 16):
+        samples = [data[i] for i in range(start, min(start + 16, n))]
+        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
+                               mean=spec.mean, std=spec.std)  # fmt: skip
+        for s, r in zip(samples, results, strict=True):
+            keys = np.concatenate([[0], np.flatnonzero(r.tags.numpy()) + 1]).astype(np.int64)
+            truth = torch.from_numpy(s.mask)
+            matrices[0].update(torch.from_numpy(r.seed), truth)
+            for params, cm in zip(grid, matrices[1:], strict=True):
+                cm.update(torch.from_numpy(crf_from_labels(s.image, r.seed, keys, params)), truth)
+    return [cm.compute()["miou"] for cm in matrices]
 
 
 def false_positive_places(seeds: Path, data: Path, near_px: int = 8, split: str = "val") -> dict[str, dict]:
@@ -225,9 +269,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the finished (config, seed) pairs of the JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strip", type=Path, default=None, help="only write a PNG of 8 val images and masks here")
-    parser.add_argument("--cams", type=Path, default=None, help="with --strip: a checkpoint whose CAMs to draw")
+    parser.add_argument("--cams", type=Path, default=None,
+                        help="a checkpoint whose CAMs to draw (with --strip) or to sweep (with --sweep)")  # fmt: skip
     parser.add_argument("--classes", nargs="+", default=None, help="with --cams: the classes, one band each")
-    parser.add_argument("--sweep", action="store_true", help="also sweep the background threshold (train / val)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep the background threshold and the label CRF kernels (train / val)")  # fmt: skip
     args = parser.parse_args()
     if (args.overrides or args.gen_settings) and not args.name:
         parser.error("--set and --gen need --name: a variant must not overwrite the default runs")
@@ -245,6 +291,14 @@ def main() -> None:
             sample_strip(data, args.strip)
         return
     name = f"transfer_{args.generator}" + (f"_{args.name}" if args.name else "")
+    if args.cams and args.sweep:
+        result = sweeps(args.cams, data)
+        crf = result["crf"]
+        print(f"{args.cams}: val seeds {100 * crf['val_unrefined']:.1f}, label CRF row C {100 * crf['val_row_c']:.1f}, "
+              f"picked on train {crf['picked']} -> val {100 * crf['val_at_picked']:.1f}")  # fmt: skip
+        write_result(name, {"generator": args.generator, "generator_settings": settings, "data": str(data),
+                            "checkpoint": str(args.cams), **result})  # fmt: skip
+        return
     previous = RESULTS / f"{name}.json"
     runs: dict = json.loads(previous.read_text())["runs"] if args.resume and previous.is_file() else {}
     for config in args.configs:

@@ -1,7 +1,8 @@
-"""benchmarks/transfer.py: the threshold sweep and the CAM strip on a tiny trained network."""
+"""benchmarks/transfer.py: the threshold and CRF sweeps and the CAM strip on a tiny trained network."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import transfer  # noqa: E402
 from common import val_seed_scores  # noqa: E402
+from wsss.cam.crf import CRF_PRESETS  # noqa: E402
+from wsss.data.datasets import VOCDataset  # noqa: E402
 from wsss.data.palette import save_label_png  # noqa: E402
+from wsss.eval.evaluate import evaluate_folders  # noqa: E402
+from wsss.runtime.backends import open_backend  # noqa: E402
+from wsss.runtime.labeler import LabelConfig, label_dataset  # noqa: E402
 
 
 def test_threshold_sweep_picks_on_train_and_matches_the_labeler(tiny_ckpt, synth, tmp_path: Path) -> None:
@@ -26,6 +32,26 @@ def test_threshold_sweep_picks_on_train_and_matches_the_labeler(tiny_ckpt, synth
     t = sweep["thresholds"][n // 2]
     labeled = val_seed_scores(tiny_ckpt, synth, tmp_path / "val", background=t)
     assert sweep["val"][n // 2] == pytest.approx(labeled["miou"], abs=1e-6)
+
+
+def test_crf_sweep_picks_on_train_and_its_row_c_is_the_labeler_s_crf(tiny_ckpt, synth, tmp_path: Path) -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    row_c = CRF_PRESETS["seed"]
+    grid = [dataclasses.replace(row_c, bi_srgb=30, bi_compat=4), row_c]
+    sweep = transfer.crf_sweep(tiny_ckpt, synth, train_images=8, grid=grid)
+    assert len(sweep["train"]) == len(sweep["val"]) == 2 and sweep["val_row_c"] == sweep["val"][1]
+    best = int(np.argmax(sweep["train"]))
+    assert sweep["picked"] == dataclasses.asdict(grid[best]) and sweep["val_at_picked"] == sweep["val"][best]
+    assert sweep["val"][0] != sweep["val"][1]  # the kernels reach the CRF
+    # unrefined: the labeler's seeds; row C: the labeler's --refine crf labels (pydensecrf)
+    assert sweep["val_unrefined"] == pytest.approx(val_seed_scores(tiny_ckpt, synth, tmp_path / "s")["miou"], abs=1e-6)
+    backend, spec, meta = open_backend(tiny_ckpt)
+    val = VOCDataset(synth, "val")
+    config = LabelConfig(spec.cam, refine="crf", crf_impl="pydensecrf", quiet=True)
+    label_dataset(backend, spec, meta, val, tmp_path / "crf", config)
+    names = list(spec.class_names)
+    scores = evaluate_folders(tmp_path / "crf" / "labels", synth / "SegmentationClass", names, ids=val.ids)
+    assert sweep["val_row_c"] == pytest.approx(scores["miou"], abs=1e-6)
 
 
 def test_cam_strip_draws_a_band_per_class(tiny_ckpt, synth, tmp_path: Path) -> None:
