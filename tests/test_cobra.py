@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from conftest import TINY_COBRA
 
 from wsss.cam.cobra import _thresholds_from, attention_background, ir_thresholds
-from wsss.cam.pipeline import single_scale_maps
+from wsss.cam.pipeline import predict_cams, single_scale_maps
 from wsss.data.datasets import VOCDataset
 from wsss.kernels import NORM_EPS, combine_sources, normalize_maps
 from wsss.models import CAMSettings, CheckpointError, CoBraNet, build_model, load_model
+from wsss.models.vgg import VGGTrunk
 from wsss.train.cobra_losses import cam_l1_loss, cap_loss, cls_loss, pseudo_labels, sap_loss, stable_topk
+from wsss.train.cobra_masks import cobra_masks
 from wsss.train.configs import get_config, model_spec
 from wsss.train.loop import train
 
@@ -381,6 +383,25 @@ def test_mask_stages_run_and_resume(synth, tmp_path, device):
     assert (out / "masks" / f"{data.ids[0]}.png").stat().st_mtime_ns == stamp
     bad = CliRunner().invoke(cli, [*args, "--ir-thresholds", "0.3"])
     assert bad.exit_code != 0 and "FG,BG" in bad.output
+
+
+def test_a_vgg_cnn_branch_trains_on_the_vit_grid_and_gives_seeds_but_no_irn(synth, tmp_path):
+    tiny_vit = [o for o in TINY_COBRA if not o.startswith("model.cnn.")]  # the VGG trunk is cam-vgg-synth's own
+    cfg = get_config("cobra-vgg-synth", [*tiny_vit, "train.iters=2"])
+    data = VOCDataset(synth, "train")
+    loaded = load_model(train(cfg, data, tmp_path / "run", progress=False))
+    model, spec = loaded.model, loaded.spec
+    assert isinstance(model.cnn, VGGTrunk) and spec.arch["cnn"]["kind"] == "vgg"
+    with torch.no_grad():
+        out = model.branches(torch.randn(1, 3, 48, 48))
+    assert out.m_cnn.shape == out.m_tran.shape == (1, data.num_classes, 6, 6)  # both at stride 8
+    sample = data[0]
+    (result,) = predict_cams(model, [sample.image], [sample.labels], spec.cam, mean=spec.mean, std=spec.std)
+    assert result.seed.shape == sample.image.shape[:2]
+    assert set(np.unique(result.seed)) <= {0, *(np.flatnonzero(sample.labels) + 1)}
+    with pytest.raises(ValueError, match="VGG trunk: it makes CAMs and seeds"):
+        cobra_masks(loaded, data, tmp_path / "masks", irn_preset="tiny")
+    assert not (tmp_path / "masks").exists()  # refused before any work
 
 
 def test_wrong_cnn_weights_are_refused(synth, tmp_path):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
-from .resnet import ResNetConfig, ResNetTrunk
 from .spec import register_family
+from .vgg import cnn_trunk
 
 
 @dataclass
@@ -81,13 +81,12 @@ class CoBraNet(nn.Module):
 
     method = "cobra"
 
-    def __init__(self, cnn: ResNetConfig, vit: BackboneConfig, num_fg: int, proj_dim: int = 256,
-                 pooling: str = "gap"):  # fmt: skip
+    def __init__(self, cnn: dict, vit: BackboneConfig, num_fg: int, proj_dim: int = 256, pooling: str = "gap"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
-        self.cnn = ResNetTrunk(cnn)
+        self.cnn = cnn_trunk(cnn)  # the paper's ResNet, or a VGG trunk ({"kind": "vgg", ...}) on small data
         self.backbone = create_vit(vit)  # named like the other networks' ViT so --pretrained loads it
         self.patch_size = patch_size(self.backbone)
         self.num_fg = num_fg
@@ -143,5 +142,5 @@ class CoBraNet(nn.Module):
 def build_cobra_net(arch: dict, num_fg: int) -> CoBraNet:
     if "cnn" not in arch:
         raise ValueError("a CoBra architecture needs a 'cnn' section (the ResNet branch)")
-    return CoBraNet(ResNetConfig.from_dict(arch["cnn"]), BackboneConfig(**arch["backbone"]), num_fg,
+    return CoBraNet(arch["cnn"], BackboneConfig(**arch["backbone"]), num_fg,
                     arch.get("proj_dim", 256), arch.get("pooling", "gap"))  # fmt: skip

@@ -102,7 +102,7 @@ def load_state_into(model: nn.Module, path: str | Path) -> tuple[dict, LoadRepor
 
 def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") -> LoadReport:
     """Local timm / torchvision weights into ``model.backbone`` (a ViT, ResNet or VGG trunk) or ``model.cnn``
-    (CoBra's ResNet).
+    (CoBra's CNN branch, a ResNet or VGG trunk).
 
     ``builtin:NAME`` names a file shipped in ``wsss/models/weights`` (the CPU stand-ins for ImageNet weights).
     """
@@ -119,7 +119,7 @@ def load_pretrained(model: nn.Module, path: str | Path, part: str = "backbone") 
     if part == "backbone":
         return load_backbone_weights(model.backbone, path)
     if part == "cnn":
-        return load_resnet_weights(model.cnn, path)
+        return (load_vgg_weights if isinstance(model.cnn, VGGTrunk) else load_resnet_weights)(model.cnn, path)
     raise ValueError(f"part must be 'backbone' or 'cnn', got {part!r}")
 
 

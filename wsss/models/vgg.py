@@ -17,6 +17,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
 from .report import LoadReport, fit_state
+from .resnet import ResNetConfig, ResNetTrunk
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,8 @@ def load_vgg_weights(trunk: VGGTrunk, path: str | Path) -> LoadReport:
         raise CheckpointError(f"{path}: no tensor matches a VGG trunk (body.N.weight); is this the right file?")
     trunk.load_state_dict(fitting, strict=False)
     return report
+
+
+def cnn_trunk(d: dict) -> VGGTrunk | ResNetTrunk:
+    """A CNN branch from its config dict: ``kind: "vgg"`` a VGG trunk, anything else a ResNet (CoBra's CAK)."""
+    return VGGTrunk(VGGConfig.from_dict(d)) if d.get("kind") == "vgg" else ResNetTrunk(ResNetConfig.from_dict(d))

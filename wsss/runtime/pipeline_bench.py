@@ -30,10 +30,9 @@ from ..cam.crf import CRF_PRESETS, crf_from_probs
 from ..data.datasets import WSSSDataset
 from ..data.palette import save_label_png
 from ..models import build_model
-from ..models.resnet import ResNetConfig
 from ..train.cobra_masks import write_ir_labels, write_masks
 from ..train.configs import get_config, model_spec
-from ..train.irn import IRNConfig, train_irn
+from ..train.irn import IRNConfig, cobra_irn_trunk, train_irn
 from ..train.loop import _batches, build_training, train_step, training_set
 from ..train.official_loops import has_official_losses, official_losses
 from .backends import TorchBackend, select_device
@@ -246,7 +245,7 @@ def _sccam_joint_round(cfg: dict, data: WSSSDataset) -> dict:
 def _irn_config(stage: Stage, ctx: Context) -> IRNConfig:
     """CoBra's IRN (§4.10): the CoBra CNN's trunk at output stride 16, fixed BN, 4 epochs of 32 crops of 512."""
     cfg = ctx.config(stage.config)
-    trunk = replace(ResNetConfig.from_dict(cfg["model"]["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
+    trunk = cobra_irn_trunk(cfg["model"]["cnn"])
     preset = IRNConfig.tiny if ctx.opts.tiny else IRNConfig
     irn = preset(backbone=trunk, num_classes=ctx.train.num_classes, device=str(ctx.device))
     return replace(irn, batch_size=ctx.opts.batch or irn.batch_size, num_workers=ctx.opts.workers)

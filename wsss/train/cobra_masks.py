@@ -27,8 +27,7 @@ from ..data.transforms import normalize_images
 from ..kernels import combine_sources, normalize_maps
 from ..models import CAMSettings, LoadedModel, save_checkpoint
 from ..models.cobra import CoBraNet
-from ..models.resnet import ResNetConfig
-from .irn import IRLabelDataset, IRNConfig, load_irn, train_irn
+from .irn import IRLabelDataset, IRNConfig, cobra_irn_trunk, load_irn, train_irn
 from .loop import select_device
 
 
@@ -151,7 +150,7 @@ def cobra_masks(loaded: LoadedModel, data: WSSSDataset, out: str | Path, irn_pre
     check_classes(data, loaded.spec.class_names)
     device = select_device(device)
     model, settings = loaded.model.to(device), loaded.spec.cam
-    trunk = replace(ResNetConfig.from_dict(loaded.spec.arch["cnn"]), strides=(1, 2, 2, 1), fixed_bn=True)
+    trunk = cobra_irn_trunk(loaded.spec.arch["cnn"])
     preset = IRNConfig.tiny if irn_preset == "tiny" else IRNConfig
     cfg = preset(backbone=trunk, pretrained=irn_pretrained, num_classes=data.num_classes, device=str(device))
     if irn_epochs:

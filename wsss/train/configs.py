@@ -9,6 +9,7 @@ from typing import Any
 
 from ..models import CAMSettings, ModelSpec
 from ..models.official import COBRA_ARCH
+from ..models.vgg import VGGConfig
 from .cobra import COBRA_DEFAULTS
 from .seco_state import SCHEDULES
 
@@ -154,6 +155,12 @@ CONFIGS["cobra-tiny-synth"] = {
     "cam": {**_COBRA_CAM, "input_size": 112, "scales": [1.0, 0.5, 1.5]},
     "cobra": {**COBRA_DEFAULTS, "aux_start_epoch": 5},
 }  # fmt: skip
+# CoBra with cam-vgg-synth's trunk as its CNN branch (issue 20): the ViT branch as cobra-tiny-synth's, the CNN the
+# trunk that learns outlines on data the package did not draw. Its seeds need no IRN; IRN masks need a ResNet CNN.
+CONFIGS["cobra-vgg-synth"] = copy.deepcopy(CONFIGS["cobra-tiny-synth"])
+CONFIGS["cobra-vgg-synth"]["model"]["cnn"] = dict(_TINY_VGG)
+CONFIGS["cobra-vgg-synth"]["pretrained_cnn"] = "builtin:vgg-tiny-synth"
+CONFIGS["cobra-vgg-synth"]["train"].update(iters=750)  # 12 epochs of 1,000 images at batch 16
 
 # The final segmentation network on pseudo-masks (wsss.models.segnet, wsss.train.seg). DeepLabV2 R101 with the
 # multi-stage papers' recipe (IRN / CONTA / CLIMS through kazuto1011's deeplab-pytorch): SGD momentum 0.9, lr 2.5e-4
@@ -201,14 +208,20 @@ CONFIGS["deeplab-tiny-synth"] = {
 
 def config_summaries() -> dict[str, str]:
     """Every named config with its one-line summary, sorted by name (``wsss train --list-configs``)."""
-    return {name: f"{_backbone_name(cfg['model']['backbone'])}, crop {cfg['data']['crop']}, "
+    return {name: f"{_network_name(cfg['model'])}, crop {cfg['data']['crop']}, "
                   f"{cfg['train']['iters']} iters x batch {cfg['train']['batch_size']}"
             for name, cfg in sorted(CONFIGS.items())}  # fmt: skip
 
 
+def _network_name(model: dict[str, Any]) -> str:
+    cnn = model.get("cnn")
+    return _backbone_name(model["backbone"]) + (f" + CNN {_backbone_name(cnn)}" if cnn else "")
+
+
 def _backbone_name(backbone: dict[str, Any]) -> str:
     if backbone.get("kind") == "vgg":
-        return f"vgg w{backbone['width']} x{backbone['stages']} stages, stride {2 ** backbone['pools']}"
+        vgg = VGGConfig.from_dict(backbone)
+        return f"vgg w{vgg.width} x{vgg.stages} stages, stride {vgg.output_stride}"
     return backbone["name"]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +242,14 @@ def irn_losses(
 
 
 # --------------------------------------------------------------------------------------------------------- training
+
+
+def cobra_irn_trunk(cnn: dict) -> ResNetConfig:
+    """IRN's ResNet for CoBra (§4.10): the CNN branch's architecture at output stride 16 with fixed BN."""
+    if cnn.get("kind") == "vgg":
+        raise ValueError("IRN reads the five stages of a ResNet, and this CoBra network's CNN branch is a VGG trunk: "
+                         "it makes CAMs and seeds (wsss label), not CoBra's IRN masks")  # fmt: skip
+    return replace(ResNetConfig.from_dict(cnn), strides=(1, 2, 2, 1), fixed_bn=True)
 
 
 def build_irn(cfg: IRNConfig) -> EdgeDisplacement:
