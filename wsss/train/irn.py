@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +249,7 @@ def cobra_irn_trunk(cnn: dict) -> ResNetConfig:
     if cnn.get("kind") == "vgg":
         raise ValueError("IRN reads the five stages of a ResNet, and this CoBra network's CNN branch is a VGG trunk: "
                          "it makes CAMs and seeds (wsss label), not CoBra's IRN masks")  # fmt: skip
-    return replace(ResNetConfig.from_dict(cnn), strides=(1, 2, 2, 1), fixed_bn=True)
+    return dataclasses.replace(ResNetConfig.from_dict(cnn), strides=(1, 2, 2, 1), fixed_bn=True)
 
 
 def build_irn(cfg: IRNConfig) -> EdgeDisplacement:
