@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import torch
 
 from common import write_result
 from wsss.cam.labels import cam_to_label
-from wsss.cam.pipeline import predict_cams
-from wsss.data.datasets import VOCDataset
+from wsss.cam.pipeline import CAMResult, predict_cams
+from wsss.data.datasets import Sample, VOCDataset
 from wsss.eval.metrics import ConfusionMatrix
 from wsss.models import LoadedModel, load_model
 from wsss.train.configs import get_config
@@ -34,18 +35,24 @@ OPTIONS = {
 THRESHOLDS = [round(t, 2) for t in np.arange(0.1, 0.65, 0.05)]
 
 
-def seed_miou_curve(loaded: LoadedModel, data: VOCDataset, limit: int) -> list[float]:
-    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs (the network's CAM settings)."""
+def cam_pass(loaded: LoadedModel, data: VOCDataset, limit: int) -> Iterator[tuple[Sample, CAMResult]]:
+    """(sample, its CAMs and seed) for the first ``limit`` images: multi-scale CAMs with the network's CAM
+    settings, in batches of 16."""
     spec = loaded.spec
-    matrices = [ConfusionMatrix(data.num_classes) for _ in THRESHOLDS]
     n = min(len(data), limit)
     for start in range(0, n, 16):
         samples = [data[i] for i in range(start, min(start + 16, n))]
         results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
                                mean=spec.mean, std=spec.std)  # fmt: skip
-        for s, r in zip(samples, results, strict=True):
-            for t, cm in zip(THRESHOLDS, matrices, strict=True):
-                cm.update(cam_to_label(r.cam[None], r.tags[None], t)[1][0], torch.from_numpy(s.mask))
+        yield from zip(samples, results, strict=True)
+
+
+def seed_miou_curve(loaded: LoadedModel, data: VOCDataset, limit: int) -> list[float]:
+    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs (the network's CAM settings)."""
+    matrices = [ConfusionMatrix(data.num_classes) for _ in THRESHOLDS]
+    for s, r in cam_pass(loaded, data, limit):
+        for t, cm in zip(THRESHOLDS, matrices, strict=True):
+            cm.update(cam_to_label(r.cam[None], r.tags[None], t)[1][0], torch.from_numpy(s.mask))
     return [cm.compute()["miou"] for cm in matrices]
 
 

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import torch
 
-from baseline_options import THRESHOLDS, seed_miou_curve
+from baseline_options import THRESHOLDS, cam_pass, seed_miou_curve
 from common import RESULTS, method_chart, val_seed_scores, write_result
 from wsss.cam.crf import CRF_PRESETS, CRFParams, crf_from_labels
 from wsss.cam.pipeline import predict_cams
@@ -134,19 +134,13 @@ def crf_sweep(ckpt: Path, data: Path, train_images: int = 400, grid: list[CRFPar
 
 def crf_curve(loaded, data: VOCDataset, limit: int, grid: list[CRFParams]) -> list[float]:
     """[unrefined seed mIoU, then one per setting of ``grid``] over the first ``limit`` images of ``data``."""
-    spec = loaded.spec
     matrices = [ConfusionMatrix(data.num_classes) for _ in range(len(grid) + 1)]
-    n = min(len(data), limit)
-    for start in range(0, n, 16):
-        samples = [data[i] for i in range(start, min(start + 16, n))]
-        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
-                               mean=spec.mean, std=spec.std)  # fmt: skip
-        for s, r in zip(samples, results, strict=True):
-            keys = np.concatenate([[0], np.flatnonzero(r.tags.numpy()) + 1]).astype(np.int64)
-            truth = torch.from_numpy(s.mask)
-            matrices[0].update(torch.from_numpy(r.seed), truth)
-            for params, cm in zip(grid, matrices[1:], strict=True):
-                cm.update(torch.from_numpy(crf_from_labels(s.image, r.seed, keys, params)), truth)
+    for s, r in cam_pass(loaded, data, limit):
+        keys = np.concatenate([[0], np.flatnonzero(r.tags.numpy()) + 1]).astype(np.int64)
+        truth = torch.from_numpy(s.mask)
+        matrices[0].update(torch.from_numpy(r.seed), truth)
+        for params, cm in zip(grid, matrices[1:], strict=True):
+            cm.update(torch.from_numpy(crf_from_labels(s.image, r.seed, keys, params)), truth)
     return [cm.compute()["miou"] for cm in matrices]
 
 
