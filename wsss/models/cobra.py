@@ -26,7 +26,7 @@ class CoBraOutputs:
 
     m_cnn: torch.Tensor  # (4.1) M_cnn = W_c * F_cnn
     m_tran: torch.Tensor  # (4.2) M_tran = W_t * T
-    f_cnn: torch.Tensor  # CNN features F_cnn (B, 2048, h, w)
+    f_cnn: torch.Tensor  # CNN features F_cnn (B, C_cnn, h, w): 2048 for ResNet-152, 128 for the tiny VGG
     tokens: torch.Tensor  # ViT patch-token map T (B, D, h, w)
     attn: torch.Tensor  # (4.3) A_bar = sum_l mean_heads A_l, (B, 1 + hw, 1 + hw)
 
