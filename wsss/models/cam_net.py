@@ -22,7 +22,7 @@ class CAMNet(nn.Module):
     ``pooling="lse"`` pools the CAM itself, ``z_k = (1/r) log mean_p exp(r A[k, p])`` (log-sum-exp, Pinheiro and
     Collobert 2015): the mean of the CAM at ``r -> 0``, its maximum at ``r -> inf``.
     ``K`` counts foreground classes only; background comes from a threshold on the normalised CAM. ``F`` is a
-    ViT's patch tokens (``BackboneConfig``) or a VGG trunk's last map (``VGGConfig``, output stride ``2**pools``).
+    ViT's patch tokens (``BackboneConfig``) or a VGG trunk's map (``VGGConfig``, at its ``output_stride``).
     """
 
     def __init__(self, backbone: BackboneConfig | VGGConfig, num_fg: int, pooling: str = "gmp", lse_r: float = 5.0):
