@@ -24,6 +24,7 @@ from wsss.cam.pipeline import CAMResult, predict_cams
 from wsss.data.datasets import Sample, VOCDataset
 from wsss.eval.metrics import ConfusionMatrix
 from wsss.models import LoadedModel, load_model
+from wsss.models.spec import CAMSettings
 from wsss.train.configs import get_config
 from wsss.train.loop import train
 
@@ -35,22 +36,26 @@ OPTIONS = {
 THRESHOLDS = [round(t, 2) for t in np.arange(0.1, 0.65, 0.05)]
 
 
-def cam_pass(loaded: LoadedModel, data: VOCDataset, limit: int) -> Iterator[tuple[Sample, CAMResult]]:
-    """(sample, its CAMs and seed) for the first ``limit`` images: multi-scale CAMs with the network's CAM
-    settings, in batches of 16."""
+def cam_pass(loaded: LoadedModel, data: VOCDataset, limit: int,
+             settings: CAMSettings | None = None) -> Iterator[tuple[Sample, CAMResult]]:  # fmt: skip
+    """(sample, its CAMs and seed) for the first ``limit`` images: multi-scale CAMs with ``settings`` (by default
+    the network's CAM settings), in batches of 16."""
     spec = loaded.spec
+    settings = settings or spec.cam
     n = min(len(data), limit)
     for start in range(0, n, 16):
         samples = [data[i] for i in range(start, min(start + 16, n))]
-        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], spec.cam,
+        results = predict_cams(loaded.model, [s.image for s in samples], [s.labels for s in samples], settings,
                                mean=spec.mean, std=spec.std)  # fmt: skip
         yield from zip(samples, results, strict=True)
 
 
-def seed_miou_curve(loaded: LoadedModel, data: VOCDataset, limit: int) -> list[float]:
-    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs (the network's CAM settings)."""
+def seed_miou_curve(loaded: LoadedModel, data: VOCDataset, limit: int,
+                    settings: CAMSettings | None = None) -> list[float]:  # fmt: skip
+    """Seed mIoU at every threshold of THRESHOLDS from one pass of multi-scale CAMs (``settings``, by default the
+    network's)."""
     matrices = [ConfusionMatrix(data.num_classes) for _ in THRESHOLDS]
-    for s, r in cam_pass(loaded, data, limit):
+    for s, r in cam_pass(loaded, data, limit, settings):
         for t, cm in zip(THRESHOLDS, matrices, strict=True):
             cm.update(cam_to_label(r.cam[None], r.tags[None], t)[1][0], torch.from_numpy(s.mask))
     return [cm.compute()["miou"] for cm in matrices]

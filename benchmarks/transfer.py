@@ -55,6 +55,10 @@ from wsss.train.loop import train
 # row C's 50 px, colour ranges from row C's 5 to a loose 30, and two weights; row C itself is one of them.
 CRF_GRID = [dataclasses.replace(CRF_PRESETS["seed"], bi_sxy=sxy, bi_srgb=srgb, bi_compat=compat)
             for sxy in (10, 25, 50) for srgb in (5, 13, 30) for compat in (4, 10)]  # fmt: skip
+# CAM settings --sweep also tries, each with its threshold picked on train: one scale instead of the config's
+# pyramid, and the CAM fused with LayerCAM maps of a VGG trunk's stages 1 and 2 (CAMNet.layer_cams).
+CAM_VARIANTS = {"config": {}, "scale 1.0": {"scales": (1.0,)}, "layers 1,2": {"layers": (1, 2)},
+                "scale 1.0, layers 1,2": {"scales": (1.0,), "layers": (1, 2)}}  # fmt: skip
 GENERATORS = {"synth": (SynthConfig, generate_synth), "probe": (ProbeConfig, generate_probe)}
 
 
@@ -106,17 +110,30 @@ def sweeps(ckpt: Path, data: Path) -> dict:
     return {"sweep": threshold_sweep(ckpt, data), "crf": crf_sweep(ckpt, data)}
 
 
-def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400) -> dict | None:
-    """Seed mIoU at each of THRESHOLDS on the first ``train_images`` train images and on val; ``picked`` is the
-    best threshold on train (the field's convention for seed tuning). None for the attention rule (CoBra)."""
+def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400, variants: dict = CAM_VARIANTS) -> dict | None:
+    """Seed mIoU at each of THRESHOLDS on the first ``train_images`` train images and on val, with the network's
+    CAM settings and with each of ``variants`` (changes to them; the LayerCAM ones on VGG trunks only). ``picked``
+    is the best threshold on train with the network's settings (the field's convention for seed tuning), ``best``
+    the best (variant, threshold) on train. None for the attention rule (CoBra)."""
     loaded = load_model(ckpt)
-    if loaded.spec.cam.background != "threshold":
+    cam = loaded.spec.cam
+    if cam.background != "threshold":
         return None
-    train_curve = seed_miou_curve(loaded, VOCDataset(data, "train"), train_images)
-    val_curve = seed_miou_curve(loaded, VOCDataset(data, "val"), 10**9)
+    vgg = loaded.spec.arch.get("backbone", {}).get("kind") == "vgg"
+    rows = {name: _curves(loaded, data, train_images, cam.replace(**change))
+            for name, change in variants.items() if vgg or not change.get("layers")}  # fmt: skip
+    best = max(rows, key=lambda name: max(rows[name]["train"]))
+    return {"thresholds": THRESHOLDS, **rows["config"], "variants": rows,
+            "best": {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}}  # fmt: skip
+
+
+def _curves(loaded, data: Path, train_images: int, settings) -> dict:
+    """Seed mIoU curves over THRESHOLDS on train and val with ``settings``, and the threshold train picks."""
+    train_curve = seed_miou_curve(loaded, VOCDataset(data, "train"), train_images, settings)
+    val_curve = seed_miou_curve(loaded, VOCDataset(data, "val"), 10**9, settings)
     best = int(np.argmax(train_curve))
-    return {"thresholds": THRESHOLDS, "train": train_curve, "val": val_curve, "picked": THRESHOLDS[best],
-            "val_at_picked": val_curve[best]}  # fmt: skip
+    return {"scales": list(settings.scales), "layers": list(settings.layers), "train": train_curve, "val": val_curve,
+            "picked": THRESHOLDS[best], "val_at_picked": val_curve[best]}  # fmt: skip
 
 
 def crf_sweep(ckpt: Path, data: Path, train_images: int = 400, grid: list[CRFParams] = CRF_GRID) -> dict:

@@ -44,7 +44,7 @@ TINY_COBRA = [
 # CAMSettings' own defaults: SeCo's validation CAMs (§1.3, §3.15)
 SECO_RULES = {"input_size": 448, "scales": (1.0, 0.5, 0.75, 1.5), "flip": True, "flip_merge": "max",
               "relu_first": False, "rescale": "bilinear_floor", "norm": "minmax", "background": "threshold",
-              "bkg_thresh": 0.5, "bg_percentile": 70.0, "score_thresh": 0.5, "source": None}  # fmt: skip
+              "bkg_thresh": 0.5, "bg_percentile": 70.0, "score_thresh": 0.5, "source": None, "layers": ()}  # fmt: skip
 COBRA_RULES = {**SECO_RULES, "input_size": None, "scales": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),
                "flip_merge": "sum", "relu_first": True, "rescale": "pil_bicubic_round", "norm": "max",
                "background": "attention_percentile", "source": "fuse"}  # fmt: skip

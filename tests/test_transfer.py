@@ -99,3 +99,18 @@ def test_false_positive_places_split_a_class_s_errors_by_where_they_lie(tmp_path
     assert places["recall"] == pytest.approx(156 / 300)
     assert places["fp_per_tp"] == pytest.approx(125 / 156)
     assert (places["hull"], places["near"], places["far"]) == pytest.approx((100 / 125, 9 / 125, 16 / 125))
+
+
+def test_threshold_sweep_tries_one_scale_and_layer_cam_on_a_vgg_trunk(synth, tmp_path: Path) -> None:
+    from wsss.train.configs import get_config
+    from wsss.train.loop import train
+
+    overrides = ["pretrained=null", "model.img_size=48", "data.crop=48", "train.batch_size=4", "train.iters=2",
+                 "train.ckpt_every=2", "cam.input_size=48", "cam.scales=[1.0,0.5]"]  # fmt: skip
+    ckpt = train(get_config("cam-vgg-synth", overrides), VOCDataset(synth, "train"), tmp_path, progress=False)
+    sweep = transfer.threshold_sweep(ckpt, synth, train_images=8)
+    rows = sweep["variants"]
+    assert list(rows) == list(transfer.CAM_VARIANTS) and rows["scale 1.0, layers 1,2"]["layers"] == [1, 2]
+    assert sweep["val"] == rows["config"]["val"] and rows["layers 1,2"]["val"] != rows["config"]["val"]
+    best = max(rows, key=lambda name: max(rows[name]["train"]))
+    assert sweep["best"] == {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}

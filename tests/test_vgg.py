@@ -71,7 +71,7 @@ def test_a_hypercolumn_stacks_the_tapped_stages_on_the_first_tapped_grid():
     x = torch.randn(2, 3, 61, 74)
     out = hyper(x)
     assert out.shape == (2, 64 + 128, 61 // 4, 74 // 4) and hyper.out_channels == 192
-    stage3 = plain.body[: hyper.tap_layers[0] + 1](x)  # the third stage's map, before its pool
+    stage3 = plain.body[: plain.stage_ends[2] + 1](x)  # the third stage's map, before its pool
     last = torch.nn.functional.interpolate(plain(x), size=stage3.shape[-2:], mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, torch.cat([stage3, last], 1))
     assert VGGConfig(taps=3).output_stride == 2 and VGGConfig(taps=2, dilate=1).output_stride == 4

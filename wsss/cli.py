@@ -24,6 +24,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"expected comma-separated numbers like 1.0,0.5,1.5, got {text!r}") from None
 
 
+def _stages(text: str) -> tuple[int, ...]:
+    """``1,2`` -> (1, 2); ``none`` -> ()."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected stage numbers like 1,2 or none, got {text!r}") from None
+
+
 def _dataset(spec: str, classes=None):
     from .data.datasets import DatasetError, parse_data_spec
 
@@ -235,6 +245,10 @@ def _cam_options(command):
                      help="CoBra networks: the CAM seeds come from (default: the checkpoint's, fuse)."),
         click.option("--input-size", type=int, default=None,
                      help="Square inference size (default: the checkpoint's); 0 keeps each image's own size."),
+        click.option("--layers", default=None,
+                     help="LayerCAM (plain CAM on a VGG trunk, torch backend): trunk stages whose gradient-weighted "
+                          "maps are averaged with the CAM, e.g. 1,2 (default: the checkpoint's cam.layers); none: "
+                          "the CAM alone."),
         click.option("--crf-impl", type=click.Choice(CRF_IMPLS), default="auto", show_default=True,
                      help="Who runs --refine crf (one model, labels agree on >= 99.9% of pixels): torch, batched on "
                           "the device (per image in the pool on a CPU), or pydensecrf in the process pool; auto: "
@@ -254,7 +268,7 @@ def _cam_options(command):
 
 
 def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip, bkg_thresh, input_size, seed_source,
-             source="cam", opener=None):  # fmt: skip
+             layers=None, source="cam", opener=None):  # fmt: skip
     """Backend, spec, metadata, CAM (or §3.15 segmentation) settings and dataset of a labeling job (``opener``: how
     the backend opens, by default here)."""
     from .cam.seg import seg_settings
@@ -262,7 +276,8 @@ def _prepare(ckpt, engine, backend, device, use_compile, data_spec, scales, flip
     runner, spec, meta = (opener or _open_backend)(ckpt, engine, backend, device, use_compile, source)
     try:
         base = seg_settings(spec.cam) if source == "seg" else spec.cam
-        settings = base.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source)
+        settings = base.override(scales and _floats(scales), flip, bkg_thresh, input_size, seed_source,
+                                 layers and _stages(layers))  # fmt: skip
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     dataset = _dataset(data_spec, spec.class_names if data_spec.startswith("folder:") else None)
@@ -296,8 +311,8 @@ def _run_labeler(runner, spec, meta, dataset, out, cfg, cluster=None) -> dict:
 @click.option("--refine", type=click.Choice(["none", "crf", "par"]), default="none", show_default=True,
               help="crf: also write dense-CRF masks (§5.3 row C) to OUT/masks; par: PAR masks.")  # fmt: skip
 @_cam_options
-def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, crf_impl, batch, workers,
-        overlays, device, source):  # fmt: skip
+def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, input_size, layers, crf_impl, batch,
+        workers, overlays, device, source):  # fmt: skip
     """Multi-scale + flip CAMs -> seeds (OUT/seeds/ID.png) and optional CRF masks (OUT/masks/ID.png).
 
     \b
@@ -312,7 +327,7 @@ def cam(ckpt, data_spec, out, refine, scales, flip, bkg_thresh, seed_source, inp
     from .runtime.labeler import LabelConfig, crf_implementation
 
     runner, spec, meta, settings, dataset = _prepare(ckpt, None, "torch", device, False, data_spec, scales, flip,
-                                                     bkg_thresh, input_size, seed_source, source)  # fmt: skip
+                                                     bkg_thresh, input_size, seed_source, layers, source)  # fmt: skip
     cfg = LabelConfig(settings, refine, "masks" if refine != "none" else None, "seeds", batch, workers,
                       overlays=overlays, crf_impl=crf_impl, source=source)  # fmt: skip
     try:
@@ -608,6 +623,7 @@ def label(
     bkg_thresh,
     seed_source,
     input_size,
+    layers,
     crf_impl,
     batch,
     workers,
@@ -648,7 +664,7 @@ def label(
     try:
         runner, spec, meta, settings, dataset = _prepare(ckpt, engine, backend, device, use_compile, data_spec,
                                                          scales, flip, bkg_thresh, input_size, seed_source,
-                                                         source, opener)  # fmt: skip
+                                                         layers, source, opener)  # fmt: skip
     except RuntimeError as err:  # an execution provider or engine that cannot start here
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)

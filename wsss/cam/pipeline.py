@@ -125,16 +125,28 @@ def tensor_pyramid(x: torch.Tensor, settings: CAMSettings) -> list[torch.Tensor]
 
 @torch.no_grad()
 def forward_pyramid(net, inputs: list[torch.Tensor], settings: CAMSettings) -> RawCAMs:
-    """Run ``net(x) -> (logits, *cam groups)`` on every scale (with its flip in the same batch)."""
+    """Run ``net(x) -> (logits, *cam groups)`` on every scale (with its flip in the same batch); with
+    ``settings.layers``, ``net.layer_cams(x, layers)`` (the CAM fused with LayerCAM maps) instead."""
     b = inputs[0].shape[0]
     groups, logits = [], None
     base = next((i for i, s in enumerate(run_scales(settings)) if s == 1.0), 0)
+    run = _cam_forward(net, settings.layers)
     for i, xs in enumerate(inputs):
-        z, *maps = net(torch.cat([xs, xs.flip(-1)]) if settings.flip else xs)
+        z, *maps = run(torch.cat([xs, xs.flip(-1)]) if settings.flip else xs)
         groups.append(maps)
         if i == base:
             logits = z[:b]
     return RawCAMs(logits, groups, b, settings.flip)
+
+
+def _cam_forward(net, layers: tuple[int, ...]):
+    """``net`` itself, or with LayerCAM ``layers`` its ``layer_cams``: a gradient pass that exported graphs lack."""
+    if not layers:
+        return net
+    if not hasattr(net, "layer_cams"):
+        raise ValueError(f"cam.layers={list(layers)} (LayerCAM) needs the network's gradients, which "
+                         f"{type(net).__name__} does not give: use the torch backend, or --layers none")  # fmt: skip
+    return lambda x: net.layer_cams(x, layers)
 
 
 def stack_maps(raw: RawCAMs, size: tuple[int, int], settings: CAMSettings) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backbone import BackboneConfig, create_vit, forward_tokens, patch_size, token_grid, token_map
@@ -65,6 +66,39 @@ class CAMNet(nn.Module):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, head parameters): heads train at 10x the base learning rate (§3.14)."""
         return list(self.backbone.parameters()), list(self.classifier.parameters())
+
+    def layer_cams(self, x: torch.Tensor, stages: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits (B, K) and the CAM fused with LayerCAM maps (Jiang et al., TIP 2021) of VGG ``stages``.
+
+        For stage map ``a`` (B, C, h, w) and class k, ``M_k = ReLU(sum_c ReLU(dz_k / da_c) * a_c)``: each position
+        weighted by its own positive gradient, so a shallow stage marks the pixels that drive ``z_k`` (the strokes
+        of a thin outline) where the last stage's CAM peaks at the centre of its receptive field. The ReLU'd CAM
+        and each ``M`` are divided by their per-image, per-class maximum, resized bilinearly to the finest grid
+        among them and averaged; the pipeline's upsampling and normalisation (§1.3) follow unchanged.
+        """
+        if not isinstance(self.backbone, VGGTrunk):
+            raise ValueError("cam.layers (LayerCAM) reads the stages of a VGG trunk; this network is a ViT")
+        bad = [i for i in stages if not 0 <= i < self.backbone.cfg.stages]
+        if bad:
+            raise ValueError(f"cam.layers {list(stages)}: the VGG trunk has stages 0..{self.backbone.cfg.stages - 1}")
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # records the graph even when no weight requires grad
+            feats, acts = self.backbone.forward_stages(x, stages)
+            cams = self.classifier(feats)
+            logits = self.pool(feats, cams)
+            k = logits.shape[1]
+            one_hot = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None].expand(k, *logits.shape)
+            grads = torch.autograd.grad(logits, acts, one_hot, is_grads_batched=True) if acts else ()
+        maps = [cams.detach().relu()]
+        maps += [(g.relu() * a.detach()).sum(2).relu().transpose(0, 1) for g, a in zip(grads, acts, strict=True)]
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        fused = sum(F.interpolate(_max_normalised(m), size=size, mode="bilinear", align_corners=False) for m in maps)
+        return logits.detach(), fused / len(maps)
+
+
+def _max_normalised(m: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) non-negative maps divided by their per-(image, class) maximum (all-zero maps stay zero)."""
+    return m / m.amax((2, 3), keepdim=True).clamp_min(1e-5)
 
 
 @register_family("cam")

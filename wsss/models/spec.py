@@ -36,6 +36,8 @@ class CAMSettings:
       background ``b = Perc_theta(A_obj)`` with ``theta = bg_percentile`` (4.20).
 
     Without image tags, classes with ``sigmoid(logit) > score_thresh`` are used (the top class if none passes).
+    ``layers`` (plain CAM on a VGG trunk): the trunk stages whose LayerCAM maps are averaged with the CAM on each
+    pass (``CAMNet.layer_cams``); it needs the network's gradients, so the torch backend.
     """
 
     input_size: int | None = 448
@@ -50,9 +52,13 @@ class CAMSettings:
     bg_percentile: float = 70.0
     score_thresh: float = 0.5
     source: str | None = None  # CoBra's seed source (Table 5): cnn, vit, avg, max, fuse
+    layers: tuple[int, ...] = ()  # LayerCAM stages fused with the CAM (VGG trunks); () the CAM alone
 
     def __post_init__(self):
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        if any(isinstance(i, bool) or int(i) != i or i < 0 for i in self.layers):
+            raise ValueError(f"CAM layers must be stage indices >= 0, got {list(self.layers)}")
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         checks = {"flip_merge": ("max", "sum"), "rescale": ("bilinear_floor", "pil_bicubic_round"),
                   "norm": ("minmax", "max"), "background": ("threshold", "attention_percentile")}  # fmt: skip
         for name, allowed in checks.items():
@@ -79,10 +85,11 @@ class CAMSettings:
         return dataclasses.replace(self, **changes)
 
     def override(self, scales=None, flip: bool | None = None, background: float | None = None,
-                 input_size: int | None = None, source: str | None = None) -> CAMSettings:  # fmt: skip
+                 input_size: int | None = None, source: str | None = None, layers=None) -> CAMSettings:  # fmt: skip
         """A user's changes (None keeps the setting): ``input_size=0`` keeps each image's own size, ``background``
-        is the threshold or percentile (``with_background``), ``source`` exists for the attention rule only."""
-        out = self
+        is the threshold or percentile (``with_background``), ``source`` exists for the attention rule only,
+        ``layers=()`` turns LayerCAM off."""
+        out = self if layers is None else dataclasses.replace(self, layers=tuple(layers))
         if scales is not None:
             out = dataclasses.replace(out, scales=tuple(scales))
         if flip is not None:
@@ -105,7 +112,7 @@ class CAMSettings:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["scales"] = list(self.scales)
+        d["scales"], d["layers"] = list(self.scales), list(self.layers)
         return d
 
 

@@ -72,15 +72,14 @@ class VGGTrunk(nn.Module):
     def __init__(self, cfg: VGGConfig):
         super().__init__()
         self.cfg = cfg
-        layers, c_in, dilation, self.tap_layers = [], 3, 1, []
+        layers, c_in, dilation, self.stage_ends = [], 3, 1, []
         for i in range(cfg.stages):
             c_out = cfg.width * 2**i
             for _ in range(cfg.convs):
                 conv = nn.Conv2d(c_in, c_out, 3, padding=dilation, dilation=dilation, bias=False)
                 layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(True)]
                 c_in = c_out
-            if i >= cfg.stages - cfg.taps:
-                self.tap_layers.append(len(layers) - 1)
+            self.stage_ends.append(len(layers) - 1)  # the stage's last ReLU, before its pool
             if i < cfg.pools - cfg.dilate:
                 layers.append(nn.MaxPool2d(2))
             elif i < cfg.pools:  # a dropped pool keeps its place, so the weights' names do not depend on dilate
@@ -96,14 +95,21 @@ class VGGTrunk(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.taps == 1:
             return self.body(x)
-        maps = []
-        for i, layer in enumerate(self.body):
-            x = layer(x)
-            if i in self.tap_layers:
-                maps.append(x)
+        maps = self.forward_stages(x, range(self.cfg.stages - self.cfg.taps, self.cfg.stages))[1]
         size = maps[0].shape[-2:]
         resized = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
         return torch.cat([maps[0], *resized], dim=1)
+
+    def forward_stages(self, x: torch.Tensor, stages) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last stage's map and the maps of ``stages`` (0-based; each after its convolutions, before its pool),
+        in the order given."""
+        ends = [self.stage_ends[i] for i in stages]
+        kept = {}
+        for i, layer in enumerate(self.body):
+            x = layer(x)
+            if i in ends:
+                kept[i] = x
+        return x, [kept[e] for e in ends]
 
 
 def load_vgg_weights(trunk: VGGTrunk, path: str | Path) -> LoadReport:

@@ -86,6 +86,13 @@ class TorchBackend:
             out = self.run(x)
         return tuple(t.float() for t in out)
 
+    def layer_cams(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's CAM fused with LayerCAM maps (``cam.layers``), in float32: it needs gradients, which
+        compiled and reduced-precision forwards are not used for."""
+        if not hasattr(self.model, "layer_cams"):
+            raise ValueError(f"cam.layers={list(layers)} (LayerCAM) is for plain CAM networks on a VGG trunk")
+        return tuple(t.float() for t in self.model.layer_cams(x, layers))
+
 
 class OnnxBackend:
     """An ONNX Runtime session: the CPU, or on ``cuda:N`` the CUDA provider (TF32 off) or, with ``tensorrt``, the

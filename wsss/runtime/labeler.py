@@ -428,6 +428,10 @@ def check_source(backend, cfg: LabelConfig) -> None:
                          f"outputs: use {fix}")  # fmt: skip
     if cfg.source == "seg" and cfg.refine == "par":
         raise ValueError("PAR refines CAMs; segmentation predictions take refine 'crf' (§3.15) or 'none'")
+    if cfg.source == "cam" and cfg.settings.layers and not hasattr(backend, "layer_cams"):
+        raise ValueError(f"cam.layers={list(cfg.settings.layers)} (LayerCAM) needs the network's gradients, which "
+                         f"the {getattr(backend, 'name', type(backend).__name__)} backend does not give: use the "
+                         "torch backend, or --layers none")  # fmt: skip
 
 
 def _header_size(path: Path) -> tuple[int, int]:

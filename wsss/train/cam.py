@@ -10,18 +10,34 @@ from ..data.palette import IGNORE_INDEX
 
 
 class CAMObjective(nn.Module):
-    """Plain CAM (1.2): ``L_cls = MLSM(z, y)`` on globally max-pooled patch features."""
+    """Plain CAM (1.2): ``L_cls = MLSM(z, y)`` on globally max-pooled patch features.
+
+    ``data.hide`` > 0 adds Hide-and-Seek (Singh & Lee, ICCV 2017): each ``data.hide_cell`` square of the crop is
+    hidden with that probability (set to 0, the normalised mean), so the tag must be found from any visible part.
+    """
 
     def __init__(self, model: nn.Module, cfg: dict):
         super().__init__()
+        self.hide, self.hide_cell = float(cfg["data"].get("hide", 0.0)), int(cfg["data"].get("hide_cell", 16))
 
     def trainable(self) -> list[nn.Parameter]:
         return []
 
     def forward(self, net: nn.Module, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        logits, _ = net(batch["image"])
+        image = batch["image"]
+        if self.hide > 0:
+            image = hide_patches(image, self.hide, self.hide_cell)
+        logits, _ = net(image)
         loss = F.multilabel_soft_margin_loss(logits, batch["labels"])
         return {"loss": loss, "cls": loss}
+
+
+def hide_patches(image: torch.Tensor, p: float, cell: int) -> torch.Tensor:
+    """Zero each ``cell`` x ``cell`` square of every image with probability ``p`` (one draw per square)."""
+    b, _, h, w = image.shape
+    keep = torch.rand(b, 1, -(-h // cell), -(-w // cell), device=image.device) >= p
+    keep = keep.repeat_interleave(cell, 2).repeat_interleave(cell, 3)[..., :h, :w]
+    return image * keep.to(image.dtype)
 
 
 class MaskedCAMObjective(nn.Module):

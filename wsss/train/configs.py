@@ -88,6 +88,7 @@ CONFIGS["cam-vgg-synth"] = {
     "pretrained": "builtin:vgg-tiny-synth",  # broad2's masks, per pixel (benchmarks/pretrain_vgg.py)
 }
 CONFIGS["cam-vgg-synth"]["optim"].update(lr=1e-3, head_lr=1)
+CONFIGS["cam-vgg-synth"]["data"].update(hide=0.0, hide_cell=16)  # Hide-and-Seek (wsss.train.cam.CAMObjective)
 CONFIGS["cam-vgg-synth"]["train"].update(iters=1500)  # within 10 min (probe, seed 0: 32.2%; 750 steps 29.5%)
 # SeCo (§3.16): the VOC and COCO paper settings, and a tiny CPU config on the synthetic benchmark.
 _SECO_VOC = {
