@@ -123,8 +123,8 @@ def threshold_sweep(ckpt: Path, data: Path, train_images: int = 400, variants: d
     rows = {name: _curves(loaded, data, train_images, cam.replace(**change))
             for name, change in variants.items() if vgg or not change.get("layers")}  # fmt: skip
     best = max(rows, key=lambda name: max(rows[name]["train"]))
-    return {"thresholds": THRESHOLDS, **rows["config"], "variants": rows,
-            "best": {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}}  # fmt: skip
+    picked = {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}
+    return {"thresholds": THRESHOLDS, **rows["config"], "variants": rows, "best": picked}
 
 
 def _curves(loaded, data: Path, train_images: int, settings) -> dict:

@@ -69,7 +69,7 @@ def test_layer_cam_seeds_go_through_the_one_cam_path_on_the_torch_backend_only(t
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (61, 93, 3), dtype=np.uint8) for _ in range(2)]
     tags = [np.array([1, 0, 1], np.float32), None]
-    plain = model.spec.cam.replace(input_size=None, scales=(1.0,))
+    plain = model.spec.cam.replace(input_size=None, scales=(1.0,), layers=())
     layered = plain.replace(layers=(1, 2))
     a, b = predict_cams(backend, images, tags, plain), predict_cams(backend, images, tags, layered)
     assert all(torch.equal(x.tags, y.tags) for x, y in zip(a, b, strict=True))

@@ -42,6 +42,9 @@ def run_export(ckpt: Path, *, what: str = "cam", onnx_path: Path | None = None, 
     loaded = load_model(ckpt, vit_path=vit_ckpt)
     echo(str(loaded.report))
     model, spec = loaded.model, loaded.spec
+    if "cam" in (what, "both") and spec.cam.layers:
+        echo(f"note: cam.layers={list(spec.cam.layers)} (LayerCAM) needs gradients, which the exported graph lacks: "
+             "label the file with --layers none (the CAM alone), or the checkpoint with the torch backend")  # fmt: skip
     profile = export_profile(spec, given, dynamic)
     if not dynamic and trt_path is not None and not profile.min == profile.opt == profile.max:
         raise ValueError(f"--static exports one input shape, {dims(profile.opt)}: give no other --min-shape/"
