@@ -55,10 +55,15 @@ from wsss.train.loop import train
 # row C's 50 px, colour ranges from row C's 5 to a loose 30, and two weights; row C itself is one of them.
 CRF_GRID = [dataclasses.replace(CRF_PRESETS["seed"], bi_sxy=sxy, bi_srgb=srgb, bi_compat=compat)
             for sxy in (10, 25, 50) for srgb in (5, 13, 30) for compat in (4, 10)]  # fmt: skip
-# CAM settings --sweep also tries, each with its threshold picked on train: one scale instead of the config's
-# pyramid, and the CAM fused with LayerCAM maps of a VGG trunk's stages 1 and 2 (CAMNet.layer_cams).
-CAM_VARIANTS = {"config": {}, "scale 1.0": {"scales": (1.0,)}, "layers 1,2": {"layers": (1, 2)},
-                "scale 1.0, layers 1,2": {"scales": (1.0,), "layers": (1, 2)}}  # fmt: skip
+# CAM settings --sweep also tries, each with its threshold picked on train: the CAM alone or fused with LayerCAM
+# maps of a VGG trunk's stages 1 and 2 (CAMNet.layer_cams), on the config's scales or on scale 1.0 alone.
+CAM_VARIANTS = {
+    "config": {},
+    "CAM": {"layers": ()},
+    "CAM, scale 1.0": {"scales": (1.0,), "layers": ()},
+    "LayerCAM 1,2": {"layers": (1, 2)},
+    "LayerCAM 1,2, scale 1.0": {"scales": (1.0,), "layers": (1, 2)},
+}
 GENERATORS = {"synth": (SynthConfig, generate_synth), "probe": (ProbeConfig, generate_probe)}
 
 

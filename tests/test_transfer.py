@@ -110,7 +110,8 @@ def test_threshold_sweep_tries_one_scale_and_layer_cam_on_a_vgg_trunk(synth, tmp
     ckpt = train(get_config("cam-vgg-synth", overrides), VOCDataset(synth, "train"), tmp_path, progress=False)
     sweep = transfer.threshold_sweep(ckpt, synth, train_images=8)
     rows = sweep["variants"]
-    assert list(rows) == list(transfer.CAM_VARIANTS) and rows["scale 1.0, layers 1,2"]["layers"] == [1, 2]
-    assert sweep["val"] == rows["config"]["val"] and rows["layers 1,2"]["val"] != rows["config"]["val"]
+    assert list(rows) == list(transfer.CAM_VARIANTS) and rows["LayerCAM 1,2, scale 1.0"]["layers"] == [1, 2]
+    assert sweep["val"] == rows["config"]["val"] == rows["LayerCAM 1,2"]["val"]  # the config's own settings
+    assert rows["CAM"]["layers"] == [] and rows["CAM"]["val"] != rows["LayerCAM 1,2"]["val"]
     best = max(rows, key=lambda name: max(rows[name]["train"]))
     assert sweep["best"] == {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}
