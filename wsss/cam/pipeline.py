@@ -130,7 +130,7 @@ def forward_pyramid(net, inputs: list[torch.Tensor], settings: CAMSettings) -> R
     b = inputs[0].shape[0]
     groups, logits = [], None
     base = next((i for i, s in enumerate(run_scales(settings)) if s == 1.0), 0)
-    run = _cam_forward(net, settings.layers)
+    run = cam_forward(net, settings.layers)
     for i, xs in enumerate(inputs):
         z, *maps = run(torch.cat([xs, xs.flip(-1)]) if settings.flip else xs)
         groups.append(maps)
@@ -139,13 +139,15 @@ def forward_pyramid(net, inputs: list[torch.Tensor], settings: CAMSettings) -> R
     return RawCAMs(logits, groups, b, settings.flip)
 
 
-def _cam_forward(net, layers: tuple[int, ...]):
-    """``net`` itself, or with LayerCAM ``layers`` its ``layer_cams``: a gradient pass that exported graphs lack."""
+def cam_forward(net, layers: tuple[int, ...]):
+    """``net`` itself, or with LayerCAM ``layers`` its ``layer_cams``: a gradient pass that exported graphs lack
+    (a one-line error for such a backend, which the labeler raises before any work)."""
     if not layers:
         return net
     if not hasattr(net, "layer_cams"):
-        raise ValueError(f"cam.layers={list(layers)} (LayerCAM) needs the network's gradients, which "
-                         f"{type(net).__name__} does not give: use the torch backend, or --layers none")  # fmt: skip
+        raise ValueError(f"cam.layers={list(layers)} (LayerCAM) needs the network's gradients, which the "
+                         f"{getattr(net, 'name', type(net).__name__)} backend does not give: use the torch backend, "
+                         "or --layers none")  # fmt: skip
     return lambda x: net.layer_cams(x, layers)
 
 

@@ -36,7 +36,7 @@ from ..cam.crf import INSTALL_HINT, refine_seed_crf
 from ..cam.crf_torch import refine_seed_crf_batch
 from ..cam.overlay import save_overlay
 from ..cam.par import refine_labels
-from ..cam.pipeline import CAMResult, predict_cams, to_device, to_host
+from ..cam.pipeline import CAMResult, cam_forward, predict_cams, to_device, to_host
 from ..cam.seg import predict_segmentation, refine_segmentation
 from ..data.datasets import Sample, WSSSDataset, check_classes
 from ..data.palette import save_label_png
@@ -428,10 +428,8 @@ def check_source(backend, cfg: LabelConfig) -> None:
                          f"outputs: use {fix}")  # fmt: skip
     if cfg.source == "seg" and cfg.refine == "par":
         raise ValueError("PAR refines CAMs; segmentation predictions take refine 'crf' (§3.15) or 'none'")
-    if cfg.source == "cam" and cfg.settings.layers and not hasattr(backend, "layer_cams"):
-        raise ValueError(f"cam.layers={list(cfg.settings.layers)} (LayerCAM) needs the network's gradients, which "
-                         f"the {getattr(backend, 'name', type(backend).__name__)} backend does not give: use the "
-                         "torch backend, or --layers none")  # fmt: skip
+    if cfg.source == "cam":
+        cam_forward(backend, cfg.settings.layers)  # LayerCAM needs a backend with gradients
 
 
 def _header_size(path: Path) -> tuple[int, int]:
