@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wsss.data.datasets import VOCDataset
 from wsss.eval.evaluate import evaluate_folders
+from wsss.models import CAMSettings
 from wsss.runtime.backends import open_backend
 from wsss.runtime.bench import device_info
 from wsss.runtime.labeler import LabelConfig, label_dataset
@@ -25,24 +26,32 @@ def write_result(name: str, payload: dict, path: Path | None = None) -> Path:
     return path
 
 
-def val_seed_scores(ckpt: Path, data: Path, out: Path, split: str = "val", background: float | None = None) -> dict:
+def val_seed_scores(ckpt: Path, data: Path, out: Path, split: str = "val", background: float | None = None,
+                    refine: str = "none", cam: CAMSettings | None = None) -> dict:  # fmt: skip
     """Seeds of ``split`` by the batch labeler with the network's own CAM settings (CoBra: its fused CAM, the
-    config's seed source; ``background`` replaces the background threshold) in ``out/seeds``, scored against the
-    set's masks and context regions.
+    config's seed source; ``cam`` replaces those settings, ``background`` their threshold) in ``out/seeds``, scored
+    against the set's masks and context regions. With ``refine`` (``crf``: the labeler's default, §5.3 row C;
+    ``par``) the same pass also writes the refined labels to ``out/labels``, scored under ``"labels"``.
 
     Returns mIoU, per-class IoU and precision (lists, background first), the class names and the context false
     activation overall and per class (by name)."""
     backend, spec, meta = open_backend(ckpt)
     val = VOCDataset(data, split)
-    cam = spec.cam if background is None else spec.cam.with_background(background)
-    label_dataset(backend, spec, meta, val, out, LabelConfig(cam, seed_dir="seeds", label_dir=None, quiet=True,
-                                                             resume=True))  # fmt: skip
+    cam = cam or spec.cam
+    cam = cam if background is None else cam.with_background(background)
+    labels = "labels" if refine != "none" else None
+    label_dataset(backend, spec, meta, val, out, LabelConfig(cam, refine=refine, seed_dir="seeds", label_dir=labels,
+                                                             quiet=True, resume=True))  # fmt: skip
     names = list(spec.class_names)
-    res = evaluate_folders(out / "seeds", data / "SegmentationClass", names, context_dir=data / "ContextMask",
-                           ids=val.ids)  # fmt: skip
+    scores = {**_folder_scores(out / "seeds", data, names, val.ids), "class_names": names}
+    return {**scores, "labels": _folder_scores(out / labels, data, names, val.ids)} if labels else scores
+
+
+def _folder_scores(pred: Path, data: Path, names: list[str], ids: list[str]) -> dict:
+    res = evaluate_folders(pred, data / "SegmentationClass", names, context_dir=data / "ContextMask", ids=ids)
     fa = res["context_false_activation"]
     return {"miou": res["miou"], "context_false_activation": fa["overall"], "iou": res["iou"],
-            "precision": res["precision"], "class_names": names,
+            "precision": res["precision"],
             "context_false_activation_per_class": {names[int(k)]: v for k, v in fa["per_class"].items()}}  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """Do the tiny recipes transfer? Val seed mIoU of tiny configs on a generated set, demo (synth) or probe.
 
-For every config and training seed the config is trained on the set's train split (timed), its val seeds are
-made by the batch labeler with the network's own CAM settings (CoBra: the fused CAM) and scored: mIoU, per-class
-IoU and context false activation. The JSON is rewritten after every run; ``--resume`` keeps the finished
+For every config and training seed the config is trained on the set's train split (timed), and one pass of the
+batch labeler with the network's own CAM settings (CoBra: the fused CAM) makes its val seeds and its default
+labels, the seeds refined by the label CRF (§5.3 row C, ``wsss label --refine crf``); both are scored: mIoU,
+per-class IoU and context false activation. The JSON is rewritten after every run; ``--resume`` keeps the finished
 (config, seed) pairs of that file and runs the rest. ``--set`` overrides apply to every run and need a ``--name``
 (the result file and run folders carry it), as do ``--gen`` settings of the generator's config (``ProbeConfig``,
 ``SynthConfig``). The set is generated once per (generator, sizes, data seed, settings).
@@ -13,6 +14,8 @@ IoU and context false activation. The JSON is rewritten after every run; ``--res
     python benchmarks/transfer.py --generator probe --configs cam-vgg-synth --gen p_context=0 --gen p_context_alone=0 \\
         --gen p_pair=0 --name no-cooccurrence                          # the same set without its co-occurrences
     python benchmarks/transfer.py --generator probe --strip ../docs/images/probe_samples.png   # sample images only
+    python benchmarks/transfer.py --generator probe --cams RUN0/last.safetensors RUN1/last.safetensors --name re
+                        # trained checkpoints scored with their config's CAM settings as they are now, no training
     python benchmarks/transfer.py --generator probe --cams RUN/last.safetensors --classes bolt nut arrow heart \\
         --strip ../docs/images/probe_cams_vgg.png                                  # a network's CAMs per class
 
@@ -47,8 +50,8 @@ from wsss.data.palette import read_label_png, voc_palette
 from wsss.data.probe import ProbeConfig, generate_probe
 from wsss.data.synth import SynthConfig, generate_synth
 from wsss.eval.metrics import ConfusionMatrix
-from wsss.models import load_model
-from wsss.train.configs import get_config
+from wsss.models import CAMSettings, load_model
+from wsss.train.configs import get_config, model_spec
 from wsss.train.loop import train
 
 # Label-CRF kernels swept by --sweep: row C's Gaussian term with bilateral ranges from a tenth of a small image to
@@ -100,15 +103,36 @@ def run(config: str, seed: int, data: Path, out: Path, overrides: list[str], swe
     tic = time.perf_counter()
     ckpt = train(get_config(config, overrides), VOCDataset(data, "train"), out, seed=seed, progress=False)
     train_s = time.perf_counter() - tic
-    scores = val_seed_scores(ckpt, data, out / "val")
-    iou = dict(zip(scores.pop("class_names"), scores.pop("iou"), strict=True))
-    return {
-        **scores,
-        "iou": iou,
-        "false_positives": false_positive_places(out / "val" / "seeds", data),
-        "train_s": round(train_s, 1),
-        **(sweeps(ckpt, data) if sweep else {}),
-    }
+    return {**score(ckpt, data, out / "val"), "train_s": round(train_s, 1), **(sweeps(ckpt, data) if sweep else {})}
+
+
+def score(ckpt: Path, data: Path, out: Path, cam: CAMSettings | None = None) -> dict:
+    """Val seeds and the labeler's default labels (seeds refined by the label CRF, §5.3 row C) of ``ckpt`` from
+    one labeler pass into ``out`` (``cam``: CAM settings other than the checkpoint's): mIoU, IoU by class name,
+    precision, context false activation, and where the seeds' false positives lie."""
+    scores = val_seed_scores(ckpt, data, out, refine="crf", cam=cam)
+    names = scores.pop("class_names")
+    for part in (scores, scores["labels"]):
+        part["iou"] = dict(zip(names, part["iou"], strict=True))
+    return {**scores, "false_positives": false_positive_places(out / "seeds", data)}
+
+
+def rescore(ckpts: list[Path], data: Path, work: Path, overrides: list[str]) -> dict[str, dict[str, dict]]:
+    """Checkpoints trained before, scored as ``run`` scores a fresh one but with their config's CAM settings as
+    they are now (``overrides`` applied): runs keyed by the config and training seed in each file's metadata.
+    Training does not read the CAM settings, so a row is the one a fresh run of the config gives, less its time."""
+    runs: dict[str, dict[str, dict]] = {}
+    for ckpt in ckpts:
+        loaded = load_model(ckpt)
+        config, seed = loaded.meta.get("config_name"), loaded.meta.get("seed")
+        if config is None or seed is None:
+            raise SystemExit(f"{ckpt}: no config name or training seed in its metadata (a wsss training checkpoint?)")
+        cam = model_spec(get_config(config, overrides), loaded.spec.class_names).cam
+        out = work / data.name / f"rescore-{config}-s{seed}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs.setdefault(config, {})[str(seed)] = result = {**score(ckpt, data, out, cam), "checkpoint": str(ckpt)}
+        print(f"{ckpt}: {config} seed {seed}, " + run_line(result))
+    return runs
 
 
 def sweeps(ckpt: Path, data: Path) -> dict:
@@ -201,7 +225,8 @@ def false_positive_places(seeds: Path, data: Path, near_px: int = 8, split: str 
 
 
 def summarize(runs: dict[str, dict[str, dict]]) -> dict:
-    """Per config: the seeds, mean and spread of val seed mIoU, mean training seconds and mean per-class IoU."""
+    """Per config: the seeds, mean and spread of val seed mIoU (and of the labels' mIoU where every run has
+    them), mean training seconds and mean per-class IoU."""
     out = {}
     for config, per_seed in runs.items():
         rows = list(per_seed.values())
@@ -210,10 +235,39 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
             "seeds": sorted(int(s) for s in per_seed),
             "miou_mean": float(np.mean(miou)),
             "miou_std": float(np.std(miou)),
-            "train_s_mean": float(np.mean([r["train_s"] for r in rows])),
+            "train_s_mean": float(np.mean([r["train_s"] for r in rows if "train_s" in r] or [np.nan])),
             "iou_mean": {c: float(np.nanmean([r["iou"][c] for r in rows])) for c in rows[0]["iou"]},
         }
+        if all("labels" in r for r in rows):
+            labels = [r["labels"]["miou"] for r in rows]
+            out[config].update(labels_miou_mean=float(np.mean(labels)), labels_miou_std=float(np.std(labels)))
     return out
+
+
+def run_line(result: dict) -> str:
+    """One run's val seed and label mIoU and its seeds' IoU per class, in %."""
+    iou = ", ".join(f"{c} {100 * v:.1f}" for c, v in result["iou"].items())
+    return f"val seed mIoU {100 * result['miou']:.1f}, labels {100 * result['labels']['miou']:.1f} ({iou})"
+
+
+def report(runs: dict[str, dict[str, dict]]) -> None:
+    """A line per config: mean and spread over training seeds of the seeds' (and labels') mIoU, and the time."""
+    for config, row in summarize(runs).items():
+        labels = (f", labels {100 * row['labels_miou_mean']:5.1f} +- {100 * row['labels_miou_std']:.1f}"
+                  if "labels_miou_mean" in row else "")  # fmt: skip
+        print(f"{config:18s} val seed mIoU {100 * row['miou_mean']:5.1f} +- {100 * row['miou_std']:.1f}{labels} "
+              f"(seeds {row['seeds']}), train {row['train_s_mean']:.0f} s")  # fmt: skip
+
+
+def chart(path: Path, title: str, runs: dict[str, dict[str, dict]]) -> Path:
+    """``method_chart`` of val seed mIoU, the labels' mIoU (where every run has them) and context false activation."""
+    metrics = {"miou": "val seed mIoU (%)", "labels_miou": "val label mIoU, seeds + CRF (%)",
+               "context_false_activation": "context false activation (%)"}  # fmt: skip
+    flat = {config: {seed: {**r, "labels_miou": r.get("labels", {}).get("miou")} for seed, r in per_seed.items()}
+            for config, per_seed in runs.items()}  # fmt: skip
+    if any(r["labels_miou"] is None for per_seed in flat.values() for r in per_seed.values()):
+        metrics.pop("labels_miou")
+    return method_chart(path, title, flat, metrics)
 
 
 def sample_strip(root: Path, path: Path, n: int = 8, split: str = "val") -> Path:
@@ -285,8 +339,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the finished (config, seed) pairs of the JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strip", type=Path, default=None, help="only write a PNG of 8 val images and masks here")
-    parser.add_argument("--cams", type=Path, default=None,
-                        help="a checkpoint whose CAMs to draw (with --strip) or to sweep (with --sweep)")  # fmt: skip
+    parser.add_argument("--cams", type=Path, nargs="+", default=None,
+                        help="trained checkpoints to score with their config's CAM settings as they are now "
+                             "(needs --name); with --strip or --sweep one, whose CAMs to draw or to sweep")  # fmt: skip
     parser.add_argument("--classes", nargs="+", default=None, help="with --cams: the classes, one band each")
     parser.add_argument("--sweep", action="store_true",
                         help="also sweep the background threshold and the label CRF kernels (train / val)")  # fmt: skip
@@ -299,21 +354,33 @@ def main() -> None:
         parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cams and (args.strip or args.sweep) and len(args.cams) > 1:
+        parser.error("--cams with --strip or --sweep takes one checkpoint")
     data = dataset(args.generator, args.train, args.val, args.data_seed, args.work, settings)
     if args.strip:
         if args.cams:
-            cam_strip(args.cams, data, args.strip, args.classes or list(VOCDataset(data, "val").classes[1:]))
+            cam_strip(args.cams[0], data, args.strip, args.classes or list(VOCDataset(data, "val").classes[1:]))
         else:
             sample_strip(data, args.strip)
         return
     name = f"transfer_{args.generator}" + (f"_{args.name}" if args.name else "")
     if args.cams and args.sweep:
-        result = sweeps(args.cams, data)
+        ckpt = args.cams[0]
+        result = sweeps(ckpt, data)
         crf = result["crf"]
-        print(f"{args.cams}: val seeds {100 * crf['val_unrefined']:.1f}, label CRF row C {100 * crf['val_row_c']:.1f}, "
+        print(f"{ckpt}: val seeds {100 * crf['val_unrefined']:.1f}, label CRF row C {100 * crf['val_row_c']:.1f}, "
               f"picked on train {crf['picked']} -> val {100 * crf['val_at_picked']:.1f}")  # fmt: skip
         write_result(name, {"generator": args.generator, "generator_settings": settings, "data": str(data),
-                            "checkpoint": str(args.cams), **result})  # fmt: skip
+                            "checkpoint": str(ckpt), **result})  # fmt: skip
+        return
+    if args.cams:
+        if not args.name:
+            parser.error("--cams alone (scoring trained checkpoints) needs --name")
+        runs = rescore(args.cams, data, args.work, args.overrides)
+        report(runs)
+        write_result(name, {"generator": args.generator, "generator_settings": settings, "data": str(data),
+                            "overrides": args.overrides, "runs": runs, "summary": summarize(runs)})  # fmt: skip
+        chart(RESULTS / f"{name}.png", f"{name}: {args.generator} set", runs)
         return
     previous = RESULTS / f"{name}.json"
     runs: dict = json.loads(previous.read_text())["runs"] if args.resume and previous.is_file() else {}
@@ -323,15 +390,12 @@ def main() -> None:
                 continue
             out = args.work / data.name / f"{config}{'-' + args.name if args.name else ''}-s{seed}"
             runs.setdefault(config, {})[str(seed)] = result = run(config, seed, data, out, args.overrides, args.sweep)
-            print(f"{config} seed {seed}: val seed mIoU {100 * result['miou']:.1f}  train {result['train_s']:.0f} s  "
-                  + ", ".join(f"{c} {100 * v:.1f}" for c, v in result["iou"].items()))  # fmt: skip
+            print(f"{config} seed {seed}: train {result['train_s']:.0f} s, " + run_line(result))
             payload = {"generator": args.generator, "generator_settings": settings, "data": str(data),
                        "overrides": args.overrides, "runs": runs, "summary": summarize(runs)}  # fmt: skip
             write_result(name, payload)
-    for config, row in summarize(runs).items():
-        print(f"{config:18s} val seed mIoU {100 * row['miou_mean']:5.1f} +- {100 * row['miou_std']:.1f} "
-              f"(seeds {row['seeds']}), train {row['train_s_mean']:.0f} s")  # fmt: skip
-    method_chart(RESULTS / f"{name}.png", f"{name}: {args.generator} set", runs)
+    report(runs)
+    chart(RESULTS / f"{name}.png", f"{name}: {args.generator} set", runs)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,41 @@ def test_threshold_sweep_tries_one_scale_and_layer_cam_on_a_vgg_trunk(synth, tmp
     assert rows["CAM"]["layers"] == [] and rows["CAM"]["val"] != rows["LayerCAM 1,2"]["val"]
     best = max(rows, key=lambda name: max(rows[name]["train"]))
     assert sweep["best"] == {"variant": best, "threshold": rows[best]["picked"], "val": rows[best]["val_at_picked"]}
+
+
+def test_score_gives_the_labeler_s_seeds_and_crf_labels_from_one_pass(tiny_ckpt, synth, tmp_path: Path) -> None:
+    result = transfer.score(tiny_ckpt, synth, tmp_path / "one")
+    seeds = val_seed_scores(tiny_ckpt, synth, tmp_path / "seeds")
+    assert result["miou"] == pytest.approx(seeds["miou"], abs=1e-6)
+    assert list(result["iou"]) == seeds["class_names"] and list(result["labels"]["iou"]) == seeds["class_names"]
+    backend, spec, meta = open_backend(tiny_ckpt)
+    val = VOCDataset(synth, "val")
+    label_dataset(backend, spec, meta, val, tmp_path / "crf", LabelConfig(spec.cam, refine="crf", quiet=True))
+    names = list(spec.class_names)
+    crf = evaluate_folders(tmp_path / "crf" / "labels", synth / "SegmentationClass", names, ids=val.ids)
+    assert result["labels"]["miou"] == pytest.approx(crf["miou"], abs=1e-6)
+    assert result["labels"]["miou"] != result["miou"]  # the labels are refined, not a copy of the seeds
+    assert set(result["false_positives"]) == set(seeds["class_names"][1:])
+
+
+def test_rescore_uses_the_config_s_cam_settings_as_they_are_now(tiny_ckpt, synth, tmp_path: Path) -> None:
+    from conftest import TINY
+
+    runs = transfer.rescore([tiny_ckpt], synth, tmp_path, [*TINY, "cam.bkg_thresh=0.3"])
+    (row,) = runs["cam-tiny-synth"].values()
+    assert list(runs["cam-tiny-synth"]) == ["0"] and row["checkpoint"] == str(tiny_ckpt)
+    at_03 = val_seed_scores(tiny_ckpt, synth, tmp_path / "t03", background=0.3)
+    assert row["miou"] == pytest.approx(at_03["miou"], abs=1e-6)
+    assert transfer.summarize(runs)["cam-tiny-synth"]["labels_miou_mean"] == row["labels"]["miou"]
+
+
+def test_rescore_refuses_a_checkpoint_without_its_training_record(tiny_ckpt, synth, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    meta = json.loads(safe_open(str(tiny_ckpt), "pt").metadata()["wsss"])
+    meta.pop("config_name")
+    save_file(load_file(str(tiny_ckpt)), str(bare), {"wsss": json.dumps(meta)})
+    with pytest.raises(SystemExit, match="bare.safetensors: no config name or training seed"):
+        transfer.rescore([bare], synth, tmp_path, [])
