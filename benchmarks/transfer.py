@@ -255,8 +255,9 @@ def report(runs: dict[str, dict[str, dict]]) -> None:
     for config, row in summarize(runs).items():
         labels = (f", labels {100 * row['labels_miou_mean']:5.1f} +- {100 * row['labels_miou_std']:.1f}"
                   if "labels_miou_mean" in row else "")  # fmt: skip
+        timed = "not timed (rescored)" if np.isnan(row["train_s_mean"]) else f"train {row['train_s_mean']:.0f} s"
         print(f"{config:18s} val seed mIoU {100 * row['miou_mean']:5.1f} +- {100 * row['miou_std']:.1f}{labels} "
-              f"(seeds {row['seeds']}), train {row['train_s_mean']:.0f} s")  # fmt: skip
+              f"(seeds {row['seeds']}), {timed}")  # fmt: skip
 
 
 def chart(path: Path, title: str, runs: dict[str, dict[str, dict]]) -> Path:
