@@ -43,6 +43,21 @@ def test_label_equals_cam_seeds(synth, tiny_ckpt, tmp_path):
     assert all(np.array_equal(seeds[k], labels[k]) for k in seeds)
 
 
+def test_keep_seeds_writes_the_unrefined_seeds_beside_the_labels(synth, tiny_ckpt, tmp_path):
+    _label("--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--out", tmp_path / "seeds", "--refine", "none",
+           "--quiet")  # fmt: skip
+    _label("--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--out", tmp_path / "both", "--keep-seeds", "--quiet")
+    seeds, kept = _pngs(tmp_path / "seeds" / "labels"), _pngs(tmp_path / "both" / "seeds")
+    labels = _pngs(tmp_path / "both" / "labels")
+    assert seeds.keys() == kept.keys() == labels.keys() and len(kept) == 6
+    assert all(np.array_equal(seeds[k], kept[k]) for k in seeds)
+    assert any(not np.array_equal(kept[k], labels[k]) for k in kept)  # the labels are the CRF's
+    result = CliRunner().invoke(cli, ["label", "--ckpt", tiny_ckpt, "--data", f"voc:{synth}:val", "--out",
+                                      tmp_path / "none", "--refine", "none", "--keep-seeds"])  # fmt: skip
+    assert result.exit_code == 2 and "without --refine crf|par the labels are the seeds" in result.output
+    assert not (tmp_path / "none").exists()
+
+
 def test_torch_and_onnx_backends_agree(synth, tiny_ckpt, tmp_path):
     onnx_path = tmp_path / "cam.onnx"
     result = CliRunner().invoke(cli, ["export", "--ckpt", tiny_ckpt, "--onnx", onnx_path])

@@ -563,6 +563,9 @@ def demo(out, config_name, iters, full, overrides, train_images, val_images) -> 
 )
 @click.option("--shard", default=None, metavar="I/N", help="Take shard I of N (automatic under torchrun).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT (finished items are skipped).")
+@click.option("--keep-seeds", is_flag=True,
+              help="Also write the unrefined seeds to OUT/seeds/ID.png (with --refine crf|par), e.g. for classes "
+                   "the CRF erases: patterns whose colours repeat around them.")  # fmt: skip
 @click.option("--save-cams", is_flag=True,
               help="Also write the K CAMs, float16, to OUT/cams/ID.npz (compressed; keys cams, tags, image_size). "
                    "Raw 2*K*H*W*S^2 bytes (S: --cams-scale); compressed, measured for a 500x375 image with K=8 "
@@ -608,6 +611,7 @@ def label(
     refine,
     shard,
     resume,
+    keep_seeds,
     save_cams,
     cams_scale,
     fmt,
@@ -659,6 +663,8 @@ def label(
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if replicas is not None and ray_address is None:
         raise click.UsageError("--replicas: only with --ray")
+    if keep_seeds and refine == "none":
+        raise click.BadParameter("without --refine crf|par the labels are the seeds", param_hint="--keep-seeds")
     cluster = None if ray_address is None else _ray_cluster(ray_address, replicas)
     opener = None if cluster is None else _ray_opener(cluster, precision)
     try:
@@ -668,9 +674,9 @@ def label(
     except RuntimeError as err:  # an execution provider or engine that cannot start here
         raise click.ClickException(str(err)) from None
     shard = _parse_shard(shard) or shard_from_env() or (0, 1)
-    cfg = LabelConfig(settings, refine, batch=batch, workers=workers, shard=shard, resume=resume,
-                      save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet, precision=precision,
-                      crf_impl=crf_impl, cams_scale=cams_scale, source=source)  # fmt: skip
+    cfg = LabelConfig(settings, refine, seed_dir="seeds" if keep_seeds else None, batch=batch, workers=workers,
+                      shard=shard, resume=resume, save_cams=save_cams, format=fmt, overlays=overlays, quiet=quiet,
+                      precision=precision, crf_impl=crf_impl, cams_scale=cams_scale, source=source)  # fmt: skip
     try:
         crf_implementation(cfg, device)
     except RuntimeError as err:  # pydensecrf asked for, not installed
