@@ -236,12 +236,18 @@ def summarize(runs: dict[str, dict[str, dict]]) -> dict:
             "miou_mean": float(np.mean(miou)),
             "miou_std": float(np.std(miou)),
             "train_s_mean": float(np.mean([r["train_s"] for r in rows if "train_s" in r] or [np.nan])),
-            "iou_mean": {c: float(np.nanmean([r["iou"][c] for r in rows])) for c in rows[0]["iou"]},
+            "iou_mean": {c: _mean_of_present([r["iou"][c] for r in rows]) for c in rows[0]["iou"]},
         }
         if all("labels" in r for r in rows):
             labels = [r["labels"]["miou"] for r in rows]
             out[config].update(labels_miou_mean=float(np.mean(labels)), labels_miou_std=float(np.std(labels)))
     return out
+
+
+def _mean_of_present(values: list[float]) -> float:
+    """The mean over the runs where the class was present (its IoU not NaN), NaN where it never was."""
+    present = [v for v in values if not np.isnan(v)]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def run_line(result: dict) -> str:
